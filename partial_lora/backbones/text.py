@@ -1,0 +1,42 @@
+"""Text classifiers from transformers: MiniLM (offline default), DeBERTa-v3, LLaMA-2, tiny test models."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+# A fresh classification head is expected here; transformers' per-weight load report is noise in run logs.
+transformers_logging.set_verbosity_error()
+
+
+@dataclass
+class Backbone:
+    """A classifier whose ``head_modules`` are trained by every method and excluded from adapter counts."""
+
+    model: torch.nn.Module
+    tokenizer: PreTrainedTokenizerBase
+    head_modules: list[str]
+
+
+def build_backbone(cfg: DictConfig, num_labels: int) -> Backbone:
+    """Load ``cfg.name_or_path`` with pretrained weights, or build its architecture randomly initialised.
+
+    ``pretrained=false`` keeps the real (or overridden, for tests) shapes without any weight file, which
+    is how paper-scale backbones are exercised on machines that cannot download them.
+    """
+    overrides = OmegaConf.to_container(cfg.config_overrides, resolve=True) if cfg.config_overrides else {}
+    model_config = AutoConfig.from_pretrained(cfg.name_or_path, num_labels=num_labels, **overrides)
+    if cfg.pretrained:
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.name_or_path, config=model_config)
+    else:
+        model = AutoModelForSequenceClassification.from_config(model_config)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.get("tokenizer") or cfg.name_or_path)
+    if model_config.pad_token_id is None:
+        # Decoder-only models (LLaMA) have no pad token; the classifier needs one to find the last token.
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return Backbone(model=model, tokenizer=tokenizer, head_modules=list(cfg.head_modules))

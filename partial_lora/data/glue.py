@@ -1,0 +1,99 @@
+"""GLUE tasks from the Hugging Face hub or from local JSON Lines files in the hub's schema.
+
+GLUE's test labels are hidden, so (SPEC 5) the official validation split is what a run reports as its
+test metric, and a seeded held-out part of the train split chooses the checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+from datasets import Dataset, DatasetDict, load_dataset
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader
+from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
+
+from partial_lora.config import DATA_DIR_ENV
+from partial_lora.errors import DataError
+
+HUB_DATASET = "nyu-mll/glue"
+SPLITS = ("train", "validation")
+
+
+def load_glue_splits(task: str, data_dir: str | None) -> DatasetDict:
+    """Return the ``train`` and ``validation`` splits of a GLUE task, local when ``data_dir`` is set."""
+    if data_dir is not None:
+        files = {split: Path(data_dir) / "glue" / task / f"{split}.jsonl" for split in SPLITS}
+        for split, path in files.items():
+            if not path.is_file():
+                raise DataError(
+                    f"GLUE task '{task}' has no {split} split at {path}: put the file there "
+                    f"(JSON Lines in the Hugging Face glue schema), point data_dir or {DATA_DIR_ENV} at a "
+                    f"folder that has it, or unset both to download {HUB_DATASET} from the Hugging Face hub."
+                )
+        return load_dataset("json", data_files={split: str(path) for split, path in files.items()})
+    try:
+        splits = load_dataset(HUB_DATASET, task)
+    except Exception as error:  # the hub raises many types (offline, missing config, HTTP)
+        raise DataError(
+            f"GLUE task '{task}' could not be loaded from the Hugging Face hub ({type(error).__name__}): "
+            f"set data_dir=... or {DATA_DIR_ENV} to a folder holding glue/{task}/{{train,validation}}.jsonl "
+            "for offline use, or make the hub reachable."
+        ) from error
+    return DatasetDict({split: splits[split] for split in SPLITS})
+
+
+class GlueDataModule(L.LightningDataModule):
+    """Tokenised GLUE splits: ``train`` (optionally capped), ``val`` (held out of train), ``test`` (official dev)."""
+
+    def __init__(self, dataset: DictConfig, tokenizer: PreTrainedTokenizerBase, data_dir: str | None,
+                 batch_size: int, data_seed: int, num_workers: int = 0) -> None:
+        super().__init__()
+        self.cfg = dataset
+        self.tokenizer = tokenizer
+        self.data_dir = data_dir
+        self.batch_size = batch_size
+        self.data_seed = data_seed
+        self.num_workers = num_workers
+        self.collate = DataCollatorWithPadding(tokenizer)
+        self.splits: dict[str, Dataset] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.splits:
+            return
+        raw = load_glue_splits(self.cfg.task, self.data_dir)
+        held_out = raw["train"].train_test_split(test_size=self.cfg.val_size, seed=self.data_seed)
+        train = held_out["train"]
+        if self.cfg.train_size is not None and self.cfg.train_size < len(train):
+            train = train.shuffle(seed=self.data_seed).select(range(self.cfg.train_size))
+        test = raw["validation"]
+        if self.cfg.get("test_size") is not None and self.cfg.test_size < len(test):
+            test = test.shuffle(seed=self.data_seed).select(range(self.cfg.test_size))
+        self.splits = {name: self._tokenize(split) for name, split in
+                       (("train", train), ("val", held_out["test"]), ("test", test))}
+
+    def _tokenize(self, split: Dataset) -> Dataset:
+        fields = list(self.cfg.text_fields)
+
+        def encode(batch):
+            encoded = self.tokenizer(*(batch[field] for field in fields), truncation=True,
+                                     max_length=self.cfg.max_length)
+            encoded["labels"] = batch["label"]
+            return encoded
+
+        return split.map(encode, batched=True, remove_columns=split.column_names,
+                         load_from_cache_file=False, desc=f"tokenise {self.cfg.task}")
+
+    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+        return DataLoader(self.splits[name], batch_size=self.batch_size, shuffle=shuffle,
+                          collate_fn=self.collate, num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

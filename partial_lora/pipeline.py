@@ -1,0 +1,81 @@
+"""One run, end to end: config -> backbone -> adapted model -> Lightning fit -> run record."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from partial_lora.adapters import adapt, count_parameters
+from partial_lora.backbones import build_backbone
+from partial_lora.config import validate
+from partial_lora.data import GlueDataModule
+from partial_lora.results import config_hash, environment, write_record
+from partial_lora.training import ClassificationModule
+
+
+def run(cfg: DictConfig) -> dict[str, Any] | None:
+    """Train and test one model as configured; return its record (``None`` for ``dry_run``)."""
+    validate(cfg)
+    started = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True)
+
+    backbone = build_backbone(cfg.backbone, num_labels=cfg.dataset.num_labels)
+    model = adapt(backbone.model, cfg.method, backbone.head_modules)
+    counts = count_parameters(model, backbone.head_modules)
+    if cfg.dry_run:
+        print(f"trainable adapter parameters: {counts.adapter:,}")
+        print(f"classifier head parameters: {counts.head:,}")
+        return None
+
+    datamodule = GlueDataModule(cfg.dataset, backbone.tokenizer, cfg.data_dir, batch_size=cfg.train.batch_size,
+                                data_seed=cfg.data_seed, num_workers=cfg.train.num_workers)
+    module = ClassificationModule(model, num_labels=cfg.dataset.num_labels, metric=cfg.dataset.metric,
+                                  optimizer=instantiate(cfg.method.optimizer))
+    output_dir = Path(cfg.output_dir)
+    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", monitor="val/metric", mode="max",
+                                 save_top_k=1, save_last=True)
+    logger = instantiate(cfg.logger) if cfg.logger else False
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[checkpoint], logger=logger)
+    if logger:
+        logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
+    trainer.fit(module, datamodule=datamodule)
+    (test,) = trainer.test(module, datamodule=datamodule, ckpt_path="best")
+
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    run_id = config_hash(resolved)
+    record = {
+        "run_id": run_id,
+        "status": "finished",
+        "config": resolved,
+        "seed": cfg.seed,
+        "backbone": cfg.backbone.name,
+        "dataset": cfg.dataset.name,
+        "method": cfg.method.name,
+        "rank": cfg.rank,
+        "lr": cfg.lr,
+        "params": counts.as_dict(),
+        "metric": cfg.dataset.metric,
+        "best_val": 100 * float(checkpoint.best_model_score),
+        "test": 100 * float(test["test/metric"]),
+        "epochs": trainer.current_epoch,
+        "steps": trainer.global_step,
+        "wall_time_s": time.perf_counter() - started,
+        "environment": environment(),
+    }
+    if logger:
+        logger.log_metrics({"record/best_val": record["best_val"], "record/test": record["test"]})
+    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{cfg.method.name}_r{cfg.rank}_s{cfg.seed}_{run_id}"
+    path = write_record(record, cfg.results_dir, name)
+    record["path"] = str(path)
+    print(
+        f"\n{cfg.dataset.name} | {cfg.method.name} (rank {cfg.rank}) | trainable adapter parameters "
+        f"{counts.adapter:,} (+{counts.head:,} head) | test {cfg.dataset.metric} {record['test']:.2f} "
+        f"(best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"
+    )
+    return record

@@ -1,0 +1,56 @@
+"""One JSON record per run, written atomically so a crash never leaves half a record behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+# Settings that change where or how verbosely a run reports, not what it computes.
+NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir")
+
+
+def config_hash(config: dict[str, Any]) -> str:
+    """Stable short hash of what a run computes: two runs with the same hash are the same experiment."""
+    semantic = {key: value for key, value in config.items() if key not in NON_SEMANTIC_KEYS}
+    return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _git_commit() -> str | None:
+    try:
+        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                                cwd=Path(__file__).parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout.strip() or None
+
+
+def environment() -> dict[str, Any]:
+    import peft
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+            "git_commit": _git_commit()}
+
+
+def write_record(record: dict[str, Any], directory: str | os.PathLike, name: str) -> Path:
+    """Write ``record`` to ``directory/name.json`` through a temporary file and an atomic rename."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / f"{name}.json"
+    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as stream:
+            json.dump(record, stream, indent=2, sort_keys=True, default=str)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, target)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return target

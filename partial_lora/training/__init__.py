@@ -1,0 +1,5 @@
+"""Lightning training: one module for every backbone and adapter."""
+
+from partial_lora.training.module import ClassificationModule
+
+__all__ = ["ClassificationModule"]

@@ -1,0 +1,34 @@
+"""Hydra entry point: ``python run.py dataset=sst2 method=lora rank=8 -m seed=0..19``."""
+
+from __future__ import annotations
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from partial_lora.cli import expand_ranges
+from partial_lora.config import register_resolvers
+from partial_lora.errors import PartialLoraError
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from partial_lora.pipeline import run  # heavy imports after Hydra has handled --help / --cfg
+
+    try:
+        record = run(cfg)
+    except PartialLoraError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    return None if record is None else record["best_val"]
+
+
+if __name__ == "__main__":
+    register_resolvers()
+    try:
+        sys.argv[1:] = expand_ranges(sys.argv[1:])
+    except PartialLoraError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    main()

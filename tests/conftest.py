@@ -1,0 +1,65 @@
+"""Shared fixtures: a tiny local GLUE folder and Hydra composition of the project's configs."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+
+from partial_lora.config import register_resolvers
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+
+POSITIVE = ["a great and moving film", "wonderful acting , lovely story", "brilliant , funny and warm",
+            "an absolute delight", "superb direction and a fine cast"]
+NEGATIVE = ["a dull and tedious mess", "boring , flat and far too long", "awful script , weak acting",
+            "a tiresome , lifeless bore", "painfully bad and empty"]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+@pytest.fixture
+def glue_dir(tmp_path: Path) -> Path:
+    """``glue/sst2/{train,validation}.jsonl`` with a few dozen easy sentences, in the HF glue schema."""
+    rng = random.Random(0)
+
+    def rows(count: int) -> list[dict]:
+        out = []
+        for idx in range(count):
+            label = idx % 2
+            out.append({"sentence": rng.choice(POSITIVE if label else NEGATIVE) + " ", "label": label, "idx": idx})
+        return out
+
+    root = tmp_path / "data"
+    write_jsonl(root / "glue" / "sst2" / "train.jsonl", rows(48))
+    write_jsonl(root / "glue" / "sst2" / "validation.jsonl", rows(16))
+    return root
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The config ``run.py`` would see for these overrides, with Hydra's runtime values filled in."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    with open_dict(cfg):
+        cfg.output_dir = "outputs/test"
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg(glue_dir: Path, tmp_path: Path) -> DictConfig:
+    """Tiny random BERT on the tiny local SST-2, one short epoch, records under ``tmp_path``."""
+    cfg = compose_config("backbone=tiny_bert", "logger=none", f"data_dir={glue_dir}",
+                         f"results_dir={tmp_path / 'runs'}", "dataset.val_size=8", "dataset.max_length=16",
+                         "train.batch_size=8", "train.epochs=1", "trainer.enable_progress_bar=false")
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "out")
+    return cfg

@@ -1,0 +1,58 @@
+"""GLUE data: local JSON Lines or the hub; held-out validation never overlaps training; clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import AutoTokenizer
+
+from partial_lora.config import _minilm_path
+from partial_lora.data import GlueDataModule, load_glue_splits
+from partial_lora.errors import DataError
+from tests.conftest import compose_config, write_jsonl
+
+
+def test_local_splits_load_in_the_hub_schema(glue_dir: Path):
+    splits = load_glue_splits("sst2", str(glue_dir))
+    assert len(splits["train"]) == 48 and len(splits["validation"]) == 16
+    assert set(splits["train"].column_names) == {"sentence", "label", "idx"}
+
+
+def test_missing_local_file_names_the_path_and_both_remedies(tmp_path: Path):
+    write_jsonl(tmp_path / "glue" / "qnli" / "validation.jsonl", [{"question": "q", "sentence": "s", "label": 0}])
+    with pytest.raises(DataError) as error:
+        load_glue_splits("qnli", str(tmp_path))
+    message = str(error.value)
+    assert "has no train split" in message and str(tmp_path / "glue" / "qnli" / "train.jsonl") in message
+    assert "PARTIAL_LORA_DATA" in message and "Hugging Face hub" in message
+
+
+def test_unreachable_hub_gives_the_same_kind_of_message(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError, match="could not be loaded from the Hugging Face hub.*PARTIAL_LORA_DATA"):
+        load_glue_splits("mrpc", None)
+
+
+def test_validation_is_held_out_of_train_and_test_is_the_dev_split(glue_dir: Path):
+    cfg = compose_config("dataset.val_size=8", "dataset.train_size=30", "dataset.max_length=16")
+    tokenizer = AutoTokenizer.from_pretrained(_minilm_path())
+    module = GlueDataModule(cfg.dataset, tokenizer, str(glue_dir), batch_size=4, data_seed=0)
+    module.setup()
+    sizes = {name: len(split) for name, split in module.splits.items()}
+    assert sizes == {"train": 30, "val": 8, "test": 16}
+
+    again = GlueDataModule(cfg.dataset, tokenizer, str(glue_dir), batch_size=4, data_seed=0)
+    again.setup()
+    assert again.splits["val"]["input_ids"] == module.splits["val"]["input_ids"]
+    other = GlueDataModule(cfg.dataset, tokenizer, str(glue_dir), batch_size=4, data_seed=1)
+    other.setup()
+    assert other.splits["val"]["labels"] != module.splits["val"]["labels"] or \
+        other.splits["val"]["input_ids"] != module.splits["val"]["input_ids"]
+
+
+def test_held_out_rows_are_disjoint_from_training_rows(glue_dir: Path):
+    rows = load_glue_splits("sst2", str(glue_dir))["train"]
+    held_out = rows.train_test_split(test_size=8, seed=0)
+    assert not set(held_out["train"]["idx"]) & set(held_out["test"]["idx"])
