@@ -1,4 +1,5 @@
-"""One run, end to end: config -> backbone -> adapted model -> Lightning fit -> run record."""
+"""One run, end to end: config -> backbone -> importance -> ratios -> masks -> adapted model -> Lightning fit
+-> run record."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora.adapters import adapt, count_parameters
+from partial_lora.adapters import adapt, apply_masks, count_parameters, derive_masks, kept_fractions, save_adapter
 from partial_lora.backbones import build_backbone
 from partial_lora.config import validate
 from partial_lora.data import GlueDataModule
@@ -27,14 +28,25 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
     backbone = build_backbone(cfg.backbone, num_labels=cfg.dataset.num_labels)
     model = adapt(backbone.model, cfg.method, backbone.head_modules)
+    datamodule = GlueDataModule(cfg.dataset, backbone.tokenizer, cfg.data_dir, batch_size=cfg.train.batch_size,
+                                data_seed=cfg.data_seed, num_workers=cfg.train.num_workers)
+    mask_summary = None
+    if cfg.method.get("mask"):
+        batches = []
+        if cfg.importance.name != "none":
+            batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples,
+                                                    cfg.ratios.batch_size)
+        masks, mask_summary = derive_masks(model, cfg, batches)
+        apply_masks(model, masks)
+        mask_summary["kept_fraction"] = kept_fractions(model)
     counts = count_parameters(model, backbone.head_modules)
     if cfg.dry_run:
         print(f"trainable adapter parameters: {counts.adapter:,}")
+        if counts.lora_same_rank != counts.adapter:
+            print(f"LoRA at the same rank would train: {counts.lora_same_rank:,}")
         print(f"classifier head parameters: {counts.head:,}")
         return None
 
-    datamodule = GlueDataModule(cfg.dataset, backbone.tokenizer, cfg.data_dir, batch_size=cfg.train.batch_size,
-                                data_seed=cfg.data_seed, num_workers=cfg.train.num_workers)
     module = ClassificationModule(model, num_labels=cfg.dataset.num_labels, metric=cfg.dataset.metric,
                                   optimizer=instantiate(cfg.method.optimizer))
     output_dir = Path(cfg.output_dir)
@@ -46,6 +58,10 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
     trainer.fit(module, datamodule=datamodule)
     (test,) = trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    adapter_file = None
+    if cfg.method.peft_config is not None:  # the best checkpoint's adapter, as loaded by trainer.test
+        adapter_file = save_adapter(model, output_dir / "adapter.safetensors", backbone.head_modules,
+                                    metadata={"method": cfg.method.name, "rank": str(cfg.rank)})
 
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_id = config_hash(resolved)
@@ -60,6 +76,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "rank": cfg.rank,
         "lr": cfg.lr,
         "params": counts.as_dict(),
+        "masks": mask_summary,
+        "adapter_file": None if adapter_file is None else str(adapter_file),
         "metric": cfg.dataset.metric,
         "best_val": 100 * float(checkpoint.best_model_score),
         "test": 100 * float(test["test/metric"]),
@@ -75,7 +93,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     record["path"] = str(path)
     print(
         f"\n{cfg.dataset.name} | {cfg.method.name} (rank {cfg.rank}) | trainable adapter parameters "
-        f"{counts.adapter:,} (+{counts.head:,} head) | test {cfg.dataset.metric} {record['test']:.2f} "
+        f"{counts.adapter:,} of LoRA's {counts.lora_same_rank:,} (+{counts.head:,} head) | test {cfg.dataset.metric} {record['test']:.2f} "
         f"(best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"
     )
     return record

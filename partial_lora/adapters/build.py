@@ -14,11 +14,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from peft import get_peft_model
 
+from partial_lora.adapters.masked import masked_out_parameters
+
 
 @dataclass(frozen=True)
 class ParameterCounts:
-    adapter: int
+    adapter: int  # the paper's count: masked-out entries of masked adapters excluded
     head: int
+    lora_same_rank: int  # what dense LoRA at the same rank and layers trains (equals adapter when unmasked)
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -39,7 +42,10 @@ def _is_head(name: str, head_modules: list[str]) -> bool:
 
 
 def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> ParameterCounts:
-    """Trainable parameters, split into adapter (everything outside the head) and classifier head."""
+    """Trainable parameters, split into adapter (everything outside the head) and classifier head.
+
+    A masked adapter counts ``rank * (kept rows + kept columns)`` per layer (SPEC 1).
+    """
     adapter = head = 0
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
@@ -48,4 +54,5 @@ def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> Paramet
             head += parameter.numel()
         else:
             adapter += parameter.numel()
-    return ParameterCounts(adapter=adapter, head=head)
+    masked_out = masked_out_parameters(model)
+    return ParameterCounts(adapter=adapter - masked_out, head=head, lora_same_rank=adapter)

@@ -58,6 +58,7 @@ class GlueDataModule(L.LightningDataModule):
         self.num_workers = num_workers
         self.collate = DataCollatorWithPadding(tokenizer)
         self.splits: dict[str, Dataset] = {}
+        self.derivation_pool: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
@@ -65,6 +66,7 @@ class GlueDataModule(L.LightningDataModule):
         raw = load_glue_splits(self.cfg.task, self.data_dir)
         held_out = raw["train"].train_test_split(test_size=self.cfg.val_size, seed=self.data_seed)
         train = held_out["train"]
+        self.derivation_pool = train
         if self.cfg.train_size is not None and self.cfg.train_size < len(train):
             train = train.shuffle(seed=self.data_seed).select(range(self.cfg.train_size))
         test = raw["validation"]
@@ -84,6 +86,17 @@ class GlueDataModule(L.LightningDataModule):
 
         return split.map(encode, batched=True, remove_columns=split.column_names,
                          load_from_cache_file=False, desc=f"tokenise {self.cfg.task}")
+
+    def derivation_batches(self, fraction: float, max_examples: int | None, batch_size: int) -> list[dict]:
+        """Algorithm 1's labelled sample: ``fraction`` of the train split (paper: 2% small, 5% large tasks),
+        at most ``max_examples``, drawn with the data seed from rows that are neither validation nor test."""
+        self.setup()
+        size = max(1, round(fraction * len(self.derivation_pool)))
+        if max_examples is not None:
+            size = min(size, max_examples)
+        sample = self._tokenize(self.derivation_pool.shuffle(seed=self.data_seed).select(range(size)))
+        loader = DataLoader(sample, batch_size=batch_size, shuffle=False, collate_fn=self.collate)
+        return list(loader)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.splits[name], batch_size=self.batch_size, shuffle=shuffle,

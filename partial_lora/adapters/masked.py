@@ -1,0 +1,130 @@
+"""Row/column-masked LoRA on top of PEFT's LoRA layers (SPEC 1).
+
+PEFT has no structured masks on its factors, so they are added here: ``u_row`` masks rows of ``B``
+(m x d) and ``u_col`` masks columns of ``A`` (d x n). Masked entries are zeroed once and their gradients
+are masked on every backward pass, so Adam's moments for them stay zero and decoupled weight decay of a
+zero is zero: they stay exactly 0 throughout training. The masks live as buffers on the layer, which
+is what the parameter count, saving and loading read.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from peft.tuners.lora import LoraLayer
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from partial_lora.errors import PartialLoraError
+from partial_lora.masks import LayerMask
+
+ROW_MASK, COL_MASK = "partial_row_mask", "partial_col_mask"
+ADAPTER = "default"
+FORMAT = "partial-lora/1"
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
+    """PEFT LoRA layers by the name of the base model module they wrap (``base_model.model.`` removed)."""
+    prefix = "base_model.model."
+    return {name.removeprefix(prefix): module for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and ADAPTER in module.lora_A}
+
+
+def factor(layer: LoraLayer, name: str) -> torch.nn.Parameter:
+    """``lora_A`` (d x n) or ``lora_B`` (m x d): a Linear's weight in LoRA, a bare Parameter in AdaLoRA."""
+    held = getattr(layer, name)[ADAPTER]
+    return held.weight if isinstance(held, torch.nn.Module) else held
+
+
+def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen pretrained weight (m x n) under each LoRA layer."""
+    return {name: layer.get_base_layer().weight for name, layer in lora_layers(model).items()}
+
+
+def apply_mask(layer: LoraLayer, mask: LayerMask) -> None:
+    lora_a, lora_b = factor(layer, "lora_A"), factor(layer, "lora_B")
+    row = mask.row.to(device=lora_b.device)
+    col = mask.col.to(device=lora_a.device)
+    layer.register_buffer(ROW_MASK, row, persistent=False)
+    layer.register_buffer(COL_MASK, col, persistent=False)
+    with torch.no_grad():
+        lora_b.mul_(row[:, None].to(lora_b.dtype))
+        lora_a.mul_(col[None, :].to(lora_a.dtype))
+    # Read the buffers at call time so a later ``.to(device)`` of the model is honoured.
+    lora_b.register_hook(lambda grad, layer=layer: grad * getattr(layer, ROW_MASK)[:, None].to(grad.dtype))
+    lora_a.register_hook(lambda grad, layer=layer: grad * getattr(layer, COL_MASK)[None, :].to(grad.dtype))
+
+
+def apply_masks(model: torch.nn.Module, masks: dict[str, LayerMask]) -> None:
+    layers = lora_layers(model)
+    missing = set(layers) ^ set(masks)
+    if missing:
+        raise PartialLoraError(f"masks and adapted layers differ: {sorted(missing)[:3]}...")
+    for name, layer in layers.items():
+        apply_mask(layer, masks[name])
+
+
+def masked_layers(model: torch.nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    for name, layer in lora_layers(model).items():
+        if hasattr(layer, ROW_MASK):
+            yield name, layer
+
+
+def masked_out_parameters(model: torch.nn.Module) -> int:
+    """Entries of A and B that masks hold at zero: they neither train nor count (SPEC 1)."""
+    total = 0
+    for _, layer in masked_layers(model):
+        rank = layer.r[ADAPTER]
+        row, col = getattr(layer, ROW_MASK), getattr(layer, COL_MASK)
+        total += rank * (int((~row).sum()) + int((~col).sum()))
+    return total
+
+
+def kept_fractions(model: torch.nn.Module) -> dict[str, dict[str, float]]:
+    return {name: {"row": float(getattr(layer, ROW_MASK).float().mean()),
+                   "col": float(getattr(layer, COL_MASK).float().mean())}
+            for name, layer in masked_layers(model)}
+
+
+def save_adapter(model: torch.nn.Module, path: str | Path, head_modules: list[str],
+                 metadata: dict[str, str] | None = None) -> Path:
+    """Write A, B, masks and the trained head to one safetensors file (no pickle)."""
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        for factor_name in ("lora_A", "lora_B"):
+            tensors[f"{name}.{factor_name}"] = factor(layer, factor_name).detach().cpu().contiguous()
+        if hasattr(layer, ROW_MASK):
+            tensors[f"{name}.row_mask"] = getattr(layer, ROW_MASK).cpu()
+            tensors[f"{name}.col_mask"] = getattr(layer, COL_MASK).cpu()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and any(head in name.split(".") for head in head_modules):
+            tensors[f"head::{name}"] = parameter.detach().cpu().contiguous()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": FORMAT, **(metadata or {})})
+    return path
+
+
+def load_adapter(model: torch.nn.Module, path: str | Path) -> dict[str, str]:
+    """Load a file written by :func:`save_adapter` into a model built with the same backbone and rank."""
+    tensors = load_file(str(path))
+    layers = lora_layers(model)
+    parameters = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, layer in layers.items():
+            if f"{name}.row_mask" in tensors:
+                apply_mask(layer, LayerMask(tensors[f"{name}.row_mask"], tensors[f"{name}.col_mask"]))
+            for factor_name in ("lora_A", "lora_B"):
+                target = factor(layer, factor_name)
+                source = tensors.get(f"{name}.{factor_name}")
+                if source is None or source.shape != target.shape:
+                    raise PartialLoraError(f"adapter file {path} does not fit layer {name}.{factor_name}: "
+                                           f"expected shape {tuple(target.shape)}.")
+                target.copy_(source)
+        for key, value in tensors.items():
+            if key.startswith("head::"):
+                parameters[key.removeprefix("head::")].copy_(value)
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})

@@ -1,0 +1,104 @@
+"""From a pretrained model to the masks of a masked adapter: importance -> counts (cached) -> masks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.nn.functional import cross_entropy
+
+from partial_lora.adapters.masked import base_weights
+from partial_lora.errors import ConfigError, DataError
+from partial_lora.importance import compute_importance
+from partial_lora.masks import NEEDS_DERIVATION, LayerMask, make_mask
+from partial_lora.ratios import RatioCache, derive_counts
+
+Batch = dict[str, torch.Tensor]
+
+
+def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+
+
+def batch_accuracy(model: torch.nn.Module, batches: list[Batch]) -> Callable[[], float]:
+    """Accuracy of ``model`` (in eval mode) on the derivation set, as Algorithm 1 measures it."""
+
+    @torch.inference_mode()
+    def accuracy() -> float:
+        correct = total = 0
+        for batch in batches:
+            correct += int((_logits(model, batch).argmax(dim=-1) == batch["labels"]).sum())
+            total += len(batch["labels"])
+        return correct / total
+
+    return accuracy
+
+
+def derivation_inputs(cfg: DictConfig, examples: int) -> dict:
+    """Everything the counts depend on (SPEC 2): backbone, data sample, measure, threshold; not the seed."""
+    return {
+        "backbone": OmegaConf.to_container(cfg.backbone, resolve=True) | {"name_or_path": cfg.backbone.name},
+        "dataset": cfg.dataset.name,
+        "data_seed": cfg.data_seed,
+        "examples": examples,
+        "max_length": cfg.dataset.max_length,
+        "importance": cfg.importance.name,
+        "top_k": cfg.importance.get("top_k"),
+        "flow": cfg.importance.flow,
+        "threshold": cfg.ratios.threshold,
+        "search": cfg.ratios.search,
+        "step": cfg.ratios.step,
+    }
+
+
+def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch]) -> tuple[dict[str, LayerMask], dict]:
+    """Masks for every LoRA layer of ``model`` per ``cfg.method.mask``; returns them and a summary for the record."""
+    mask_cfg = cfg.method.mask
+    weights = base_weights(model)
+    summary: dict = {"mode": mask_cfg.mode}
+    scores = counts = None
+    if mask_cfg.mode in NEEDS_DERIVATION:
+        if cfg.importance.name == "none":
+            raise ConfigError(f"method={cfg.method.name} needs an importance measure: add importance=svd, snip or imp.")
+        if not batches:
+            raise DataError("the derivation set is empty: raise ratios.max_examples or dataset.derivation_fraction.")
+        examples = sum(len(batch["labels"]) for batch in batches)
+        inputs = derivation_inputs(cfg, examples)
+        cache = RatioCache(cfg.ratios.cache_dir)
+        cached = cache.load(inputs)
+        if cached is not None:
+            scores, counts, entry = cached
+            summary |= {"cache_hit": True, "evaluations": entry["evaluations"], "wall_time_s": entry["wall_time_s"]}
+        else:
+            started = time.perf_counter()
+            was_training = model.training
+            model.eval()
+
+            def loss_batches():
+                for batch in batches:
+                    yield lambda batch=batch: cross_entropy(_logits(model, batch), batch["labels"])
+
+            scores = compute_importance(weights, cfg.importance.name, top_k=cfg.importance.get("top_k"),
+                                        flow=cfg.importance.flow, loss_batches=loss_batches())
+            baseline, counts = derive_counts(weights, scores, batch_accuracy(model, batches),
+                                             tau=cfg.ratios.threshold, search=cfg.ratios.search,
+                                             step=cfg.ratios.step, progress=cfg.ratios.progress)
+            model.train(was_training)
+            wall = time.perf_counter() - started
+            cache.save(inputs, baseline, scores, counts, wall)
+            summary |= {"cache_hit": False, "evaluations": 1 + sum(c.evaluations for c in counts.values()),
+                        "wall_time_s": wall, "baseline_accuracy": baseline}
+        summary["cache_file"] = str(cache.path(inputs))
+    masks = {}
+    for name, weight in weights.items():
+        layer_scores = None if scores is None else scores[name]
+        masks[name] = make_mask(
+            mask_cfg.mode, name, cfg.seed, tuple(weight.shape),
+            k_row=None if counts is None else counts[name].k_row,
+            k_col=None if counts is None else counts[name].k_col,
+            row_scores=None if layer_scores is None else layer_scores.row,
+            col_scores=None if layer_scores is None else layer_scores.col,
+            temperature=mask_cfg.get("temperature", 1.0), sparsity=mask_cfg.get("sparsity"))
+    return masks, summary

@@ -1,0 +1,84 @@
+"""Mask modes (SPEC 2): which rows of B and columns of A a masked adapter trains.
+
+Every draw uses a generator seeded by the run's seed and the layer's name, so one seed gives the same
+masks on any machine and in any layer order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+import torch
+
+from partial_lora.errors import ConfigError
+
+MODES = ("partial", "targeted", "inverted", "stochastic", "balanced", "pyramidal")
+NEEDS_DERIVATION = ("partial", "targeted", "inverted", "stochastic")
+_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
+
+
+@dataclass
+class LayerMask:
+    row: torch.Tensor  # bool, length m: rows of B that train
+    col: torch.Tensor  # bool, length n: columns of A that train
+
+
+def layer_generator(seed: int, layer: str) -> torch.Generator:
+    digest = hashlib.sha256(f"{seed}:{layer}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+
+
+def block_depth(layer: str) -> int:
+    """1-based index of the block holding ``layer`` (the first number in its dotted name)."""
+    match = _BLOCK_INDEX.search(f".{layer}.")
+    if match is None:
+        raise ConfigError(f"pyramidal masks need a block index in the layer name, found none in {layer!r}.")
+    return int(match.group(1)) + 1
+
+
+def _bernoulli(size: int, keep: float, generator: torch.Generator) -> torch.Tensor:
+    return torch.rand(size, generator=generator) < keep
+
+
+def _top(scores: torch.Tensor, k: int) -> torch.Tensor:
+    mask = torch.zeros(scores.numel(), dtype=torch.bool)
+    mask[torch.argsort(scores, descending=True, stable=True)[:k]] = True
+    return mask
+
+
+def _softmax_draw(scores: torch.Tensor, k: int, temperature: float, generator: torch.Generator) -> torch.Tensor:
+    """k indices without replacement from softmax(scores / T), by the Gumbel-top-k trick.
+
+    Sequential multinomial draws underflow at small T (probabilities of exactly 0 are then taken in
+    arbitrary order); perturbed logits keep their order, so T -> 0 tends to plain top-k.
+    """
+    uniform = torch.rand(scores.numel(), generator=generator, dtype=torch.float64).clamp_min(1e-300)
+    keys = scores.double() / temperature - torch.log(-torch.log(uniform))
+    return _top(keys, k)
+
+
+def make_mask(mode: str, layer: str, seed: int, shape: tuple[int, int], *, k_row: int | None = None,
+              k_col: int | None = None, row_scores: torch.Tensor | None = None,
+              col_scores: torch.Tensor | None = None, temperature: float = 1.0,
+              sparsity: float | None = None) -> LayerMask:
+    """Draw one layer's row and column masks for ``mode`` (see the table in SPEC 2)."""
+    m, n = shape
+    generator = layer_generator(seed, layer)
+    if mode == "partial":
+        return LayerMask(_bernoulli(m, k_row / m, generator), _bernoulli(n, k_col / n, generator))
+    if mode in ("targeted", "inverted"):
+        mask = LayerMask(_top(row_scores, k_row), _top(col_scores, k_col))
+        return mask if mode == "targeted" else LayerMask(~mask.row, ~mask.col)
+    if mode == "stochastic":
+        if temperature <= 0:
+            raise ConfigError(f"method.mask.temperature must be > 0, got {temperature!r}.")
+        return LayerMask(_softmax_draw(row_scores, k_row, temperature, generator),
+                         _softmax_draw(col_scores, k_col, temperature, generator))
+    if mode in ("balanced", "pyramidal"):
+        if sparsity is None or not 0 <= sparsity < 1:
+            raise ConfigError(f"method.mask.sparsity must lie in [0, 1) for {mode} masks, got {sparsity!r}.")
+        keep = 1 - sparsity if mode == "balanced" else 1 - sparsity ** block_depth(layer)
+        return LayerMask(_bernoulli(m, keep, generator), _bernoulli(n, keep, generator))
+    raise ConfigError(f"method.mask.mode must be one of {', '.join(MODES)}, got {mode!r}.")

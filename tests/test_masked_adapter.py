@@ -1,0 +1,144 @@
+"""Masked adapters on PEFT LoRA: frozen masked entries, the paper's count, caching, saving and merging."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from omegaconf import open_dict
+
+from partial_lora.adapters import adapt, apply_masks, count_parameters, derive_masks, load_adapter, save_adapter
+from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, lora_layers
+from partial_lora.backbones import build_backbone
+from partial_lora.masks import LayerMask, make_mask
+from partial_lora.pipeline import run
+from tests.conftest import compose_config
+
+
+def masked_tiny_model(seed: int = 0, mode: str = "balanced"):
+    cfg = compose_config("backbone=tiny_bert", f"method={mode}", "rank=4", f"seed={seed}")
+    torch.manual_seed(seed)
+    backbone = build_backbone(cfg.backbone, num_labels=2)
+    model = adapt(backbone.model, cfg.method, backbone.head_modules)
+    masks, _ = derive_masks(model, cfg, [])
+    apply_masks(model, masks)
+    return cfg, backbone, model
+
+
+def batch(seed: int = 0) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return {"input_ids": torch.randint(1, 1000, (8, 12), generator=generator),
+            "attention_mask": torch.ones(8, 12, dtype=torch.long),
+            "labels": torch.randint(0, 2, (8,), generator=generator)}
+
+
+def test_masked_entries_stay_exactly_zero_through_training_with_weight_decay():
+    _, _, model = masked_tiny_model()
+    model.train()
+    for layer in lora_layers(model).values():  # give B non-zero kept rows so both factors move
+        torch.nn.init.normal_(layer.lora_B[ADAPTER].weight)
+        layer.lora_B[ADAPTER].weight.data *= getattr(layer, ROW_MASK)[:, None]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    start = {name: (layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone())
+             for name, layer in lora_layers(model).items()}
+    for step in range(5):
+        data = batch(step)
+        loss = torch.nn.functional.cross_entropy(model(input_ids=data["input_ids"],
+                                                       attention_mask=data["attention_mask"]).logits, data["labels"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for name, layer in lora_layers(model).items():
+        row, col = getattr(layer, ROW_MASK), getattr(layer, COL_MASK)
+        a, b = layer.lora_A[ADAPTER].weight, layer.lora_B[ADAPTER].weight
+        assert (~row).any() and (~col).any()
+        assert torch.count_nonzero(b[~row]) == 0 and torch.count_nonzero(a[:, ~col]) == 0
+        assert not torch.equal(a[:, col], start[name][0][:, col])  # kept entries do train
+        assert not torch.equal(b[row], start[name][1][row])
+
+
+def test_count_is_rank_times_kept_rows_plus_columns():
+    _, backbone, model = masked_tiny_model()
+    counts = count_parameters(model, backbone.head_modules)
+    expected = dense = 0
+    for layer in lora_layers(model).values():
+        expected += 4 * (int(getattr(layer, ROW_MASK).sum()) + int(getattr(layer, COL_MASK).sum()))
+        dense += 4 * (layer.in_features + layer.out_features)
+    assert counts.adapter == expected < dense == counts.lora_same_rank
+
+
+def test_same_seed_same_masks_different_seed_different_masks():
+    def masks(seed):
+        return {name: getattr(layer, ROW_MASK).clone() for name, layer in lora_layers(masked_tiny_model(seed)[2]).items()}
+
+    first, again, other = masks(0), masks(0), masks(1)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert any(not torch.equal(first[name], other[name]) for name in first)
+
+
+def test_saved_adapter_reloads_to_the_same_outputs_and_merges(tmp_path: Path):
+    _, backbone, model = masked_tiny_model(seed=0)
+    for layer in lora_layers(model).values():
+        torch.nn.init.normal_(layer.lora_B[ADAPTER].weight)
+        layer.lora_B[ADAPTER].weight.data *= getattr(layer, ROW_MASK)[:, None]
+    model.eval()
+    data = batch()
+    inputs = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
+    expected = model(**inputs).logits
+    path = save_adapter(model, tmp_path / "adapter.safetensors", backbone.head_modules, {"rank": "4"})
+    assert path.read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+
+    cfg = compose_config("backbone=tiny_bert", "method=lora", "rank=4")
+    torch.manual_seed(0)  # same random backbone weights as the saved model's base
+    fresh = build_backbone(cfg.backbone, num_labels=2)
+    reloaded = adapt(fresh.model, cfg.method, fresh.head_modules)
+    assert load_adapter(reloaded, path)["rank"] == "4"
+    reloaded.eval()
+    assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-6)
+    assert count_parameters(reloaded, fresh.head_modules).adapter == count_parameters(model, backbone.head_modules).adapter
+    merged = reloaded.merge_and_unload()
+    assert torch.allclose(merged(**inputs).logits, expected, atol=1e-5)
+
+
+def test_partial_lora_run_derives_once_then_hits_the_cache(tiny_cfg, tmp_path: Path):
+    with open_dict(tiny_cfg):
+        tiny_cfg.method = compose_config("method=partial_lora").method
+        tiny_cfg.importance = compose_config("importance=svd").importance
+        tiny_cfg.ratios.cache_dir = str(tmp_path / "ratios")
+        tiny_cfg.ratios.progress = False
+    first = run(tiny_cfg)
+    assert first["masks"]["cache_hit"] is False and first["masks"]["evaluations"] > 1
+    cache = json.loads(Path(first["masks"]["cache_file"]).read_text())
+    layer = next(iter(cache["layers"].values()))
+    assert {"k_row", "k_col", "top_rows", "top_cols", "row_scores", "kept_fraction_row"} <= set(layer)
+    assert len(layer["top_rows"]) == layer["k_row"]
+    with open_dict(tiny_cfg):
+        tiny_cfg.seed = 1
+    second = run(tiny_cfg)
+    assert second["masks"]["cache_hit"] is True
+    assert second["masks"]["cache_file"] == first["masks"]["cache_file"]
+    assert second["params"]["lora_same_rank"] == first["params"]["lora_same_rank"]
+    assert Path(second["adapter_file"]).is_file()
+
+
+def test_masked_method_without_importance_fails_clearly(tiny_cfg):
+    import pytest
+
+    from partial_lora.errors import ConfigError
+
+    with open_dict(tiny_cfg):
+        tiny_cfg.method = compose_config("method=targeted_lora").method
+        tiny_cfg.dry_run = True
+    with pytest.raises(ConfigError, match="needs an importance measure"):
+        run(tiny_cfg)
+
+
+def test_make_mask_matches_what_the_layer_holds():
+    cfg, _, model = masked_tiny_model(seed=3)
+    for name, layer in lora_layers(model).items():
+        base = layer.get_base_layer().weight
+        expected = make_mask("balanced", name, 3, tuple(base.shape), sparsity=cfg.method.mask.sparsity)
+        assert torch.equal(getattr(layer, ROW_MASK), expected.row)
+        assert isinstance(expected, LayerMask)

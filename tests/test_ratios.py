@@ -1,0 +1,59 @@
+"""Algorithm 1: binary search agrees with the literal linear search where accuracy is monotone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from partial_lora.errors import ConfigError
+from partial_lora.importance import svd_scores
+from partial_lora.ratios import derive_counts, largest_removable
+
+
+@pytest.mark.parametrize("size, limit, step", [(10, 0, 1), (10, 4, 1), (10, 10, 1), (37, 20, 3), (37, 37, 5), (1, 1, 1)])
+def test_binary_and_linear_find_the_same_count(size, limit, step):
+    passes = lambda count: count <= limit  # noqa: E731 - monotone by construction
+    linear, linear_calls = largest_removable(size, passes, "linear", step)
+    binary, binary_calls = largest_removable(size, passes, "binary", step)
+    expected = size if limit == size else (limit // step) * step
+    assert linear == binary == expected
+    assert binary_calls <= max(1, (len(range(step, size, step)) + 1).bit_length())
+
+
+def test_bad_search_settings_are_refused():
+    with pytest.raises(ConfigError, match="ratios.search"):
+        largest_removable(4, lambda c: True, "random")
+    with pytest.raises(ConfigError, match="ratios.step"):
+        largest_removable(4, lambda c: True, "linear", step=0)
+    with pytest.raises(ConfigError, match="threshold"):
+        derive_counts({}, {}, lambda: 1.0, tau=1.5)
+
+
+def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
+    # Unit i of a diagonal layer alone carries class i (i + 1 examples of it): zeroing units from the least
+    # important one up loses whole classes, so accuracy falls monotonically and both searches must agree.
+    size = 16
+    hidden = torch.nn.Linear(size, size, bias=False)
+    readout = torch.nn.Linear(size, size, bias=False)
+    with torch.no_grad():
+        hidden.weight.copy_(torch.diag(torch.arange(1.0, size + 1)))
+        readout.weight.copy_(torch.eye(size))
+    labels = torch.repeat_interleave(torch.arange(size), torch.arange(1, size + 1))
+    inputs = torch.eye(size)[labels]
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            return float((readout(hidden(inputs)).argmax(dim=1) == labels).float().mean())
+
+    weights = {"hidden": hidden.weight, "readout": readout.weight}
+    before = {name: weight.detach().clone() for name, weight in weights.items()}
+    scores = {name: svd_scores(weight.detach()) for name, weight in weights.items()}
+    base, linear = derive_counts(weights, scores, accuracy, tau=0.9, search="linear", progress=False)
+    _, binary = derive_counts(weights, scores, accuracy, tau=0.9, search="binary", progress=False)
+    assert base == 1.0
+    for name in weights:
+        assert torch.equal(weights[name], before[name])
+        assert (linear[name].k_row, linear[name].k_col) == (binary[name].k_row, binary[name].k_col)
+    # Zeroing units 0..3 loses classes 1..3 (9 of 136 examples; class 0 still wins the all-zero argmax);
+    # unit 4 would lose 5 more, 14 > 10% of 136.
+    assert linear["hidden"].k_row == linear["hidden"].k_col == size - 4
