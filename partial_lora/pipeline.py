@@ -12,12 +12,20 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora.adapters import adapt, apply_masks, count_parameters, derive_masks, kept_fractions, save_adapter
+from partial_lora.adapters import (
+    adapt,
+    apply_masks,
+    count_parameters,
+    derive_masks,
+    kept_fractions,
+    save_adapter,
+    uses_rank_allocation,
+)
 from partial_lora.backbones import build_backbone
 from partial_lora.config import validate
 from partial_lora.data import GlueDataModule
 from partial_lora.results import config_hash, environment, write_record
-from partial_lora.training import ClassificationModule
+from partial_lora.training import AdaLoraBudget, ClassificationModule
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -27,23 +35,29 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     L.seed_everything(cfg.seed, workers=True)
 
     backbone = build_backbone(cfg.backbone, num_labels=cfg.dataset.num_labels)
-    model = adapt(backbone.model, cfg.method, backbone.head_modules)
     datamodule = GlueDataModule(cfg.dataset, backbone.tokenizer, cfg.data_dir, batch_size=cfg.train.batch_size,
                                 data_seed=cfg.data_seed, num_workers=cfg.train.num_workers)
+    rank_allocation = uses_rank_allocation(cfg.method)
+    total_steps = None
+    if rank_allocation:
+        total_steps = datamodule.steps_per_epoch() * cfg.train.epochs
+        if cfg.trainer.max_steps > 0:
+            total_steps = min(total_steps, cfg.trainer.max_steps)
+    model = adapt(backbone.model, cfg.method, backbone.head_modules, total_steps)
     mask_summary = None
     if cfg.method.get("mask"):
         batches = []
         if cfg.importance.name != "none":
             batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples,
                                                     cfg.ratios.batch_size)
-        masks, mask_summary = derive_masks(model, cfg, batches)
+        masks, mask_summary = derive_masks(model, cfg, batches, backbone.head_modules)
         apply_masks(model, masks)
         mask_summary["kept_fraction"] = kept_fractions(model)
     counts = count_parameters(model, backbone.head_modules)
     if cfg.dry_run:
         print(f"trainable adapter parameters: {counts.adapter:,}")
-        if counts.lora_same_rank != counts.adapter:
-            print(f"LoRA at the same rank would train: {counts.lora_same_rank:,}")
+        if counts.unmasked_adapter != counts.adapter:
+            print(f"the unmasked adapter would train: {counts.unmasked_adapter:,}")
         print(f"classifier head parameters: {counts.head:,}")
         return None
 
@@ -53,7 +67,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", monitor="val/metric", mode="max",
                                  save_top_k=1, save_last=True)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=[checkpoint], logger=logger)
+    callbacks = [checkpoint, AdaLoraBudget()] if rank_allocation else [checkpoint]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
     trainer.fit(module, datamodule=datamodule)
@@ -93,7 +108,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     record["path"] = str(path)
     print(
         f"\n{cfg.dataset.name} | {cfg.method.name} (rank {cfg.rank}) | trainable adapter parameters "
-        f"{counts.adapter:,} of LoRA's {counts.lora_same_rank:,} (+{counts.head:,} head) | test {cfg.dataset.metric} {record['test']:.2f} "
-        f"(best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"
+        f"{counts.adapter:,} of {counts.unmasked_adapter:,} unmasked (+{counts.head:,} head) | "
+        f"test {cfg.dataset.metric} {record['test']:.2f} (best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"
     )
     return record

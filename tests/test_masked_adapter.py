@@ -21,7 +21,7 @@ def masked_tiny_model(seed: int = 0, mode: str = "balanced"):
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.backbone, num_labels=2)
     model = adapt(backbone.model, cfg.method, backbone.head_modules)
-    masks, _ = derive_masks(model, cfg, [])
+    masks, _ = derive_masks(model, cfg, [], backbone.head_modules)
     apply_masks(model, masks)
     return cfg, backbone, model
 
@@ -66,7 +66,7 @@ def test_count_is_rank_times_kept_rows_plus_columns():
     for layer in lora_layers(model).values():
         expected += 4 * (int(getattr(layer, ROW_MASK).sum()) + int(getattr(layer, COL_MASK).sum()))
         dense += 4 * (layer.in_features + layer.out_features)
-    assert counts.adapter == expected < dense == counts.lora_same_rank
+    assert counts.adapter == expected < dense == counts.unmasked_adapter
 
 
 def test_same_seed_same_masks_different_seed_different_masks():
@@ -119,7 +119,7 @@ def test_partial_lora_run_derives_once_then_hits_the_cache(tiny_cfg, tmp_path: P
     second = run(tiny_cfg)
     assert second["masks"]["cache_hit"] is True
     assert second["masks"]["cache_file"] == first["masks"]["cache_file"]
-    assert second["params"]["lora_same_rank"] == first["params"]["lora_same_rank"]
+    assert second["params"]["unmasked_adapter"] == first["params"]["unmasked_adapter"]
     assert Path(second["adapter_file"]).is_file()
 
 
@@ -142,3 +142,24 @@ def test_make_mask_matches_what_the_layer_holds():
         expected = make_mask("balanced", name, 3, tuple(base.shape), sparsity=cfg.method.mask.sparsity)
         assert torch.equal(getattr(layer, ROW_MASK), expected.row)
         assert isinstance(expected, LayerMask)
+
+
+def test_partial_adalora_trains_with_rank_allocation_and_keeps_masks(tiny_cfg, tmp_path: Path):
+    with open_dict(tiny_cfg):
+        tiny_cfg.method = compose_config("method=partial_adalora").method
+        tiny_cfg.method.mask.mode = "balanced"  # no derivation needed: the random tiny model passes no rows
+        tiny_cfg.method.mask.sparsity = 0.5
+        tiny_cfg.train.epochs = 2
+    record = run(tiny_cfg)
+    assert record["steps"] == 10
+    assert 0 < record["params"]["adapter"] < record["params"]["unmasked_adapter"]
+    from safetensors.torch import load_file
+
+    tensors = load_file(record["adapter_file"])
+    layers = {key.rsplit(".", 1)[0] for key in tensors if key.endswith(".row_mask")}
+    assert layers
+    for layer in layers:
+        row, col = tensors[f"{layer}.row_mask"], tensors[f"{layer}.col_mask"]
+        assert torch.count_nonzero(tensors[f"{layer}.lora_B"][~row]) == 0
+        assert torch.count_nonzero(tensors[f"{layer}.lora_A"][:, ~col]) == 0
+        assert torch.count_nonzero(tensors[f"{layer}.lora_A"][:, col]) > 0

@@ -26,7 +26,7 @@ def test_bad_search_settings_are_refused():
     with pytest.raises(ConfigError, match="ratios.step"):
         largest_removable(4, lambda c: True, "linear", step=0)
     with pytest.raises(ConfigError, match="threshold"):
-        derive_counts({}, {}, lambda: 1.0, tau=1.5)
+        derive_counts({}, {}, lambda layer: 1.0, tau=1.5)
 
 
 def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
@@ -41,7 +41,7 @@ def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
     labels = torch.repeat_interleave(torch.arange(size), torch.arange(1, size + 1))
     inputs = torch.eye(size)[labels]
 
-    def accuracy() -> float:
+    def accuracy(layer: str | None) -> float:
         with torch.no_grad():
             return float((readout(hidden(inputs)).argmax(dim=1) == labels).float().mean())
 
@@ -57,3 +57,55 @@ def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
     # Zeroing units 0..3 loses classes 1..3 (9 of 136 examples; class 0 still wins the all-zero argmax);
     # unit 4 would lose 5 more, 14 > 10% of 136.
     assert linear["hidden"].k_row == linear["hidden"].k_col == size - 4
+
+
+def test_prefix_replay_gives_the_full_forward_outputs_of_a_modified_layer():
+    from partial_lora.adapters import adapt
+    from partial_lora.adapters.masked import base_weights
+    from partial_lora.backbones import build_backbone
+    from partial_lora.ratios import PrefixReplay
+    from tests.conftest import compose_config
+
+    cfg = compose_config("backbone=tiny_bert")
+    torch.manual_seed(0)
+    built = build_backbone(cfg.backbone, num_labels=2)
+    model = adapt(built.model, cfg.method, built.head_modules).eval()
+    generator = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(1, 1000, (4, 10), generator=generator),
+                "attention_mask": torch.ones(4, 10, dtype=torch.long)} for _ in range(3)]
+    logits = lambda batch: model(**batch).logits  # noqa: E731
+    replay = PrefixReplay(model.base_model.model.get_submodule(cfg.backbone.blocks), batches, logits)
+    name = "bert.encoder.layer.1.intermediate.dense"
+    assert replay.block_of(name, cfg.backbone.blocks) == 1
+    weight = base_weights(model)[name]
+    with torch.no_grad():
+        original = logits(batches[0])
+        weight[:20] = 0
+        expected = [logits(batch) for batch in batches]
+        with replay.starting_at(1):
+            replayed = [logits(batch) for batch in replay.batches_in_order()]
+    assert not torch.allclose(original, expected[0])  # the modification matters downstream
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(expected, replayed))
+    blocks = model.base_model.model.get_submodule(cfg.backbone.blocks)
+    assert type(blocks[0]) is type(blocks[1])  # the real blocks are back after the context
+
+
+def test_probed_head_fits_the_derivation_set_and_is_restored():
+    from partial_lora.ratios.probe import probed_head
+
+    torch.manual_seed(0)
+    features = torch.randn(64, 8)
+    labels = (features[:, 0] > 0).long()
+    model = torch.nn.Sequential()
+    model.add_module("classifier", torch.nn.Linear(8, 2))
+    batches = [{"features": features[i:i + 16], "labels": labels[i:i + 16]} for i in range(0, 64, 16)]
+    run_batch = lambda batch: model(batch["features"])  # noqa: E731
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+
+    def accuracy() -> float:
+        with torch.no_grad():
+            return float((model(features).argmax(dim=1) == labels).float().mean())
+
+    with probed_head(model, ["classifier"], batches, run_batch, steps=200):
+        assert accuracy() >= 0.95
+    assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())

@@ -21,18 +21,31 @@ from partial_lora.adapters.masked import masked_out_parameters
 class ParameterCounts:
     adapter: int  # the paper's count: masked-out entries of masked adapters excluded
     head: int
-    lora_same_rank: int  # what dense LoRA at the same rank and layers trains (equals adapter when unmasked)
+    unmasked_adapter: int  # the same adapter without masks, e.g. dense LoRA at the same rank and layers
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)
 
 
-def adapt(model: torch.nn.Module, method: DictConfig, head_modules: list[str]) -> torch.nn.Module:
-    """Wrap ``model`` with the method's PEFT adapter (head trainable too), or unfreeze it all for ``full_ft``."""
+def uses_rank_allocation(method: DictConfig) -> bool:
+    """AdaLoRA-style methods: their schedule needs the run's total step count and a per-step callback."""
+    return method.peft_config is not None and "total_step" in method.peft_config
+
+
+def adapt(model: torch.nn.Module, method: DictConfig, head_modules: list[str],
+          total_steps: int | None = None) -> torch.nn.Module:
+    """Wrap ``model`` with the method's PEFT adapter (head trainable too), or unfreeze it all for ``full_ft``.
+
+    AdaLoRA's warm-up and final phases are configured as fractions of ``total_steps``.
+    """
     if method.peft_config is None:
         model.requires_grad_(True)
         return model
-    peft_config = instantiate(method.peft_config, modules_to_save=list(head_modules))
+    schedule = {}
+    if uses_rank_allocation(method):
+        schedule = {"total_step": total_steps, "tinit": int(method.schedule.tinit * total_steps),
+                    "tfinal": int(method.schedule.tfinal * total_steps)}
+    peft_config = instantiate(method.peft_config, modules_to_save=list(head_modules), **schedule)
     return get_peft_model(model, peft_config)
 
 
@@ -55,4 +68,4 @@ def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> Paramet
         else:
             adapter += parameter.numel()
     masked_out = masked_out_parameters(model)
-    return ParameterCounts(adapter=adapter - masked_out, head=head, lora_same_rank=adapter)
+    return ParameterCounts(adapter=adapter - masked_out, head=head, unmasked_adapter=adapter)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -13,7 +14,8 @@ from partial_lora.adapters.masked import base_weights
 from partial_lora.errors import ConfigError, DataError
 from partial_lora.importance import compute_importance
 from partial_lora.masks import NEEDS_DERIVATION, LayerMask, make_mask
-from partial_lora.ratios import RatioCache, derive_counts
+from partial_lora.ratios import PrefixReplay, RatioCache, derive_counts
+from partial_lora.ratios.probe import probed_head
 
 Batch = dict[str, torch.Tensor]
 
@@ -22,15 +24,26 @@ def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
 
 
-def batch_accuracy(model: torch.nn.Module, batches: list[Batch]) -> Callable[[], float]:
-    """Accuracy of ``model`` (in eval mode) on the derivation set, as Algorithm 1 measures it."""
+def batch_accuracy(model: torch.nn.Module, batches: list[Batch],
+                   blocks_path: str | None = None) -> Callable[[str | None], float]:
+    """Accuracy of ``model`` (in eval mode) on the derivation set, as Algorithm 1 measures it.
+
+    With ``blocks_path`` (the backbone's sequence of blocks, relative to the PEFT-wrapped model), the
+    blocks before the searched layer's are replayed from a recording instead of recomputed.
+    """
+    replay = None
+    if blocks_path:
+        replay = PrefixReplay(model.base_model.model.get_submodule(blocks_path), batches,
+                              lambda batch: _logits(model, batch))
 
     @torch.inference_mode()
-    def accuracy() -> float:
+    def accuracy(layer: str | None) -> float:
         correct = total = 0
-        for batch in batches:
-            correct += int((_logits(model, batch).argmax(dim=-1) == batch["labels"]).sum())
-            total += len(batch["labels"])
+        start = 0 if replay is None or layer is None else replay.block_of(layer, blocks_path)
+        with nullcontext() if replay is None else replay.starting_at(start):
+            for batch in (batches if replay is None else replay.batches_in_order()):
+                correct += int((_logits(model, batch).argmax(dim=-1) == batch["labels"]).sum())
+                total += len(batch["labels"])
         return correct / total
 
     return accuracy
@@ -50,10 +63,12 @@ def derivation_inputs(cfg: DictConfig, examples: int) -> dict:
         "threshold": cfg.ratios.threshold,
         "search": cfg.ratios.search,
         "step": cfg.ratios.step,
+        "probe_head_steps": cfg.ratios.probe_head_steps,
     }
 
 
-def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch]) -> tuple[dict[str, LayerMask], dict]:
+def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch],
+                 head_modules: list[str]) -> tuple[dict[str, LayerMask], dict]:
     """Masks for every LoRA layer of ``model`` per ``cfg.method.mask``; returns them and a summary for the record."""
     mask_cfg = cfg.method.mask
     weights = base_weights(model)
@@ -80,11 +95,17 @@ def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch]) 
                 for batch in batches:
                     yield lambda batch=batch: cross_entropy(_logits(model, batch), batch["labels"])
 
-            scores = compute_importance(weights, cfg.importance.name, top_k=cfg.importance.get("top_k"),
-                                        flow=cfg.importance.flow, loss_batches=loss_batches())
-            baseline, counts = derive_counts(weights, scores, batch_accuracy(model, batches),
-                                             tau=cfg.ratios.threshold, search=cfg.ratios.search,
-                                             step=cfg.ratios.step, progress=cfg.ratios.progress)
+            head = nullcontext()
+            if cfg.ratios.probe_head_steps:
+                head = probed_head(model, head_modules, batches, lambda batch: _logits(model, batch),
+                                   steps=cfg.ratios.probe_head_steps)
+            with head:
+                scores = compute_importance(weights, cfg.importance.name, top_k=cfg.importance.get("top_k"),
+                                            flow=cfg.importance.flow, loss_batches=loss_batches())
+                blocks = cfg.backbone.get("blocks") if cfg.ratios.replay_prefix else None
+                baseline, counts = derive_counts(weights, scores, batch_accuracy(model, batches, blocks),
+                                                 tau=cfg.ratios.threshold, search=cfg.ratios.search,
+                                                 step=cfg.ratios.step, progress=cfg.ratios.progress)
             model.train(was_training)
             wall = time.perf_counter() - started
             cache.save(inputs, baseline, scores, counts, wall)

@@ -87,6 +87,11 @@ class GlueDataModule(L.LightningDataModule):
         return split.map(encode, batched=True, remove_columns=split.column_names,
                          load_from_cache_file=False, desc=f"tokenise {self.cfg.task}")
 
+    def steps_per_epoch(self) -> int:
+        """Optimiser steps in one epoch on one device."""
+        self.setup()
+        return -(-len(self.splits["train"]) // self.batch_size)
+
     def derivation_batches(self, fraction: float, max_examples: int | None, batch_size: int) -> list[dict]:
         """Algorithm 1's labelled sample: ``fraction`` of the train split (paper: 2% small, 5% large tasks),
         at most ``max_examples``, drawn with the data seed from rows that are neither validation nor test."""
@@ -95,7 +100,9 @@ class GlueDataModule(L.LightningDataModule):
         if max_examples is not None:
             size = min(size, max_examples)
         sample = self._tokenize(self.derivation_pool.shuffle(seed=self.data_seed).select(range(size)))
-        loader = DataLoader(sample, batch_size=batch_size, shuffle=False, collate_fn=self.collate)
+        # Accuracy ignores order: batching similar lengths together cuts padding, and so evaluation time.
+        by_length = sorted(range(len(sample)), key=lambda row: len(sample[row]["input_ids"]))
+        loader = DataLoader(sample.select(by_length), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
         return list(loader)
 
     def _loader(self, name: str, shuffle: bool) -> DataLoader:

@@ -33,17 +33,16 @@ class ClassificationModule(L.LightningModule):
         self.test_metric = METRICS[metric](num_labels)
         self.strict_loading = False
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        return self.model(**inputs).logits
-
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss = cross_entropy(self(batch), batch["labels"])
+        # Labels go into the model so that adapters with their own loss terms add them (AdaLoRA's
+        # orthogonal regulariser); the backbone's loss is cross-entropy for classification.
+        outputs = self.model(**batch)
+        loss = outputs.loss if outputs.loss is not None else cross_entropy(outputs.logits, batch["labels"])
         self.log("train/loss", loss, prog_bar=True, batch_size=len(batch["labels"]))
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], metric: Metric, stage: str) -> None:
-        logits = self(batch)
+        logits = self.model(**{key: value for key, value in batch.items() if key != "labels"}).logits
         metric.update(logits.argmax(dim=-1), batch["labels"])
         self.log(f"{stage}/loss", cross_entropy(logits, batch["labels"]), batch_size=len(batch["labels"]))
         self.log(f"{stage}/metric", metric, prog_bar=True, on_epoch=True, on_step=False)
