@@ -32,6 +32,11 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rank must be an integer >= 1, got {cfg.rank!r}.")
     if not isinstance(cfg.lr, (int, float)) or cfg.lr <= 0:
         raise ConfigError(f"lr must be a number > 0, got {cfg.lr!r}.")
+    method = cfg.method
+    if method.get("mask") and (method.peft_config is None
+                               or method.peft_config._target_ not in ("peft.LoraConfig", "peft.AdaLoraConfig")):
+        raise ConfigError(f"method {method.name} puts row/column masks on low-rank factors, which only LoRA and "
+                          "AdaLoRA adapters have (peft.LoraConfig or peft.AdaLoraConfig).")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise ConfigError(
             f"data_dir '{cfg.data_dir}' is not a directory; point data_dir (or {DATA_DIR_ENV}) at a folder "

@@ -43,7 +43,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         total_steps = datamodule.steps_per_epoch() * cfg.train.epochs
         if cfg.trainer.max_steps > 0:
             total_steps = min(total_steps, cfg.trainer.max_steps)
-    model = adapt(backbone.model, cfg.method, backbone.head_modules, total_steps)
+    model = adapt(backbone.model, cfg, total_steps)
     mask_summary = None
     if cfg.method.get("mask"):
         batches = []
@@ -90,7 +90,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "method": cfg.method.name,
         "rank": cfg.rank,
         "lr": cfg.lr,
-        "params": counts.as_dict(),
+        # AdaLoRA prunes ranks while training: the paper reports what is left at the end.
+        "params": count_parameters(model, backbone.head_modules).as_dict(),
+        "params_initial": counts.as_dict(),
         "masks": mask_summary,
         "adapter_file": None if adapter_file is None else str(adapter_file),
         "metric": cfg.dataset.metric,

@@ -13,7 +13,7 @@ from tests.conftest import compose_config
 def adapted(*overrides: str):
     cfg = compose_config(*overrides)
     backbone = build_backbone(cfg.backbone, num_labels=cfg.dataset.num_labels)
-    return cfg, backbone, adapt(backbone.model, cfg.method, backbone.head_modules)
+    return cfg, backbone, adapt(backbone.model, cfg)
 
 
 def lora_formula(model: torch.nn.Module) -> tuple[int, int]:

@@ -20,7 +20,7 @@ def masked_tiny_model(seed: int = 0, mode: str = "balanced"):
     cfg = compose_config("backbone=tiny_bert", f"method={mode}", "rank=4", f"seed={seed}")
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.backbone, num_labels=2)
-    model = adapt(backbone.model, cfg.method, backbone.head_modules)
+    model = adapt(backbone.model, cfg)
     masks, _ = derive_masks(model, cfg, [], backbone.head_modules)
     apply_masks(model, masks)
     return cfg, backbone, model
@@ -93,7 +93,7 @@ def test_saved_adapter_reloads_to_the_same_outputs_and_merges(tmp_path: Path):
     cfg = compose_config("backbone=tiny_bert", "method=lora", "rank=4")
     torch.manual_seed(0)  # same random backbone weights as the saved model's base
     fresh = build_backbone(cfg.backbone, num_labels=2)
-    reloaded = adapt(fresh.model, cfg.method, fresh.head_modules)
+    reloaded = adapt(fresh.model, cfg)
     assert load_adapter(reloaded, path)["rank"] == "4"
     reloaded.eval()
     assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-6)

@@ -26,7 +26,7 @@ def test_bad_search_settings_are_refused():
     with pytest.raises(ConfigError, match="ratios.step"):
         largest_removable(4, lambda c: True, "linear", step=0)
     with pytest.raises(ConfigError, match="threshold"):
-        derive_counts({}, {}, lambda layer: 1.0, tau=1.5)
+        derive_counts({}, {}, lambda layer, target: 1.0, tau=1.5)
 
 
 def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
@@ -41,7 +41,7 @@ def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
     labels = torch.repeat_interleave(torch.arange(size), torch.arange(1, size + 1))
     inputs = torch.eye(size)[labels]
 
-    def accuracy(layer: str | None) -> float:
+    def accuracy(layer: str | None, target: float | None) -> float:
         with torch.no_grad():
             return float((readout(hidden(inputs)).argmax(dim=1) == labels).float().mean())
 
@@ -69,7 +69,7 @@ def test_prefix_replay_gives_the_full_forward_outputs_of_a_modified_layer():
     cfg = compose_config("backbone=tiny_bert")
     torch.manual_seed(0)
     built = build_backbone(cfg.backbone, num_labels=2)
-    model = adapt(built.model, cfg.method, built.head_modules).eval()
+    model = adapt(built.model, cfg).eval()
     generator = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(1, 1000, (4, 10), generator=generator),
                 "attention_mask": torch.ones(4, 10, dtype=torch.long)} for _ in range(3)]
@@ -109,3 +109,25 @@ def test_probed_head_fits_the_derivation_set_and_is_restored():
     with probed_head(model, ["classifier"], batches, run_batch, steps=200):
         assert accuracy() >= 0.95
     assert all(torch.equal(before[name], value) for name, value in model.state_dict().items())
+
+
+def test_early_stopping_evaluation_decides_like_the_full_one():
+    from partial_lora.adapters import adapt
+    from partial_lora.adapters.partial import batch_accuracy
+    from partial_lora.backbones import build_backbone
+    from tests.conftest import compose_config
+
+    cfg = compose_config("backbone=tiny_bert")
+    torch.manual_seed(0)
+    built = build_backbone(cfg.backbone, num_labels=2)
+    model = adapt(built.model, cfg).eval()
+    generator = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(1, 1000, (5, 8), generator=generator),
+                "attention_mask": torch.ones(5, 8, dtype=torch.long),
+                "labels": torch.randint(0, 2, (5,), generator=generator)} for _ in range(6)]
+    for blocks in (None, cfg.backbone.blocks):
+        accuracy = batch_accuracy(model, batches, blocks)
+        full = accuracy(None, None)
+        assert 0 < full < 1
+        for target in torch.linspace(0, 1, 31).tolist():
+            assert (accuracy("bert.encoder.layer.1.output.dense", target) >= target) == (full >= target)

@@ -14,7 +14,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from peft import get_peft_model
 
-from partial_lora.adapters.masked import masked_out_parameters
+from partial_lora.adapters.sparse_delta import apply_random_masking
+from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, factor, lora_layers
 
 
 @dataclass(frozen=True)
@@ -32,12 +33,19 @@ def uses_rank_allocation(method: DictConfig) -> bool:
     return method.peft_config is not None and "total_step" in method.peft_config
 
 
-def adapt(model: torch.nn.Module, method: DictConfig, head_modules: list[str],
-          total_steps: int | None = None) -> torch.nn.Module:
-    """Wrap ``model`` with the method's PEFT adapter (head trainable too), or unfreeze it all for ``full_ft``.
+def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = None) -> torch.nn.Module:
+    """Wrap ``model`` with the method's PEFT adapter (head trainable too), a random sparse delta
+    (``random_masking``), or unfreeze it all for ``full_ft``.
 
     AdaLoRA's warm-up and final phases are configured as fractions of ``total_steps``.
     """
+    method, head_modules = cfg.method, list(cfg.backbone.head_modules)
+    if method.get("sparse_delta"):
+        apply_random_masking(model, cfg.backbone.target_modules, method.sparse_delta.trainable_fraction, cfg.seed)
+        for name, module in model.named_modules():
+            if any(head in name.split(".") for head in head_modules):
+                module.requires_grad_(True)
+        return model
     if method.peft_config is None:
         model.requires_grad_(True)
         return model
@@ -45,7 +53,7 @@ def adapt(model: torch.nn.Module, method: DictConfig, head_modules: list[str],
     if uses_rank_allocation(method):
         schedule = {"total_step": total_steps, "tinit": int(method.schedule.tinit * total_steps),
                     "tfinal": int(method.schedule.tfinal * total_steps)}
-    peft_config = instantiate(method.peft_config, modules_to_save=list(head_modules), **schedule)
+    peft_config = instantiate(method.peft_config, modules_to_save=head_modules, **schedule)
     return get_peft_model(model, peft_config)
 
 
@@ -54,18 +62,42 @@ def _is_head(name: str, head_modules: list[str]) -> bool:
     return any(head in parts for head in head_modules)
 
 
+def _alive_rank(model: torch.nn.Module, layer: torch.nn.Module) -> int:
+    """Rank a layer still uses. Once AdaLoRA has allocated its budget (a rank pattern exists), pruned
+    triplets are those whose singular value it zeroed: counting non-zero ``lora_E`` entries describes the
+    weights at hand, e.g. a checkpoint from before the final allocation, not just the last step."""
+    config = getattr(model, "peft_config", {}).get(ADAPTER)
+    if hasattr(layer, "lora_E") and getattr(config, "rank_pattern", None):
+        return int(torch.count_nonzero(layer.lora_E[ADAPTER]))
+    return layer.r[ADAPTER]
+
+
 def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> ParameterCounts:
     """Trainable parameters, split into adapter (everything outside the head) and classifier head.
 
-    A masked adapter counts ``rank * (kept rows + kept columns)`` per layer (SPEC 1).
+    Low-rank factors are counted by formula: ``rank * (kept rows + kept columns)`` per layer (SPEC 1),
+    plus AdaLoRA's singular values, with the rank AdaLoRA has left after pruning. Every other trainable
+    tensor (DoRA magnitudes, VeRA scalings, sparse deltas, full fine-tuning) counts whole.
     """
-    adapter = head = 0
+    adapter = unmasked = 0
+    counted_by_formula = set()
+    for name, layer in lora_layers(model).items():
+        rank = _alive_rank(model, layer)
+        rows = int(getattr(layer, ROW_MASK).sum()) if hasattr(layer, ROW_MASK) else layer.out_features
+        cols = int(getattr(layer, COL_MASK).sum()) if hasattr(layer, COL_MASK) else layer.in_features
+        singular_values = rank if hasattr(layer, "lora_E") else 0
+        adapter += rank * (rows + cols) + singular_values
+        unmasked += rank * (layer.out_features + layer.in_features) + singular_values
+        counted_by_formula |= {id(factor(layer, "lora_A")), id(factor(layer, "lora_B"))}
+        if hasattr(layer, "lora_E"):
+            counted_by_formula.add(id(layer.lora_E[ADAPTER]))
+    head = 0
     for name, parameter in model.named_parameters():
-        if not parameter.requires_grad:
+        if not parameter.requires_grad or id(parameter) in counted_by_formula:
             continue
         if _is_head(name, head_modules):
             head += parameter.numel()
         else:
             adapter += parameter.numel()
-    masked_out = masked_out_parameters(model)
-    return ParameterCounts(adapter=adapter - masked_out, head=head, unmasked_adapter=adapter)
+            unmasked += parameter.numel()
+    return ParameterCounts(adapter=adapter, head=head, unmasked_adapter=unmasked)

@@ -72,16 +72,6 @@ def masked_layers(model: torch.nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, layer
 
 
-def masked_out_parameters(model: torch.nn.Module) -> int:
-    """Entries of A and B that masks hold at zero: they neither train nor count (SPEC 1)."""
-    total = 0
-    for _, layer in masked_layers(model):
-        rank = layer.r[ADAPTER]
-        row, col = getattr(layer, ROW_MASK), getattr(layer, COL_MASK)
-        total += rank * (int((~row).sum()) + int((~col).sum()))
-    return total
-
-
 def kept_fractions(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     return {name: {"row": float(getattr(layer, ROW_MASK).float().mean()),
                    "col": float(getattr(layer, COL_MASK).float().mean())}

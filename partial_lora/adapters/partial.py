@@ -25,8 +25,10 @@ def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
 
 
 def batch_accuracy(model: torch.nn.Module, batches: list[Batch],
-                   blocks_path: str | None = None) -> Callable[[str | None], float]:
+                   blocks_path: str | None = None) -> Callable[[str | None, float | None], float]:
     """Accuracy of ``model`` (in eval mode) on the derivation set, as Algorithm 1 measures it.
+
+    Given a ``target``, evaluation may stop early and return a bound on the same side of it.
 
     With ``blocks_path`` (the backbone's sequence of blocks, relative to the PEFT-wrapped model), the
     blocks before the searched layer's are replayed from a recording instead of recomputed.
@@ -36,14 +38,22 @@ def batch_accuracy(model: torch.nn.Module, batches: list[Batch],
         replay = PrefixReplay(model.base_model.model.get_submodule(blocks_path), batches,
                               lambda batch: _logits(model, batch))
 
+    total = sum(len(batch["labels"]) for batch in batches)
+
     @torch.inference_mode()
-    def accuracy(layer: str | None) -> float:
-        correct = total = 0
+    def accuracy(layer: str | None, target: float | None = None) -> float:
+        correct = seen = 0
         start = 0 if replay is None or layer is None else replay.block_of(layer, blocks_path)
         with nullcontext() if replay is None else replay.starting_at(start):
             for batch in (batches if replay is None else replay.batches_in_order()):
                 correct += int((_logits(model, batch).argmax(dim=-1) == batch["labels"]).sum())
-                total += len(batch["labels"])
+                seen += len(batch["labels"])
+                if target is not None:
+                    # Stop once the comparison with the target is settled, whatever the rest holds.
+                    if (correct + total - seen) / total < target:
+                        return (correct + total - seen) / total
+                    if correct / total >= target:
+                        return correct / total
         return correct / total
 
     return accuracy

@@ -28,6 +28,16 @@ def trainable_head(model: torch.nn.Module, head_modules: list[str]) -> torch.nn.
     return found[-1]
 
 
+def _pooled(features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Per-example head inputs. Decoder classifiers (LLaMA) apply the head to every token and keep the
+    last real one's logits, so a 3-D input is reduced to that token (left or right padding alike)."""
+    if features.dim() == 2:
+        return features
+    mask = batch["attention_mask"]
+    last = mask.shape[1] - 1 - mask.flip(dims=[1]).argmax(dim=1)
+    return features[torch.arange(features.shape[0]), last]
+
+
 @contextmanager
 def probed_head(model: torch.nn.Module, head_modules: list[str], batches: list[dict[str, torch.Tensor]],
                 run_batch: Callable[[Any], Any], steps: int, lr: float = 1e-2) -> Iterator[None]:
@@ -40,7 +50,7 @@ def probed_head(model: torch.nn.Module, head_modules: list[str], batches: list[d
                 run_batch(batch)
     finally:
         handle.remove()
-    inputs = torch.cat([f.reshape(-1, f.shape[-1]) for f in features]).clone()
+    inputs = torch.cat([_pooled(f, batch) for f, batch in zip(features, batches)]).clone()
     labels = torch.cat([batch["labels"] for batch in batches])
     initial = {name: value.detach().clone() for name, value in head.state_dict().items()}
     weight = initial["weight"].clone().requires_grad_(True)

@@ -62,17 +62,18 @@ def largest_removable(size: int, passes: Callable[[int], bool], search: str, ste
 
 @torch.no_grad()
 def derive_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores],
-                  accuracy: Callable[[str | None], float], tau: float, search: str = "binary",
+                  accuracy: Callable[[str | None, float | None], float], tau: float, search: str = "binary",
                   step: int = 1, progress: bool = True) -> tuple[float, dict[str, LayerCounts]]:
     """Run Algorithm 1 on every weight; returns the baseline accuracy and each layer's kept counts.
 
-    ``accuracy(name)`` evaluates the model while layer ``name`` is modified (``None``: the baseline),
-    which lets it skip work that layer cannot affect. Each evaluation zeroes the chosen rows
+    ``accuracy(name, target)`` evaluates the model while layer ``name`` is modified (``None``: the
+    baseline), which lets it skip work that layer cannot affect; it may return early with any value on
+    the same side of ``target``. Each evaluation zeroes the chosen rows
     (columns) of the weight in place and restores them after.
     """
     if not 0 < tau <= 1:
         raise ConfigError(f"ratios.threshold must lie in (0, 1], got {tau!r}.")
-    baseline = accuracy(None)
+    baseline = accuracy(None, None)
     target = tau * baseline
     counts: dict[str, LayerCounts] = {}
     total_calls = 1
@@ -89,7 +90,7 @@ def derive_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScore
                 saved = view[chosen].clone()
                 view[chosen] = 0
                 try:
-                    return accuracy(name) >= target
+                    return accuracy(name, target) >= target
                 finally:
                     view[chosen] = saved
 

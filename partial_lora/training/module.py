@@ -23,7 +23,7 @@ class ClassificationModule(L.LightningModule):
     """
 
     def __init__(self, model: torch.nn.Module, num_labels: int, metric: str,
-                 optimizer: Callable[..., torch.optim.Optimizer]) -> None:
+                 optimizer: Callable[[torch.nn.Module], torch.optim.Optimizer]) -> None:
         super().__init__()
         # from_pretrained leaves models in eval mode and Lightning keeps submodule modes: enable dropout.
         self.model = model.train()
@@ -54,8 +54,7 @@ class ClassificationModule(L.LightningModule):
         self._evaluate(batch, self.test_metric, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:
-        trainable = [parameter for parameter in self.parameters() if parameter.requires_grad]
-        optimizer = self.optimizer_factory(trainable)
+        optimizer = self.optimizer_factory(self.model)
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
             optimizer, T_max=max(1, int(self.trainer.estimated_stepping_batches)))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

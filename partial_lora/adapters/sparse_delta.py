@@ -1,0 +1,65 @@
+"""Random element masking (Xu & Zhang, 2024; the paper's "Masking" baseline, Table 1).
+
+A sparse trainable update on the pretrained weights themselves: a fixed random set of entries of each
+targeted ``W`` trains, the rest never does, with no low-rank factors. Written here because PEFT's
+closest method, SHiRA, ties the number of trainable entries to a LoRA rank (``r * (m + n)`` per layer,
+at least ``m + n``), which cannot express the paper's 0.001% of a 7B model (68K entries) over 64
+matrices of 4096 x 4096; here the budget is a fraction of the whole model, split over the targeted
+layers in proportion to their size.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch.nn.functional import linear
+
+from partial_lora.errors import ConfigError
+from partial_lora.masks import layer_generator
+
+
+class SparseDeltaLinear(torch.nn.Module):
+    """``y = W x + b + D x`` where ``D`` is zero except at ``indices`` (flat positions in ``W``)."""
+
+    def __init__(self, base: torch.nn.Linear, indices: torch.Tensor) -> None:
+        super().__init__()
+        self.base = base
+        self.register_buffer("indices", indices)
+        self.values = torch.nn.Parameter(torch.zeros(indices.numel(), dtype=base.weight.dtype,
+                                                     device=base.weight.device))
+
+    def delta(self) -> torch.Tensor:
+        flat = torch.zeros(self.base.weight.numel(), dtype=self.values.dtype, device=self.values.device)
+        return flat.index_put((self.indices,), self.values).view_as(self.base.weight)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return self.base(inputs) + linear(inputs, self.delta())
+
+
+def apply_random_masking(model: torch.nn.Module, target_modules: str, trainable_fraction: float,
+                         seed: int) -> dict[str, int]:
+    """Freeze ``model`` and give each targeted linear layer a random sparse trainable delta.
+
+    ``trainable_fraction`` is relative to all parameters of ``model`` (the paper's "0.001%"); returns
+    the number of trainable entries per layer.
+    """
+    if not 0 < trainable_fraction <= 1:
+        raise ConfigError(f"method.sparse_delta.trainable_fraction must lie in (0, 1], got {trainable_fraction!r}.")
+    targets = {name: module for name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and re.fullmatch(target_modules, name)}
+    if not targets:
+        raise ConfigError(f"no linear layer matches the backbone's target_modules {target_modules!r}.")
+    budget = trainable_fraction * sum(parameter.numel() for parameter in model.parameters())
+    targeted = sum(module.weight.numel() for module in targets.values())
+    model.requires_grad_(False)
+    entries = {}
+    for name, module in targets.items():
+        size = module.weight.numel()
+        count = min(size, max(1, round(budget * size / targeted)))
+        chosen = torch.randperm(size, generator=layer_generator(seed, name))[:count]
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child,
+                SparseDeltaLinear(module, chosen.sort().values.to(module.weight.device)))
+        entries[name] = count
+    return entries
