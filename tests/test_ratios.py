@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
+from partial_lora.adapters import adapt
+from partial_lora.adapters.masked import base_weights
+from partial_lora.adapters.partial import batch_accuracy
+from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.importance import svd_scores
-from partial_lora.ratios import derive_counts, largest_removable
+from partial_lora.ratios import PrefixReplay, derive_counts, largest_removable
+from partial_lora.ratios.probe import probed_head
+from tests.conftest import compose_config
 
 
 @pytest.mark.parametrize("size, limit, step", [(10, 0, 1), (10, 4, 1), (10, 10, 1), (37, 20, 3), (37, 37, 5), (1, 1, 1)])
@@ -59,21 +65,22 @@ def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
     assert linear["hidden"].k_row == linear["hidden"].k_col == size - 4
 
 
-def test_prefix_replay_gives_the_full_forward_outputs_of_a_modified_layer():
-    from partial_lora.adapters import adapt
-    from partial_lora.adapters.masked import base_weights
-    from partial_lora.backbones import build_backbone
-    from partial_lora.ratios import PrefixReplay
-    from tests.conftest import compose_config
-
+def tiny_model_and_batches(count: int, size: int):
+    """A random tiny BERT under LoRA (eval mode) and ``count`` labelled random batches of ``size``."""
     cfg = compose_config("backbone=tiny_bert")
     torch.manual_seed(0)
     built = build_backbone(cfg.backbone, num_labels=2)
     model = adapt(built.model, cfg).eval()
-    generator = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(1, 1000, (4, 10), generator=generator),
-                "attention_mask": torch.ones(4, 10, dtype=torch.long)} for _ in range(3)]
-    logits = lambda batch: model(**batch).logits  # noqa: E731
+    generator = torch.Generator().manual_seed(1)
+    batches = [{"input_ids": torch.randint(1, 1000, (size, 8), generator=generator),
+                "attention_mask": torch.ones(size, 8, dtype=torch.long),
+                "labels": torch.randint(0, 2, (size,), generator=generator)} for _ in range(count)]
+    return cfg, model, batches
+
+
+def test_prefix_replay_gives_the_full_forward_outputs_of_a_modified_layer():
+    cfg, model, batches = tiny_model_and_batches(3, 4)
+    logits = lambda batch: model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # noqa: E731
     replay = PrefixReplay(model.base_model.model.get_submodule(cfg.backbone.blocks), batches, logits)
     name = "bert.encoder.layer.1.intermediate.dense"
     assert replay.block_of(name, cfg.backbone.blocks) == 1
@@ -91,8 +98,6 @@ def test_prefix_replay_gives_the_full_forward_outputs_of_a_modified_layer():
 
 
 def test_probed_head_fits_the_derivation_set_and_is_restored():
-    from partial_lora.ratios.probe import probed_head
-
     torch.manual_seed(0)
     features = torch.randn(64, 8)
     labels = (features[:, 0] > 0).long()
@@ -112,19 +117,7 @@ def test_probed_head_fits_the_derivation_set_and_is_restored():
 
 
 def test_early_stopping_evaluation_decides_like_the_full_one():
-    from partial_lora.adapters import adapt
-    from partial_lora.adapters.partial import batch_accuracy
-    from partial_lora.backbones import build_backbone
-    from tests.conftest import compose_config
-
-    cfg = compose_config("backbone=tiny_bert")
-    torch.manual_seed(0)
-    built = build_backbone(cfg.backbone, num_labels=2)
-    model = adapt(built.model, cfg).eval()
-    generator = torch.Generator().manual_seed(1)
-    batches = [{"input_ids": torch.randint(1, 1000, (5, 8), generator=generator),
-                "attention_mask": torch.ones(5, 8, dtype=torch.long),
-                "labels": torch.randint(0, 2, (5,), generator=generator)} for _ in range(6)]
+    cfg, model, batches = tiny_model_and_batches(6, 5)
     for blocks in (None, cfg.backbone.blocks):
         accuracy = batch_accuracy(model, batches, blocks)
         full = accuracy(None, None)
