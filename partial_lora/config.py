@@ -32,6 +32,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rank must be an integer >= 1, got {cfg.rank!r}.")
     if not isinstance(cfg.lr, (int, float)) or cfg.lr <= 0:
         raise ConfigError(f"lr must be a number > 0, got {cfg.lr!r}.")
+    image_data, image_backbone = cfg.dataset.kind == "vision", cfg.backbone.get("kind", "text") == "clip"
+    if image_data != image_backbone:
+        raise ConfigError(f"dataset {cfg.dataset.name} holds {'images' if image_data else 'text'} but backbone "
+                          f"{cfg.backbone.name} reads {'images' if image_backbone else 'text'}: pick a matching pair.")
     method = cfg.method
     if method.get("mask") and (method.peft_config is None
                                or method.peft_config._target_ not in ("peft.LoraConfig", "peft.AdaLoraConfig")):

@@ -21,11 +21,21 @@ from partial_lora.adapters import (
     save_adapter,
     uses_rank_allocation,
 )
-from partial_lora.backbones import build_backbone
+from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate
-from partial_lora.data import GlueDataModule
+from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
 from partial_lora.results import config_hash, environment, write_record
 from partial_lora.training import AdaLoraBudget, ClassificationModule
+
+
+def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
+    """Text backbones tokenise the data; image backbones need the data's class names for their head."""
+    loader = {"batch_size": cfg.train.batch_size, "data_seed": cfg.data_seed, "num_workers": cfg.train.num_workers}
+    if cfg.dataset.kind == "vision":
+        datamodule = VisionDataModule(cfg.dataset, cfg.backbone.image_size, cfg.data_dir, **loader)
+        return build_backbone(cfg.backbone, cfg.dataset.num_labels, datamodule.class_names()), datamodule
+    backbone = build_backbone(cfg.backbone, num_labels=cfg.dataset.num_labels)
+    return backbone, GlueDataModule(cfg.dataset, backbone.tokenizer, cfg.data_dir, **loader)
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -34,9 +44,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
 
-    backbone = build_backbone(cfg.backbone, num_labels=cfg.dataset.num_labels)
-    datamodule = GlueDataModule(cfg.dataset, backbone.tokenizer, cfg.data_dir, batch_size=cfg.train.batch_size,
-                                data_seed=cfg.data_seed, num_workers=cfg.train.num_workers)
+    backbone, datamodule = backbone_and_data(cfg)
     rank_allocation = uses_rank_allocation(cfg.method)
     total_steps = None
     if rank_allocation:

@@ -66,7 +66,8 @@ def derivation_inputs(cfg: DictConfig, examples: int) -> dict:
         "dataset": cfg.dataset.name,
         "data_seed": cfg.data_seed,
         "examples": examples,
-        "max_length": cfg.dataset.max_length,
+        "max_length": cfg.dataset.get("max_length"),
+        "shots": cfg.dataset.get("shots"),
         "importance": cfg.importance.name,
         "top_k": cfg.importance.get("top_k"),
         "flow": cfg.importance.flow,
@@ -106,7 +107,7 @@ def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch],
                     yield lambda batch=batch: cross_entropy(_logits(model, batch), batch["labels"])
 
             head = nullcontext()
-            if cfg.ratios.probe_head_steps:
+            if cfg.ratios.probe_head_steps and not cfg.backbone.get("zero_shot_head"):
                 head = probed_head(model, head_modules, batches, lambda batch: _logits(model, batch),
                                    steps=cfg.ratios.probe_head_steps)
             with head:

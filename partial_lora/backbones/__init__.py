@@ -1,5 +1,19 @@
 """Pretrained backbones with a classification head, built from their config group."""
 
-from partial_lora.backbones.text import Backbone, build_backbone
+from __future__ import annotations
+
+from omegaconf import DictConfig
+
+from partial_lora.backbones.base import Backbone
+from partial_lora.backbones.clip import build_clip_backbone
+from partial_lora.backbones.text import build_text_backbone
+
+
+def build_backbone(cfg: DictConfig, num_labels: int, class_names: list[str] | None = None) -> Backbone:
+    """Text classifiers (transformers) or CLIP image classifiers (open_clip, head from ``class_names``)."""
+    if cfg.get("kind", "text") == "clip":
+        return build_clip_backbone(cfg, class_names)
+    return build_text_backbone(cfg, num_labels)
+
 
 __all__ = ["Backbone", "build_backbone"]

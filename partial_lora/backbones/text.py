@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from omegaconf import DictConfig, OmegaConf
-from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as transformers_logging
+
+from partial_lora.backbones.base import Backbone
 
 # A fresh classification head is expected here; transformers' per-weight load report is noise in run logs.
 transformers_logging.set_verbosity_error()
 
 
-@dataclass
-class Backbone:
-    """A classifier whose ``head_modules`` are trained by every method and excluded from adapter counts."""
-
-    model: torch.nn.Module
-    tokenizer: PreTrainedTokenizerBase
-    head_modules: list[str]
-
-
-def build_backbone(cfg: DictConfig, num_labels: int) -> Backbone:
+def build_text_backbone(cfg: DictConfig, num_labels: int) -> Backbone:
     """Load ``cfg.name_or_path`` with pretrained weights, or build its architecture randomly initialised.
 
     ``pretrained=false`` keeps the real (or overridden, for tests) shapes without any weight file, which

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 from datasets import Dataset, DatasetDict, load_dataset
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
 from partial_lora.config import DATA_DIR_ENV
+from partial_lora.data.base import SplitDataModule
 from partial_lora.errors import DataError
 
 HUB_DATASET = "nyu-mll/glue"
@@ -44,20 +44,16 @@ def load_glue_splits(task: str, data_dir: str | None) -> DatasetDict:
     return DatasetDict({split: splits[split] for split in SPLITS})
 
 
-class GlueDataModule(L.LightningDataModule):
+class GlueDataModule(SplitDataModule):
     """Tokenised GLUE splits: ``train`` (optionally capped), ``val`` (held out of train), ``test`` (official dev)."""
 
     def __init__(self, dataset: DictConfig, tokenizer: PreTrainedTokenizerBase, data_dir: str | None,
                  batch_size: int, data_seed: int, num_workers: int = 0) -> None:
-        super().__init__()
+        super().__init__(batch_size, DataCollatorWithPadding(tokenizer), num_workers)
         self.cfg = dataset
         self.tokenizer = tokenizer
         self.data_dir = data_dir
-        self.batch_size = batch_size
         self.data_seed = data_seed
-        self.num_workers = num_workers
-        self.collate = DataCollatorWithPadding(tokenizer)
-        self.splits: dict[str, Dataset] = {}
         self.derivation_pool: Dataset | None = None
 
     def setup(self, stage: str | None = None) -> None:
@@ -87,11 +83,6 @@ class GlueDataModule(L.LightningDataModule):
         return split.map(encode, batched=True, remove_columns=split.column_names,
                          load_from_cache_file=False, desc=f"tokenise {self.cfg.task}")
 
-    def steps_per_epoch(self) -> int:
-        """Optimiser steps in one epoch on one device."""
-        self.setup()
-        return -(-len(self.splits["train"]) // self.batch_size)
-
     def derivation_batches(self, fraction: float, max_examples: int | None, batch_size: int) -> list[dict]:
         """Algorithm 1's labelled sample: ``fraction`` of the train split (paper: 2% small, 5% large tasks),
         at most ``max_examples``, drawn with the data seed from rows that are neither validation nor test."""
@@ -105,15 +96,3 @@ class GlueDataModule(L.LightningDataModule):
         loader = DataLoader(sample.select(by_length), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
         return list(loader)
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
-        return DataLoader(self.splits[name], batch_size=self.batch_size, shuffle=shuffle,
-                          collate_fn=self.collate, num_workers=self.num_workers)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)
