@@ -1,0 +1,49 @@
+"""Run records -> the paper's protocol numbers (SPEC 5).
+
+The paper trains 20 models per method and dataset (seeds x learning rates) and reports the mean test
+metric of the 5 with the best validation score. Records are grouped by everything that defines a
+method's setting, never by seed or learning rate, which are what the protocol selects over.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+
+GROUP_KEYS = ["backbone", "dataset", "method", "importance", "rank"]
+
+
+def load_records(directory: str | Path) -> pd.DataFrame:
+    """One row per finished run record under ``directory`` (recursively)."""
+    rows = []
+    for path in sorted(Path(directory).rglob("*.json")):
+        record = json.loads(path.read_text())
+        if record.get("status") != "finished":
+            continue
+        rows.append({
+            "backbone": record["backbone"], "dataset": record["dataset"], "method": record["method"],
+            "importance": record["config"]["importance"]["name"], "rank": record["rank"],
+            "seed": record["seed"], "lr": record["lr"], "val": record["best_val"], "test": record["test"],
+            "params": record["params"]["adapter"], "unmasked_params": record["params"]["unmasked_adapter"],
+            "path": str(path),
+        })
+    return pd.DataFrame(rows, columns=GROUP_KEYS + ["seed", "lr", "val", "test", "params", "unmasked_params",
+                                                    "path"])
+
+
+def protocol_summary(records: pd.DataFrame, top_k: int = 5) -> pd.DataFrame:
+    """Per setting: mean and std of the test metric over the ``top_k`` runs with the best validation score,
+    the number of runs, and the mean trainable adapter parameters of those runs."""
+
+    def best(group: pd.DataFrame) -> pd.Series:
+        chosen = group.sort_values(["val", "seed"], ascending=[False, True]).head(top_k)
+        return pd.Series({"test_mean": chosen["test"].mean(), "test_std": chosen["test"].std(ddof=0),
+                          "val_mean": chosen["val"].mean(), "runs": len(group), "selected": len(chosen),
+                          "params": chosen["params"].mean(), "unmasked_params": chosen["unmasked_params"].mean()})
+
+    if records.empty:
+        return pd.DataFrame(columns=GROUP_KEYS)
+    summary = records.groupby(GROUP_KEYS, dropna=False).apply(best, include_groups=False).reset_index()
+    return summary.astype({"runs": int, "selected": int}).round({"params": 0, "unmasked_params": 0})
