@@ -23,7 +23,12 @@ from partial_lora.errors import DataError
 from partial_lora.pipeline import run
 from tests.conftest import CONF, compose_config
 
-VISION_DATASETS = ["pets", "flowers", "cifar10", "cifar100", "fer2013", "gtsrb", "fgvc", "imagenet"]
+TORCHVISION_CLASSES = {"pets": "OxfordIIITPet", "flowers": "Flowers102", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
+                       "fer2013": "FER2013", "gtsrb": "GTSRB", "fgvc": "FGVCAircraft", "imagenet": "ImageNet"}
+VISION_DATASETS = list(TORCHVISION_CLASSES)
+TEST_SPLITS = {"pets": {"split": "test"}, "flowers": {"split": "test"}, "cifar10": {"train": False},
+               "cifar100": {"train": False}, "fer2013": {"split": "test"}, "gtsrb": {"split": "test"},
+               "fgvc": {"split": "test"}, "imagenet": {"split": "val"}}
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -82,6 +87,9 @@ def test_few_shot_split_draws_k_per_class_disjoint_and_reproducibly():
 def test_torchvision_dataset_configs_fit_their_class(name):
     cfg = compose_config(f"dataset={name}", "backbone=clip_tiny").dataset
     cls = get_class(cfg.torchvision_class)
+    assert cls.__name__ == TORCHVISION_CLASSES[name]
+    test_args = OmegaConf.to_container(cfg.test_args, resolve=True)
+    assert {key: test_args[key] for key in TEST_SPLITS[name]} == TEST_SPLITS[name]
     for split in ("train", "val", "test"):
         if cfg.get(f"{split}_args") is not None:
             inspect.signature(cls).bind(root="unused", **OmegaConf.to_container(cfg[f"{split}_args"], resolve=True))
