@@ -119,6 +119,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     print(
         f"\n{cfg.dataset.name} | {cfg.method.name} (rank {cfg.rank}) | trainable adapter parameters "
         f"{counts.adapter:,} of {counts.unmasked_adapter:,} unmasked (+{counts.head:,} head) | "
-        f"test {cfg.dataset.metric} {record['test']:.2f} (best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"
+        f"{cfg.dataset.get('reported_split', 'test')} {cfg.dataset.metric} {record['test']:.2f} "
+        f"(best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"
     )
     return record
