@@ -86,6 +86,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         adapter_file = save_adapter(model, output_dir / "adapter.safetensors", backbone.head_modules,
                                     metadata={"method": cfg.method.name, "rank": str(cfg.rank)})
 
+    # AdaLoRA prunes ranks while training: the paper reports what is left at the end.
+    final_counts = count_parameters(model, backbone.head_modules)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_id = config_hash(resolved)
     record = {
@@ -98,8 +100,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "method": cfg.method.name,
         "rank": cfg.rank,
         "lr": cfg.lr,
-        # AdaLoRA prunes ranks while training: the paper reports what is left at the end.
-        "params": count_parameters(model, backbone.head_modules).as_dict(),
+        "params": final_counts.as_dict(),
         "params_initial": counts.as_dict(),
         "masks": mask_summary,
         "adapter_file": None if adapter_file is None else str(adapter_file),
@@ -118,7 +119,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     record["path"] = str(path)
     print(
         f"\n{cfg.dataset.name} | {cfg.method.name} (rank {cfg.rank}) | trainable adapter parameters "
-        f"{counts.adapter:,} of {counts.unmasked_adapter:,} unmasked (+{counts.head:,} head) | "
+        f"{final_counts.adapter:,} of {final_counts.unmasked_adapter:,} unmasked (+{final_counts.head:,} head) | "
         f"{cfg.dataset.get('reported_split', 'test')} {cfg.dataset.metric} {record['test']:.2f} "
         f"(best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"
     )
