@@ -14,8 +14,9 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from peft import get_peft_model
 
-from partial_lora.adapters.sparse_delta import apply_random_masking
 from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, factor, lora_layers
+from partial_lora.adapters.sparse_delta import apply_random_masking
+from partial_lora.backbones.base import in_head
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,7 @@ def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = Non
     if method.get("sparse_delta"):
         apply_random_masking(model, cfg.backbone.target_modules, method.sparse_delta.trainable_fraction, cfg.seed)
         for name, module in model.named_modules():
-            if any(head in name.split(".") for head in head_modules):
+            if in_head(name, head_modules):
                 module.requires_grad_(True)
         return model
     if method.peft_config is None:
@@ -55,11 +56,6 @@ def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = Non
                     "tfinal": int(method.schedule.tfinal * total_steps)}
     peft_config = instantiate(method.peft_config, modules_to_save=head_modules, **schedule)
     return get_peft_model(model, peft_config)
-
-
-def _is_head(name: str, head_modules: list[str]) -> bool:
-    parts = name.split(".")
-    return any(head in parts for head in head_modules)
 
 
 def _alive_rank(model: torch.nn.Module, layer: torch.nn.Module) -> int:
@@ -95,7 +91,7 @@ def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> Paramet
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad or id(parameter) in counted_by_formula:
             continue
-        if _is_head(name, head_modules):
+        if in_head(name, head_modules):
             head += parameter.numel()
         else:
             adapter += parameter.numel()

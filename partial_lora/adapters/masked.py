@@ -17,6 +17,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from partial_lora.backbones.base import in_head
 from partial_lora.errors import PartialLoraError
 from partial_lora.masks import LayerMask
 
@@ -89,7 +90,7 @@ def save_adapter(model: torch.nn.Module, path: str | Path, head_modules: list[st
             tensors[f"{name}.row_mask"] = getattr(layer, ROW_MASK).cpu()
             tensors[f"{name}.col_mask"] = getattr(layer, COL_MASK).cpu()
     for name, parameter in model.named_parameters():
-        if parameter.requires_grad and any(head in name.split(".") for head in head_modules):
+        if parameter.requires_grad and in_head(name, head_modules):
             tensors[f"head::{name}"] = parameter.detach().cpu().contiguous()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

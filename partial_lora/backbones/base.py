@@ -15,3 +15,9 @@ class Backbone:
     model: torch.nn.Module
     tokenizer: PreTrainedTokenizerBase | None  # text backbones
     head_modules: list[str]
+
+
+def in_head(name: str, head_modules: list[str]) -> bool:
+    """Whether the dotted module or parameter ``name`` lies under one of the backbone's head modules."""
+    parts = name.split(".")
+    return any(head in parts for head in head_modules)

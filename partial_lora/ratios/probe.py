@@ -17,12 +17,14 @@ from typing import Any
 import torch
 from torch.nn.functional import cross_entropy
 
+from partial_lora.backbones.base import in_head
+
 
 def trainable_head(model: torch.nn.Module, head_modules: list[str]) -> torch.nn.Linear:
     """The last trainable linear layer under the backbone's head modules (PEFT's active copy)."""
     found = [module for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear) and module.weight.requires_grad
-             and any(head in name.split(".") for head in head_modules)]
+             and in_head(name, head_modules)]
     if not found:
         raise ValueError(f"no trainable linear layer under head modules {head_modules}")
     return found[-1]
