@@ -18,6 +18,7 @@ from partial_lora.adapters import (
     count_parameters,
     derive_masks,
     kept_fractions,
+    residual_norms,
     save_adapter,
     uses_rank_allocation,
 )
@@ -81,6 +82,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
     trainer.fit(module, datamodule=datamodule)
     (test,) = trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    if not trainer.is_global_zero:  # under DDP one process writes the adapter and the record
+        return None
     adapter_file = None
     if cfg.method.peft_config is not None:  # the best checkpoint's adapter, as loaded by trainer.test
         adapter_file = save_adapter(model, output_dir / "adapter.safetensors", backbone.head_modules,
@@ -103,6 +106,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "params": final_counts.as_dict(),
         "params_initial": counts.as_dict(),
         "masks": mask_summary,
+        "residual_norms": residual_norms(model),
         "adapter_file": None if adapter_file is None else str(adapter_file),
         "metric": cfg.dataset.metric,
         "best_val": 100 * float(checkpoint.best_model_score),

@@ -10,13 +10,19 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Settings that change where or how verbosely a run reports, not what it computes.
-NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir")
+# Settings that change where or how verbosely a run reports, or which table a sweep renders, not what
+# a run computes: a run shared by several targets (Table 6 and Figure 4) is trained once.
+NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir", "sweep", "protocol")
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """Stable short hash of what a run computes: two runs with the same hash are the same experiment."""
+    """Stable short hash of what a run computes: two runs with the same hash are the same experiment.
+
+    Of the scale only its name counts: its domain lists say what targets sweep, and growing them must
+    not orphan finished runs; its training settings are already in the dataset and train keys."""
     semantic = {key: value for key, value in config.items() if key not in NON_SEMANTIC_KEYS}
+    if isinstance(semantic.get("scale"), dict):
+        semantic["scale"] = semantic["scale"].get("name")
     return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
