@@ -16,6 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
 _BLOCK = re.compile(r"\.(\d+)\.")
 
@@ -35,6 +36,23 @@ def _panels(names: list[str], title: str) -> tuple[Figure, list[plt.Axes]]:
     return figure, list(axes.flat)
 
 
+def _count(value: float, _position: int | None = None) -> str:
+    return f"{value / 1e6:g}M" if value >= 1e6 else f"{value / 1e3:g}K" if value >= 1e3 else f"{value:g}"
+
+
+def _log_parameters(axis: plt.Axes) -> None:
+    """Log x axis of parameter counts, labelled 10K / 1M rather than crowded 2x10^3 minor labels."""
+    axis.set_xscale("log")
+    axis.xaxis.set_major_formatter(FuncFormatter(_count))
+    axis.xaxis.set_minor_formatter(NullFormatter())
+
+
+def _colours(labels: Iterable[str]) -> dict[str, str]:
+    """One colour per method (or series), the same in every panel of a figure."""
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {label: palette[index % len(palette)] for index, label in enumerate(sorted(set(labels)))}
+
+
 def _label(row: pd.Series, series: Iterable[str]) -> str:
     parts = [str(row[key]) for key in series if key in row and str(row[key]) not in ("none", "nan")]
     return " / ".join(parts)
@@ -45,11 +63,13 @@ def tradeoff(summary: pd.DataFrame, title: str, arrows: list[list[str]] = ()) ->
     std as error bar), arrows from a dense method to its Partial variant."""
     datasets = sorted(summary["dataset"].unique())
     figure, axes = _panels(datasets, title)
+    colours = _colours(_label(row, ["method", "importance"]) for _, row in summary.iterrows())
     for axis, dataset in zip(axes, datasets):
         part = summary[summary["dataset"] == dataset]
         for _, row in part.iterrows():
+            label = _label(row, ["method", "importance"])
             axis.errorbar(row["params"], row["test_mean"], yerr=row["test_std"], fmt="o", capsize=3,
-                          label=_label(row, ["method", "importance"]))
+                          label=label, color=colours[label])
         points = part.set_index("method")
         for start, end in arrows:
             if start in points.index and end in points.index:
@@ -57,7 +77,7 @@ def tradeoff(summary: pd.DataFrame, title: str, arrows: list[list[str]] = ()) ->
                 axis.annotate("", xy=(target["params"], target["test_mean"]),
                               xytext=(source["params"], source["test_mean"]),
                               arrowprops={"arrowstyle": "->", "color": "grey"})
-        axis.set_xscale("log")
+        _log_parameters(axis)
         axis.set(title=f"{dataset} ({part['backbone'].iloc[0]})", xlabel="trainable adapter parameters",
                  ylabel="test metric (top-k mean)")
         axis.legend(fontsize=7)
@@ -80,7 +100,9 @@ def curve(summary: pd.DataFrame, title: str, x: str, series: list[str], log_x: b
                 continue
             axis.plot(line[x], line["test_mean"], marker="o", label=name)
             axis.fill_between(line[x].astype(float), line["test_min"], line["test_max"], alpha=0.2)
-        if log_x or x == "params":
+        if x == "params":
+            _log_parameters(axis)
+        elif log_x:
             axis.set_xscale("log")
         axis.set(title=dataset, xlabel=x, ylabel="test metric (top-k)")
         axis.legend(fontsize=7)
