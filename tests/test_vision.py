@@ -155,3 +155,14 @@ def test_language_and_vision_cannot_be_mixed(tiny_cfg):
     with pytest.raises(ConfigError, match="pick a matching pair"):
         run(tiny_cfg)
 
+
+
+def test_whole_training_set_keeps_the_same_validation_shots():
+    """Table 3 trains on every image: shots=None keeps the few-shot run's validation set, trains on the rest."""
+    labels = [label for label in range(5) for _ in range(40)]
+    few_train, few_val = few_shot_split(labels, 16, seed=3)
+    all_train, all_val = few_shot_split(labels, None, seed=3, val_shots=16)
+    assert all_val == few_val and set(few_train) < set(all_train)
+    assert len(all_train) == 5 * (40 - 16) and not set(all_train) & set(all_val)
+    with pytest.raises(DataError, match="val_shots must be >= 1"):
+        few_shot_split(labels, None, seed=3, val_shots=None)

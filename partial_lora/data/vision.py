@@ -26,21 +26,26 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def few_shot_split(labels: Sequence[int], shots: int, seed: int) -> tuple[list[int], list[int]]:
-    """``shots`` indices per class for training and ``shots`` more, disjoint, for validation."""
-    if shots < 1:
-        raise DataError(f"dataset.shots must be >= 1, got {shots}.")
+def few_shot_split(labels: Sequence[int], shots: int | None, seed: int,
+                   val_shots: int | None = None) -> tuple[list[int], list[int]]:
+    """``val_shots`` (default ``shots``) indices per class for validation and ``shots`` more, disjoint, for
+    training; ``shots=None`` trains on every image outside the validation set (Table 3)."""
+    val_shots = shots if val_shots is None else val_shots
+    if val_shots is None or val_shots < 1 or (shots is not None and shots < 1):
+        raise DataError(f"dataset.shots and dataset.val_shots must be >= 1 (shots may be null for the whole "
+                        f"training set), got shots={shots}, val_shots={val_shots}.")
     labels = np.asarray(labels)
     generator = np.random.default_rng(seed)
     train, val = [], []
     for label in np.unique(labels):
         members = np.flatnonzero(labels == label)
-        if len(members) < 2 * shots:
-            raise DataError(f"class {label} has {len(members)} training images, fewer than the {2 * shots} "
-                            f"needed for {shots} training and {shots} validation shots.")
+        needed = val_shots + (shots or 1)
+        if len(members) < needed:
+            raise DataError(f"class {label} has {len(members)} training images, fewer than the {needed} needed "
+                            f"for {shots or 'the remaining'} training and {val_shots} validation shots.")
         chosen = generator.permutation(members)
-        train += chosen[:shots].tolist()
-        val += chosen[shots:2 * shots].tolist()
+        val += chosen[:val_shots].tolist()
+        train += chosen[val_shots:None if shots is None else val_shots + shots].tolist()
     return sorted(train), sorted(val)
 
 
@@ -125,8 +130,8 @@ class VisionDataModule(SplitDataModule):
             except (OSError, KeyError, ValueError) as error:
                 raise DataError(f"{path} is not a readable few-shot .npz ({error}).") from error
             generator = np.random.default_rng(self.data_seed)
-            train_idx = self._per_class(train.labels, generator)
-            val_idx = self._per_class(val.labels, generator)
+            train_idx = self._per_class(train.labels, generator, self.cfg.shots)
+            val_idx = self._per_class(val.labels, generator, self.cfg.val_shots)
             return train, train_idx, val, val_idx, test, names
         cls = get_class(self.cfg.torchvision_class)
         root = self._root() / self.cfg.name
@@ -144,19 +149,21 @@ class VisionDataModule(SplitDataModule):
         if "val" in pools:  # a dataset with its own validation split (Flowers102: 10 images per class each)
             generator = np.random.default_rng(self.data_seed)
             val = pools["val"]
-            return (train, self._per_class(np.asarray(dataset_labels(train)), generator), val,
-                    self._per_class(np.asarray(dataset_labels(val)), generator), test, names)
-        train_idx, val_idx = few_shot_split(dataset_labels(train), self.cfg.shots, self.data_seed)
+            return (train, self._per_class(np.asarray(dataset_labels(train)), generator, self.cfg.shots), val,
+                    self._per_class(np.asarray(dataset_labels(val)), generator, self.cfg.val_shots), test, names)
+        train_idx, val_idx = few_shot_split(dataset_labels(train), self.cfg.shots, self.data_seed,
+                                            self.cfg.val_shots)
         return train, train_idx, train, val_idx, test, names
 
-    def _per_class(self, labels: np.ndarray, generator: np.random.Generator) -> list[int]:
-        """The first ``shots`` of each class after a seeded shuffle (files may hold more than asked)."""
+    def _per_class(self, labels: np.ndarray, generator: np.random.Generator, count: int | None) -> list[int]:
+        """The first ``count`` of each class after a seeded shuffle (files may hold more than asked); all of
+        them for ``None``."""
         chosen = []
         for label in np.unique(labels):
             members = generator.permutation(np.flatnonzero(labels == label))
-            if len(members) < self.cfg.shots:
-                raise DataError(f"class {label} has {len(members)} images, fewer than dataset.shots={self.cfg.shots}.")
-            chosen += members[: self.cfg.shots].tolist()
+            if count is not None and len(members) < count:
+                raise DataError(f"class {label} has {len(members)} images, fewer than the {count} per class asked.")
+            chosen += members[:count].tolist()
         return sorted(chosen)
 
     def class_names(self) -> list[str]:
