@@ -24,8 +24,9 @@ from partial_lora.adapters import (
 from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
-from partial_lora.results import config_hash, environment, write_record
-from partial_lora.training import AdaLoraBudget, ClassificationModule
+from partial_lora.errors import TrainingDiverged
+from partial_lora.results import RunSlot, config_hash, environment, write_record
+from partial_lora.training import AdaLoraBudget, ClassificationModule, FiniteLoss, RngState
 
 
 def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
@@ -39,8 +40,28 @@ def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Train and test one model as configured; return its record (``None`` for ``dry_run``)."""
+    """Train and test one model as configured; return its record (``None`` for ``dry_run``).
+
+    A run that already has a record returns it untrained, one that another process is training
+    returns ``None``, and a half-finished one resumes from its last checkpoint (see ``results/store.py``).
+    """
     validate(cfg)
+    if cfg.dry_run:
+        return _run(cfg, None)
+    slot = RunSlot(config_hash(OmegaConf.to_container(cfg, resolve=True)), Path(cfg.results_dir),
+                   Path(cfg.checkpoint.dir))
+    with slot.claim() as claimed:
+        if not claimed:
+            print(f"run {slot.run_id} is being trained by another process (lock {slot.lock_file}): skipped")
+            return None
+        record = slot.record()
+        if record is not None:
+            print(f"run {slot.run_id} already has a {record['status']} record: {record['path']} (skipped)")
+            return record
+        return _run(cfg, slot)
+
+
+def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
 
@@ -72,14 +93,29 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     module = ClassificationModule(model, num_labels=cfg.dataset.num_labels, metric=cfg.dataset.metric,
                                   optimizer=instantiate(cfg.method.optimizer))
     output_dir = Path(cfg.output_dir)
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", monitor="val/metric", mode="max",
+    checkpoint = ModelCheckpoint(dirpath=slot.checkpoints, monitor="val/metric", mode="max",
                                  save_top_k=1, save_last=True)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    callbacks = [checkpoint, AdaLoraBudget()] if rank_allocation else [checkpoint]
+    callbacks = [checkpoint, RngState(), FiniteLoss()] + ([AdaLoraBudget()] if rank_allocation else [])
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
-    trainer.fit(module, datamodule=datamodule)
+    resume = slot.resume_from()
+    if resume is not None:
+        print(f"resuming run {slot.run_id} from {resume}")
+    identity = {"run_id": slot.run_id, "config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
+               "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "method": cfg.method.name,
+               "rank": cfg.rank, "lr": cfg.lr}
+    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{cfg.method.name}_r{cfg.rank}_s{cfg.seed}_{slot.run_id}"
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    except TrainingDiverged as failure:
+        record = identity | {"status": "failed", "reason": str(failure), "step": failure.step,
+                            "wall_time_s": time.perf_counter() - started, "environment": environment()}
+        record["path"] = str(write_record(record, cfg.results_dir, name))
+        _finish(cfg, slot)
+        print(f"\nrun {slot.run_id} failed: {failure}\nrun record: {record['path']}")
+        return record
     (test,) = trainer.test(module, datamodule=datamodule, ckpt_path="best")
     adapter_file = None
     if cfg.method.peft_config is not None:  # the best checkpoint's adapter, as loaded by trainer.test
@@ -88,18 +124,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
     # AdaLoRA prunes ranks while training: the paper reports what is left at the end.
     final_counts = count_parameters(model, backbone.head_modules)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    run_id = config_hash(resolved)
-    record = {
-        "run_id": run_id,
+    record = identity | {
         "status": "finished",
-        "config": resolved,
-        "seed": cfg.seed,
-        "backbone": cfg.backbone.name,
-        "dataset": cfg.dataset.name,
-        "method": cfg.method.name,
-        "rank": cfg.rank,
-        "lr": cfg.lr,
         "params": final_counts.as_dict(),
         "params_initial": counts.as_dict(),
         "masks": mask_summary,
@@ -114,9 +140,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     }
     if logger:
         logger.log_metrics({"record/best_val": record["best_val"], "record/test": record["test"]})
-    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{cfg.method.name}_r{cfg.rank}_s{cfg.seed}_{run_id}"
     path = write_record(record, cfg.results_dir, name)
     record["path"] = str(path)
+    _finish(cfg, slot)
     print(
         f"\n{cfg.dataset.name} | {cfg.method.name} (rank {cfg.rank}) | trainable adapter parameters "
         f"{final_counts.adapter:,} of {final_counts.unmasked_adapter:,} unmasked (+{final_counts.head:,} head) | "
@@ -124,3 +150,9 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         f"(best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"
     )
     return record
+
+
+def _finish(cfg: DictConfig, slot: RunSlot) -> None:
+    """Once the record is written, the checkpoints have served resumption (``checkpoint.keep`` keeps them)."""
+    if not cfg.checkpoint.keep:
+        slot.discard_checkpoints()

@@ -10,14 +10,29 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Settings that change where or how verbosely a run reports, not what it computes.
-NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir")
+# Settings (dotted paths) that change where a run reads or writes, or how verbosely it reports, not what it
+# computes: a relaunched sweep must find its runs under the same id wherever its files and data live.
+NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir", "data_dir", "checkpoint",
+                     "ratios.cache_dir", "ratios.progress", "train.num_workers", "trainer.default_root_dir",
+                     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
+
+
+def _without(config: dict[str, Any], dotted: str) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    if head not in config:
+        return config
+    if not rest:
+        return {key: value for key, value in config.items() if key != head}
+    if not isinstance(config[head], dict):
+        return config
+    return config | {head: _without(config[head], rest)}
 
 
 def config_hash(config: dict[str, Any]) -> str:
     """Stable short hash of what a run computes: two runs with the same hash are the same experiment."""
-    semantic = {key: value for key, value in config.items() if key not in NON_SEMANTIC_KEYS}
-    return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    for dotted in NON_SEMANTIC_KEYS:
+        config = _without(config, dotted)
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _git_commit() -> str | None:

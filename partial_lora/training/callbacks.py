@@ -1,10 +1,15 @@
-"""Callbacks that adapters need from the training loop."""
+"""Callbacks that adapters and reliable runs need from the training loop."""
 
 from __future__ import annotations
 
+import random
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
+
+from partial_lora.errors import TrainingDiverged
 
 
 class AdaLoraBudget(L.Callback):
@@ -17,3 +22,43 @@ class AdaLoraBudget(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         pl_module.model.base_model.update_and_allocate(trainer.global_step)
+
+
+class FiniteLoss(L.Callback):
+    """Stop at the first NaN or infinite training loss, before it reaches the weights.
+
+    Lightning's ``EarlyStopping(check_finite=True)`` only looks at epoch ends and stops quietly; a run
+    record must say that, and at which step, the run failed.
+    """
+
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
+        if not torch.isfinite(loss).all():
+            raise TrainingDiverged(f"the training loss became {loss.item()} at step {trainer.global_step}; "
+                                   "a smaller lr usually avoids it.", step=trainer.global_step)
+
+
+class RngState(L.Callback):
+    """Save the global random generators in every checkpoint and restore them on resume.
+
+    Lightning checkpoints hold model, optimiser, scheduler and loop state but not the generators that
+    draw dropout and the next epoch's shuffling, so without this a resumed run takes a different path
+    from an uninterrupted one. Stored as tensors and lists so the checkpoint loads with ``weights_only``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss_next = random.getstate()
+        kind, keys, position, has_gauss, gauss = np.random.get_state()
+        state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss_next],
+                 "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        torch.set_rng_state(state["torch"])
+        version, internal, gauss_next = state["python"]
+        random.setstate((version, tuple(internal), gauss_next))
+        kind, keys, position, has_gauss, gauss = state["numpy"]
+        np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda"])
