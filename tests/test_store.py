@@ -103,3 +103,81 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(longer_glue_dir: P
     actual = trainable_state(killed / "checkpoints" / resumed["run_id"] / "last.ckpt")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_a_recorded_run_is_skipped_and_a_locked_one_left_to_its_owner(tiny_cfg, tmp_path: Path, capsys):
+    first = run(tiny_cfg)
+    assert not any((tmp_path / "checkpoints").iterdir())  # checkpoint.keep=false: cleaned once recorded
+    again = run(tiny_cfg)
+    assert again == first
+    assert f"run {first['run_id']} already has a finished record" in capsys.readouterr().out
+
+    with open_dict(tiny_cfg):
+        tiny_cfg.seed = 1
+    slot = RunSlot(compose_run_id(tiny_cfg), tmp_path / "runs", tmp_path / "checkpoints")
+    with slot.claim() as claimed:
+        assert claimed
+        assert run(tiny_cfg) is None
+    assert "is being trained by another process" in capsys.readouterr().out
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def compose_run_id(cfg) -> str:
+    from omegaconf import OmegaConf
+
+    from partial_lora.results import config_hash
+
+    return config_hash(OmegaConf.to_container(cfg, resolve=True))
+
+
+def test_a_diverging_run_writes_a_failed_record_with_its_step(tiny_cfg, tmp_path: Path):
+    with open_dict(tiny_cfg):
+        tiny_cfg.lr = 1e30
+    record = run(tiny_cfg)
+    assert record["status"] == "failed" and record["step"] >= 1
+    assert "the training loss became nan at step" in record["reason"]
+    saved = json.loads(Path(record["path"]).read_text())
+    assert saved["status"] == "failed" and saved["step"] == record["step"] and "best_val" not in saved
+
+
+def records(directory: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))]
+
+
+@pytest.mark.slow
+def test_a_sweep_goes_on_after_a_diverging_run(glue_dir: Path, tmp_path: Path):
+    output = finish(launch(["-m", "lr=1e30,5e-3", *TINY[:-1], f"data_dir={glue_dir}", "train.epochs=1",
+                            *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path))
+    assert "failed: the training loss became nan" in output
+    assert sorted(record["status"] for record in records(tmp_path / "runs")) == ["failed", "finished"]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_relaunched_finishes_every_run_once(longer_glue_dir: Path, tmp_path: Path):
+    sweep = ["-m", "seed=0,1,2", *TINY, f"data_dir={longer_glue_dir}", "train.epochs=2", *store_overrides(tmp_path),
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    process = launch(sweep, cwd=tmp_path)
+    # Killed while the second run trains, after its first checkpoint: one finished, one half-finished, one to go.
+    kill_when(process, lambda: len(records(tmp_path / "runs")) == 1
+              and any((tmp_path / "checkpoints").glob("*/last.ckpt")))
+    (first,) = records(tmp_path / "runs")
+
+    output = finish(launch(sweep, cwd=tmp_path))
+    assert output.count("(skipped)") == 1 and output.count("resuming run") == 1
+    done = records(tmp_path / "runs")
+    assert len(done) == 3 and len({record["run_id"] for record in done}) == 3
+    assert sorted(record["seed"] for record in done) == [0, 1, 2]
+    assert all(record["status"] == "finished" and record["steps"] == 40 for record in done)
+    assert first in done  # the finished run was not trained again
+    assert not list((tmp_path / "runs").glob(".*"))  # no temporary files
+
+
+@pytest.mark.slow
+def test_two_sweeps_on_one_store_train_each_run_once(glue_dir: Path, tmp_path: Path):
+    sweep = ["-m", "seed=0,1,2,3", *TINY, f"data_dir={glue_dir}", "train.epochs=1", *store_overrides(tmp_path)]
+    processes = [launch([*sweep, f"hydra.sweep.dir={tmp_path / f'sweep{index}'}"], cwd=tmp_path) for index in (0, 1)]
+    outputs = [finish(process) for process in processes]
+    assert sum(output.count("run record: ") for output in outputs) == 4  # each run trained by one sweep
+    done = records(tmp_path / "runs")
+    assert sorted(record["seed"] for record in done) == [0, 1, 2, 3]
+    assert all(record["status"] == "finished" for record in done)
