@@ -57,6 +57,10 @@ def validate(cfg: DictConfig) -> None:
     shots = cfg.dataset.get("shots")
     _require(shots is None or (_is_int(shots) and shots >= 1),
              f"dataset.shots must be an integer >= 1 (training images per class), got {shots!r}.")
+    for key in ("val_size", "train_size", "test_size"):
+        size = cfg.dataset.get(key)
+        _require(size is None or (_is_int(size) and size >= 1),
+                 f"dataset.{key} must be an integer >= 1{'' if key == 'val_size' else ' or null (all)'}, got {size!r}.")
     _validate_method(cfg)
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise ConfigError(
