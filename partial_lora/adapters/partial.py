@@ -91,7 +91,7 @@ def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch],
         examples = sum(len(batch["labels"]) for batch in batches)
         inputs = derivation_inputs(cfg, examples)
         cache = RatioCache(cfg.ratios.cache_dir)
-        cached = cache.load(inputs)
+        cached = cache.load(inputs, {name: tuple(weight.shape) for name, weight in weights.items()})
         if cached is not None:
             scores, counts, entry = cached
             summary |= {"cache_hit": True, "evaluations": entry["evaluations"], "wall_time_s": entry["wall_time_s"]}
