@@ -181,3 +181,26 @@ def test_two_sweeps_on_one_store_train_each_run_once(glue_dir: Path, tmp_path: P
     done = records(tmp_path / "runs")
     assert sorted(record["seed"] for record in done) == [0, 1, 2, 3]
     assert all(record["status"] == "finished" for record in done)
+
+
+def test_same_config_and_seed_give_identical_masks_caches_and_metrics(tiny_cfg, tmp_path: Path, one_thread):
+    from safetensors.torch import load_file
+
+    outcomes = []
+    for copy in ("a", "b"):
+        with open_dict(tiny_cfg):
+            tiny_cfg.method = compose_config("method=partial_lora").method
+            tiny_cfg.importance = compose_config("importance=svd").importance
+            tiny_cfg.ratios.progress = False
+            tiny_cfg.ratios.cache_dir = str(tmp_path / copy / "ratios")
+            tiny_cfg.results_dir = str(tmp_path / copy / "runs")
+            tiny_cfg.output_dir = str(tmp_path / copy / "out")
+        record = run(tiny_cfg)
+        cache = json.loads(Path(record["masks"]["cache_file"]).read_text())
+        del cache["wall_time_s"]
+        outcomes.append((record, cache, load_file(record["adapter_file"])))
+    (first, first_cache, first_adapter), (second, second_cache, second_adapter) = outcomes
+    assert first_cache == second_cache and first_cache["checksum"]
+    assert first_adapter.keys() == second_adapter.keys() and any(key.endswith("row_mask") for key in first_adapter)
+    assert all(torch.equal(first_adapter[key], second_adapter[key]) for key in first_adapter)  # masks and weights
+    assert (first["best_val"], first["test"], first["params"]) == (second["best_val"], second["test"], second["params"])
