@@ -25,7 +25,7 @@ from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
 from partial_lora.errors import TrainingDiverged
-from partial_lora.results import RunSlot, config_hash, environment, write_record
+from partial_lora.results import LAST_CHECKPOINT, RunSlot, config_hash, environment, write_record
 from partial_lora.training import AdaLoraBudget, ClassificationModule, FiniteLoss, RngState
 
 
@@ -93,10 +93,11 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
     module = ClassificationModule(model, num_labels=cfg.dataset.num_labels, metric=cfg.dataset.metric,
                                   optimizer=instantiate(cfg.method.optimizer))
     output_dir = Path(cfg.output_dir)
-    checkpoint = ModelCheckpoint(dirpath=slot.checkpoints, monitor="val/metric", mode="max",
-                                 save_top_k=1, save_last=True)
+    checkpoint = ModelCheckpoint(dirpath=slot.checkpoints, monitor="val/metric", mode="max", save_top_k=1)
+    # Lightning's save_last only follows improvements of the monitored metric: resuming needs every epoch.
+    latest = ModelCheckpoint(dirpath=slot.checkpoints, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    callbacks = [checkpoint, RngState(), FiniteLoss()] + ([AdaLoraBudget()] if rank_allocation else [])
+    callbacks = [checkpoint, latest, RngState(), FiniteLoss()] + ([AdaLoraBudget()] if rank_allocation else [])
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})

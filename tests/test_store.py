@@ -76,8 +76,11 @@ def finish(process: subprocess.Popen) -> str:
     return output
 
 
-def trainable_state(checkpoint: Path) -> dict[str, torch.Tensor]:
-    return torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+def final_state(checkpoint: Path, steps: int = 60) -> dict[str, torch.Tensor]:
+    """The trainable tensors of ``checkpoint``, which must hold the end of training (not an earlier epoch)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == steps
+    return saved["state_dict"]
 
 
 def test_a_killed_run_resumes_to_the_same_weights_and_metrics(longer_glue_dir: Path, tmp_path: Path, one_thread):
@@ -99,8 +102,8 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(longer_glue_dir: P
     assert whole["run_id"] == resumed["run_id"]  # where files and checkpoints live is not part of the id
     assert whole["steps"] == resumed["steps"] == 60
     assert (whole["best_val"], whole["test"]) == (resumed["best_val"], resumed["test"])
-    expected = trainable_state(tmp_path / "whole" / "checkpoints" / whole["run_id"] / "last.ckpt")
-    actual = trainable_state(killed / "checkpoints" / resumed["run_id"] / "last.ckpt")
+    expected = final_state(tmp_path / "whole" / "checkpoints" / whole["run_id"] / "last.ckpt")
+    actual = final_state(killed / "checkpoints" / resumed["run_id"] / "last.ckpt")
     assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
 
@@ -204,3 +207,32 @@ def test_same_config_and_seed_give_identical_masks_caches_and_metrics(tiny_cfg, 
     assert first_adapter.keys() == second_adapter.keys() and any(key.endswith("row_mask") for key in first_adapter)
     assert all(torch.equal(first_adapter[key], second_adapter[key]) for key in first_adapter)  # masks and weights
     assert (first["best_val"], first["test"], first["params"]) == (second["best_val"], second["test"], second["params"])
+
+
+def test_a_crashed_adalora_run_resumes_like_an_uninterrupted_one(longer_glue_dir: Path, tmp_path: Path, monkeypatch,
+                                                                 one_thread):
+    """The SIGKILL test's contract, in process, for AdaLoRA: its allocator's state travels in the checkpoint."""
+    from partial_lora.training import FiniteLoss
+
+    def configured(root: Path):
+        cfg = compose_config(*TINY, f"data_dir={longer_glue_dir}", "train.epochs=3", "checkpoint.keep=true",
+                             "method=adalora", *store_overrides(root))
+        with open_dict(cfg):
+            cfg.output_dir = str(root / "out")
+        return cfg
+
+    def crash_in_second_epoch(self, trainer, pl_module, loss):
+        if trainer.global_step == 27:
+            raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FiniteLoss, "on_before_backward", crash_in_second_epoch)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(configured(tmp_path / "crashed"))
+    resumed = run(configured(tmp_path / "crashed"))
+    whole = run(configured(tmp_path / "whole"))
+    assert (whole["best_val"], whole["test"], whole["params"]) == (resumed["best_val"], resumed["test"],
+                                                                  resumed["params"])
+    expected = final_state(tmp_path / "whole" / "checkpoints" / whole["run_id"] / "last.ckpt")
+    actual = final_state(tmp_path / "crashed" / "checkpoints" / resumed["run_id"] / "last.ckpt")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)

@@ -71,11 +71,19 @@ class RunSlot:
             os.close(descriptor)  # closing releases the lock
 
     def resume_from(self) -> Path | None:
-        """``last.ckpt`` when it is a complete checkpoint (torch's zip format; a kill mid-write leaves a
-        file without the zip's closing directory), else ``None``: the run starts over."""
+        """``last.ckpt`` when it is a complete checkpoint, else ``None``: the run starts over.
+
+        Lightning writes checkpoints through a temporary file, but a copied or half-synced folder can still
+        hold a truncated one: torch's zip format then lacks its closing directory, and the file is removed
+        so that the fresh run's checkpoints take its name.
+        """
         last = self.checkpoints / LAST_CHECKPOINT
-        if last.is_file() and zipfile.is_zipfile(last):
+        if not last.is_file():
+            return None
+        if zipfile.is_zipfile(last):
             return last
+        print(f"checkpoint {last} is incomplete: run {self.run_id} starts over")
+        last.unlink()
         return None
 
     def discard_checkpoints(self) -> None:

@@ -17,11 +17,39 @@ class AdaLoraBudget(L.Callback):
 
     Lightning zeroes gradients at the start of the next step, so the end of a training batch sits
     between ``optimizer.step()`` and ``zero_grad()`` as PEFT's ``update_and_allocate`` requires.
+
+    The allocator's importance averages and the final rank pattern live outside the model's state dict,
+    so they travel in the checkpoint as this callback's state: a resumed run allocates as an
+    uninterrupted one would.
     """
+
+    def __init__(self) -> None:
+        self.adalora: Any = None
+        self.restored: dict[str, Any] | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.adalora = pl_module.model.base_model
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        pl_module.model.base_model.update_and_allocate(trainer.global_step)
+        self.adalora.update_and_allocate(trainer.global_step)
+
+    def state_dict(self) -> dict[str, Any]:
+        allocator = self.adalora.rankallocator
+        return {"ipt": allocator.ipt, "exp_avg_ipt": allocator.exp_avg_ipt, "exp_avg_unc": allocator.exp_avg_unc,
+                "rank_pattern": self.adalora.peft_config[self.adalora.trainable_adapter_name].rank_pattern}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.restored = state  # the checkpoint is read before training starts: applied in on_train_start
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.restored is None:
+            return
+        allocator = self.adalora.rankallocator
+        for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
+            setattr(allocator, key, {name: value.to(pl_module.device) for name, value in self.restored[key].items()})
+        self.adalora.peft_config[self.adalora.trainable_adapter_name].rank_pattern = self.restored["rank_pattern"]
+        self.restored = None
 
 
 class FiniteLoss(L.Callback):
