@@ -8,7 +8,12 @@ ifeq ($(PARTIAL_LORA_DATA),)
 unexport PARTIAL_LORA_DATA
 endif
 
-.PHONY: install demo test test-all clean
+SCALE ?= paper        # paper (GPU clusters) or cpu (2 CPU cores, under an hour per table)
+LAUNCHER ?= local     # hydra/launcher: local, parallel (joblib) or slurm (submitit)
+TABLES := table1 table2 table3 table4 table5 table6
+FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig11 fig12 fig17
+
+.PHONY: install demo test test-all clean tables $(TABLES) $(FIGURES)
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -25,6 +30,15 @@ test: $(PYTHON)
 
 test-all: $(PYTHON)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q
+
+# Each target sweeps what its conf/experiment/<target>.yaml names (finished runs are skipped), then
+# renders results/tables/<target>_<scale>.{md,tex} or results/figures/<target>_<scale>.png.
+$(TABLES) $(FIGURES): $(PYTHON)
+	$(PYTHON) scripts/reproduce.py $@ --scale $(strip $(SCALE)) --launcher $(strip $(LAUNCHER))
+
+# Every table and figure from the records and caches present; runs nothing.
+tables: $(PYTHON)
+	$(PYTHON) scripts/reproduce.py $(TABLES) $(FIGURES) --scale $(strip $(SCALE)) --render-only
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora.adapters import (
@@ -18,6 +19,7 @@ from partial_lora.adapters import (
     count_parameters,
     derive_masks,
     kept_fractions,
+    residual_norms,
     save_adapter,
     uses_rank_allocation,
 )
@@ -50,6 +52,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         return _run(cfg, None)
     slot = RunSlot(config_hash(OmegaConf.to_container(cfg, resolve=True)), Path(cfg.results_dir),
                    Path(cfg.checkpoint.dir))
+    if rank_zero_only.rank != 0:  # a DDP worker (SLURM task or Lightning-launched): rank 0 holds the lock
+        return slot.record() or _run(cfg, slot)
     with slot.claim() as claimed:
         if not claimed:
             print(f"run {slot.run_id} is being trained by another process (lock {slot.lock_file}): skipped")
@@ -111,13 +115,16 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except TrainingDiverged as failure:
+        if not trainer.is_global_zero:
+            return None
         record = identity | {"status": "failed", "reason": str(failure), "step": failure.step,
-                            "wall_time_s": time.perf_counter() - started, "environment": environment()}
-        record["path"] = str(write_record(record, cfg.results_dir, name))
-        _finish(cfg, slot)
+                             "wall_time_s": time.perf_counter() - started, "environment": environment()}
+        record["path"] = _store(cfg, slot, record, name)
         print(f"\nrun {slot.run_id} failed: {failure}\nrun record: {record['path']}")
         return record
     (test,) = trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    if not trainer.is_global_zero:  # under DDP one process writes the adapter and the record
+        return None
     adapter_file = None
     if cfg.method.peft_config is not None:  # the best checkpoint's adapter, as loaded by trainer.test
         adapter_file = save_adapter(model, output_dir / "adapter.safetensors", backbone.head_modules,
@@ -130,6 +137,7 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
         "params": final_counts.as_dict(),
         "params_initial": counts.as_dict(),
         "masks": mask_summary,
+        "residual_norms": residual_norms(model),
         "adapter_file": None if adapter_file is None else str(adapter_file),
         "metric": cfg.dataset.metric,
         "best_val": 100 * float(checkpoint.best_model_score),
@@ -141,9 +149,7 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
     }
     if logger:
         logger.log_metrics({"record/best_val": record["best_val"], "record/test": record["test"]})
-    path = write_record(record, cfg.results_dir, name)
-    record["path"] = str(path)
-    _finish(cfg, slot)
+    record["path"] = path = _store(cfg, slot, record, name)
     print(
         f"\n{cfg.dataset.name} | {cfg.method.name} (rank {cfg.rank}) | trainable adapter parameters "
         f"{final_counts.adapter:,} of {final_counts.unmasked_adapter:,} unmasked (+{final_counts.head:,} head) | "
@@ -153,7 +159,9 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
     return record
 
 
-def _finish(cfg: DictConfig, slot: RunSlot) -> None:
-    """Once the record is written, the checkpoints have served resumption (``checkpoint.keep`` keeps them)."""
+def _store(cfg: DictConfig, slot: RunSlot, record: dict[str, Any], name: str) -> str:
+    """Write the record; its checkpoints have then served resumption (``checkpoint.keep`` keeps them)."""
+    path = write_record(record, cfg.results_dir, name)
     if not cfg.checkpoint.keep:
         slot.discard_checkpoints()
+    return str(path)

@@ -104,3 +104,14 @@ class RatioCache:
                  "checksum": _digest(layers)}
         path = self.path(inputs)
         return write_record(entry, path.parent, path.stem)
+
+
+def load_entries(directory: str | Path) -> list[dict[str, Any]]:
+    """Every cache entry under ``directory`` with its derivation inputs flattened beside it (for figures)."""
+    entries = []
+    for path in sorted(Path(directory).glob("*.json")):
+        entry = json.loads(path.read_text())
+        inputs = entry["inputs"]
+        entries.append({**inputs, "backbone": inputs["backbone"]["name_or_path"], "layers": entry["layers"],
+                        "path": str(path), "modified": path.stat().st_mtime})
+    return entries

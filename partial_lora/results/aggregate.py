@@ -13,37 +13,45 @@ from pathlib import Path
 import pandas as pd
 
 GROUP_KEYS = ["backbone", "dataset", "method", "importance", "rank"]
+COLUMNS = ["scale", *GROUP_KEYS, "seed", "lr", "val", "test", "params", "unmasked_params", "path"]
 
 
 def load_records(directory: str | Path) -> pd.DataFrame:
-    """One row per finished run record under ``directory`` (recursively)."""
+    """One row per finished run record under ``directory`` (recursively): the protocol's columns, the
+    whole resolved config flattened as ``config.<dotted key>`` columns, and per-layer residual norms."""
     rows = []
     for path in sorted(Path(directory).rglob("*.json")):
         record = json.loads(path.read_text())
         if record.get("status") != "finished":
             continue
+        config = record["config"]
         rows.append({
-            "backbone": record["backbone"], "dataset": record["dataset"], "method": record["method"],
-            "importance": record["config"]["importance"]["name"], "rank": record["rank"],
-            "seed": record["seed"], "lr": record["lr"], "val": record["best_val"], "test": record["test"],
-            "params": record["params"]["adapter"], "unmasked_params": record["params"]["unmasked_adapter"],
-            "path": str(path),
+            "scale": config.get("scale", {}).get("name", "paper"), "backbone": record["backbone"],
+            "dataset": record["dataset"], "method": record["method"], "importance": config["importance"]["name"],
+            "rank": record["rank"], "seed": record["seed"], "lr": record["lr"], "val": record["best_val"],
+            "test": record["test"], "params": record["params"]["adapter"],
+            "unmasked_params": record["params"]["unmasked_adapter"], "path": str(path),
+            "residual_norms": record.get("residual_norms"),
+            **pd.json_normalize(config, sep=".").add_prefix("config.").iloc[0].to_dict(),
         })
-    return pd.DataFrame(rows, columns=GROUP_KEYS + ["seed", "lr", "val", "test", "params", "unmasked_params",
-                                                    "path"])
+    return pd.DataFrame(rows, columns=None if rows else COLUMNS)
 
 
-def protocol_summary(records: pd.DataFrame, top_k: int = 5) -> pd.DataFrame:
-    """Per setting: mean and std of the test metric over the ``top_k`` runs with the best validation score,
-    the number of runs, and the mean trainable adapter parameters of those runs."""
+def protocol_summary(records: pd.DataFrame, top_k: int = 5, keys: list[str] | None = None) -> pd.DataFrame:
+    """Per setting (``keys``, default backbone, dataset, method, importance, rank): mean and std of the
+    test metric over the ``top_k`` runs with the best validation score, min and max of those, the number
+    of runs, and the mean trainable adapter parameters of the selected runs."""
+    keys = list(keys or GROUP_KEYS)
 
     def best(group: pd.DataFrame) -> pd.Series:
         chosen = group.sort_values(["val", "seed"], ascending=[False, True]).head(top_k)
         return pd.Series({"test_mean": chosen["test"].mean(), "test_std": chosen["test"].std(ddof=0),
+                          "test_min": chosen["test"].min(), "test_max": chosen["test"].max(),
                           "val_mean": chosen["val"].mean(), "runs": len(group), "selected": len(chosen),
-                          "params": chosen["params"].mean(), "unmasked_params": chosen["unmasked_params"].mean()})
+                          "params": chosen["params"].mean(), "unmasked_params": chosen["unmasked_params"].mean(),
+                          "paths": list(chosen["path"])})
 
     if records.empty:
-        return pd.DataFrame(columns=GROUP_KEYS)
-    summary = records.groupby(GROUP_KEYS, dropna=False).apply(best, include_groups=False).reset_index()
+        return pd.DataFrame(columns=keys)
+    summary = records.groupby(keys, dropna=False).apply(best, include_groups=False).reset_index()
     return summary.astype({"runs": int, "selected": int}).round({"params": 0, "unmasked_params": 0})

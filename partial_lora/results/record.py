@@ -10,9 +10,10 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Settings (dotted paths) that change where a run reads or writes, or how verbosely it reports, not what it
-# computes: a relaunched sweep must find its runs under the same id wherever its files and data live.
-NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir", "data_dir", "checkpoint",
+# Settings (dotted paths) that change where a run reads or writes, how verbosely it reports, or which table
+# a sweep renders, not what it computes: a relaunched sweep finds its runs under the same id wherever its
+# files and data live, and a run shared by several targets (Table 6 and Figure 4) is trained once.
+NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir", "sweep", "protocol", "data_dir", "checkpoint",
                      "ratios.cache_dir", "ratios.progress", "train.num_workers", "trainer.default_root_dir",
                      "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
 
@@ -29,9 +30,14 @@ def _without(config: dict[str, Any], dotted: str) -> dict[str, Any]:
 
 
 def config_hash(config: dict[str, Any]) -> str:
-    """Stable short hash of what a run computes: two runs with the same hash are the same experiment."""
+    """Stable short hash of what a run computes: two runs with the same hash are the same experiment.
+
+    Of the scale only its name counts: its domain lists say what targets sweep, and growing them must
+    not orphan finished runs; its training settings are already in the dataset and train keys."""
     for dotted in NON_SEMANTIC_KEYS:
         config = _without(config, dotted)
+    if isinstance(config.get("scale"), dict):
+        config = config | {"scale": config["scale"].get("name")}
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 

@@ -83,7 +83,7 @@ class RunSlot:
         if zipfile.is_zipfile(last):
             return last
         print(f"checkpoint {last} is incomplete: run {self.run_id} starts over")
-        last.unlink()
+        last.unlink(missing_ok=True)  # DDP workers look too
         return None
 
     def discard_checkpoints(self) -> None:

@@ -60,8 +60,11 @@ class FiniteLoss(L.Callback):
     """
 
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: torch.Tensor) -> None:
-        if not torch.isfinite(loss).all():
-            raise TrainingDiverged(f"the training loss became {loss.item()} at step {trainer.global_step}; "
+        finite = bool(torch.isfinite(loss).all())
+        # Under DDP every process stops at the same step, whichever saw the non-finite loss.
+        if not trainer.strategy.reduce_boolean_decision(finite, all=True):
+            became = "became non-finite in another process" if finite else f"became {loss.item()}"
+            raise TrainingDiverged(f"the training loss {became} at step {trainer.global_step}; "
                                    "a smaller lr usually avoids it.", step=trainer.global_step)
 
 

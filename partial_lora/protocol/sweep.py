@@ -1,0 +1,140 @@
+"""A table or figure target as Hydra multiruns.
+
+An experiment config (``conf/experiment/<target>.yaml``) names the domains it covers (language, vision,
+llm: the scale maps each to a backbone and datasets), groups of settings to cross, fixed settings, and
+whether the protocol's seeds x learning rates apply. Each (domain, group) becomes one
+``run.py -m ...`` command, so every Hydra launcher (local, joblib, SLURM) runs the sweep unchanged and
+a rerun skips the runs whose records exist. The same plan selects the records a rendering reads.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+
+from partial_lora.config import register_resolvers
+from partial_lora.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+# Config groups are selected by file name and recorded by their ``name`` field.
+GROUPS = ("backbone", "dataset", "method", "importance", "strategy")
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """``models`` runs per setting (seeds x ``lrs``), reported as the mean test metric of the ``top_k``
+    best by validation score."""
+
+    models: int
+    lrs: tuple[float, ...]
+    top_k: int
+
+    @classmethod
+    def from_config(cls, protocol: DictConfig) -> Protocol:
+        models, lrs, top_k = int(protocol.models), tuple(float(lr) for lr in protocol.lrs), int(protocol.top_k)
+        if not lrs or models % len(lrs):
+            raise ConfigError(f"protocol.models ({models}) must be a multiple of the number of learning rates "
+                              f"in protocol.lrs ({len(lrs)}): each seed trains one model per learning rate.")
+        if not 1 <= top_k <= models:
+            raise ConfigError(f"protocol.top_k must be between 1 and protocol.models ({models}), got {top_k}.")
+        return cls(models, lrs, top_k)
+
+    @property
+    def seeds(self) -> list[int]:
+        return list(range(self.models // len(self.lrs)))
+
+    def describe(self) -> str:
+        return (f"{self.models} models per setting ({len(self.seeds)} seeds x learning rates "
+                f"{', '.join(f'{lr:g}' for lr in self.lrs)}), mean and std of the test metric of the "
+                f"top {self.top_k} by validation score")
+
+
+def compose_target(target: str, scale: str, overrides: list[str] = ()) -> DictConfig:
+    """The resolved config of ``experiment=<target> scale=<scale>``, as each of its runs starts from."""
+    register_resolvers()
+    if not (ROOT / "conf" / "experiment" / f"{target}.yaml").is_file():
+        raise ConfigError(f"no experiment config conf/experiment/{target}.yaml for target {target!r}.")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"experiment={target}", f"scale={scale}", *overrides])
+    if "sweep" not in cfg:
+        raise ConfigError(f"experiment {target} has no `sweep:` block, so it is no table or figure target.")
+    return cfg
+
+
+def _override_value(value: Any) -> str:
+    return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
+
+
+def planned_multiruns(cfg: DictConfig, domains: list[str] | None = None) -> list[dict[str, list[Any]]]:
+    """One dict of swept settings (key -> values) per (domain, group) of the target's sweep."""
+    sweep, planned = cfg.sweep, []
+    unknown = set(domains or ()) - set(sweep.domains)
+    if unknown:
+        raise ConfigError(f"target {sweep.name} covers domains {list(sweep.domains)}, not {sorted(unknown)}.")
+    protocol = Protocol.from_config(cfg.protocol) if sweep.get("protocol", True) else None
+    for domain in sweep.domains:
+        if domains and domain not in domains:
+            continue
+        where = cfg.scale.domains[domain]
+        datasets = [name for name in where.datasets if name in sweep.get("datasets", where.datasets)]
+        for group in sweep.groups:
+            settings: dict[str, list[Any]] = {"backbone": [where.backbone], "dataset": datasets or list(where.datasets)}
+            if protocol is not None:
+                settings |= {"seed": protocol.seeds, "lr": list(protocol.lrs)}
+            settings |= {key: list(values) for key, values in OmegaConf.to_container(group).items()}
+            settings |= {key: [value] for key, value in (sweep.get("fixed") or {}).items()}
+            planned.append(settings)
+    return planned
+
+
+def command(target: str, scale: str, settings: dict[str, list[Any]], launcher: str,
+            extra: list[str] = ()) -> list[str]:
+    swept = [f"{key}={','.join(_override_value(value) for value in values)}" for key, values in settings.items()]
+    return [sys.executable, str(ROOT / "run.py"), "-m", f"experiment={target}", f"scale={scale}",
+            f"hydra/launcher={launcher}", *swept, *extra]
+
+
+def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launcher: str = "local",
+           extra: list[str] = ()) -> None:
+    """Run every multirun of the plan; finished runs skip themselves, so this fills in what is missing."""
+    for settings in planned:
+        argv = command(target, scale, settings, launcher, extra)
+        print("+", " ".join(argv[1:]), flush=True)
+        subprocess.run(argv, check=True, cwd=ROOT)
+
+
+def _column(key: str) -> str:
+    return f"config.{key}.name" if key in GROUPS else f"config.{key}"
+
+
+def _normalised(value: Any) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "null"
+    return json.dumps(value)
+
+
+def select_runs(records: pd.DataFrame, planned: list[dict[str, list[Any]]], scale: str) -> pd.DataFrame:
+    """The records a target's plan produced at ``scale``: each matches one planned multirun on every
+    swept and fixed setting."""
+    if records.empty:
+        return records
+    chosen = pd.Series(False, index=records.index)
+    for settings in planned:
+        match = records["scale"] == scale
+        for key, values in settings.items():
+            column = _column(key)
+            if column not in records:
+                match &= False
+                continue
+            allowed = {_normalised(value) for value in values}
+            match &= records[column].map(_normalised).isin(allowed)
+        chosen |= match
+    return records[chosen]

@@ -1,0 +1,48 @@
+"""Run the sweep a table or figure target names (skipping finished runs), then render it.
+
+    python scripts/reproduce.py table6 --scale cpu                 # sweep, then render
+    python scripts/reproduce.py table6 fig4 --scale cpu --render-only
+    python scripts/reproduce.py fig2 --scale cpu --domains language --launcher parallel
+    python scripts/reproduce.py table5 --scale paper --launcher slurm -- trainer=gpu
+
+Arguments after ``--`` are passed to every run (Hydra overrides).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from partial_lora.errors import PartialLoraError  # noqa: E402
+from partial_lora.protocol import compose_target, launch, planned_multiruns  # noqa: E402
+from partial_lora.protocol.targets import render_target  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("targets", nargs="+", help="experiment configs with a sweep: table1..table6, fig2..fig17")
+    parser.add_argument("--scale", default="paper", help="conf/scale preset: paper or cpu")
+    parser.add_argument("--launcher", default="local", help="hydra/launcher preset: local, parallel or slurm")
+    parser.add_argument("--domains", nargs="*", help="only these domains of the targets (language, vision, llm)")
+    parser.add_argument("--render-only", action="store_true", help="render from the records present, run nothing")
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    arguments, extra = parser.parse_args(argv[:split]), argv[split + 1:]
+    try:
+        for target in arguments.targets:
+            cfg = compose_target(target, arguments.scale, extra)
+            if not arguments.render_only:
+                launch(target, arguments.scale, planned_multiruns(cfg, arguments.domains), arguments.launcher, extra)
+            for path in render_target(cfg):
+                print(f"{target}: wrote {path}")
+    except PartialLoraError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
