@@ -14,14 +14,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
+from safetensors.torch import load_file
 
 from partial_lora.pipeline import run
-from partial_lora.results import RunSlot
+from partial_lora.results import RunSlot, config_hash
+from partial_lora.training import FiniteLoss
 from tests.conftest import NEGATIVE, POSITIVE, ROOT, compose_config, write_jsonl
 
-TINY = ["backbone=tiny_bert", "logger=none", "dataset.val_size=8", "dataset.max_length=16", "train.batch_size=8",
-        "trainer.enable_progress_bar=false", "lr=5e-3"]
+TINY_ANY_LR = ["backbone=tiny_bert", "logger=none", "dataset.val_size=8", "dataset.max_length=16",
+               "train.batch_size=8", "trainer.enable_progress_bar=false"]
+TINY = [*TINY_ANY_LR, "lr=5e-3"]  # a rate at which the tiny model learns the tiny task: metrics differ by path
 
 
 def store_overrides(root: Path) -> list[str]:
@@ -117,20 +120,13 @@ def test_a_recorded_run_is_skipped_and_a_locked_one_left_to_its_owner(tiny_cfg, 
 
     with open_dict(tiny_cfg):
         tiny_cfg.seed = 1
-    slot = RunSlot(compose_run_id(tiny_cfg), tmp_path / "runs", tmp_path / "checkpoints")
+    slot = RunSlot(config_hash(OmegaConf.to_container(tiny_cfg, resolve=True)), tmp_path / "runs",
+                   tmp_path / "checkpoints")
     with slot.claim() as claimed:
         assert claimed
         assert run(tiny_cfg) is None
     assert "is being trained by another process" in capsys.readouterr().out
     assert len(list((tmp_path / "runs").iterdir())) == 1
-
-
-def compose_run_id(cfg) -> str:
-    from omegaconf import OmegaConf
-
-    from partial_lora.results import config_hash
-
-    return config_hash(OmegaConf.to_container(cfg, resolve=True))
 
 
 def test_a_diverging_run_writes_a_failed_record_with_its_step(tiny_cfg, tmp_path: Path):
@@ -149,7 +145,7 @@ def records(directory: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_a_sweep_goes_on_after_a_diverging_run(glue_dir: Path, tmp_path: Path):
-    output = finish(launch(["-m", "lr=1e30,5e-3", *TINY[:-1], f"data_dir={glue_dir}", "train.epochs=1",
+    output = finish(launch(["-m", "lr=1e30,5e-3", *TINY_ANY_LR, f"data_dir={glue_dir}", "train.epochs=1",
                             *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path))
     assert "failed: the training loss became nan" in output
     assert sorted(record["status"] for record in records(tmp_path / "runs")) == ["failed", "finished"]
@@ -187,8 +183,6 @@ def test_two_sweeps_on_one_store_train_each_run_once(glue_dir: Path, tmp_path: P
 
 
 def test_same_config_and_seed_give_identical_masks_caches_and_metrics(tiny_cfg, tmp_path: Path, one_thread):
-    from safetensors.torch import load_file
-
     outcomes = []
     for copy in ("a", "b"):
         with open_dict(tiny_cfg):
@@ -212,8 +206,6 @@ def test_same_config_and_seed_give_identical_masks_caches_and_metrics(tiny_cfg, 
 def test_a_crashed_adalora_run_resumes_like_an_uninterrupted_one(longer_glue_dir: Path, tmp_path: Path, monkeypatch,
                                                                  one_thread):
     """The SIGKILL test's contract, in process, for AdaLoRA: its allocator's state travels in the checkpoint."""
-    from partial_lora.training import FiniteLoss
-
     def configured(root: Path):
         cfg = compose_config(*TINY, f"data_dir={longer_glue_dir}", "train.epochs=3", "checkpoint.keep=true",
                              "method=adalora", *store_overrides(root))
