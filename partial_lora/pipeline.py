@@ -109,8 +109,8 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
     if resume is not None:
         print(f"resuming run {slot.run_id} from {resume}")
     identity = {"run_id": slot.run_id, "config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
-               "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "method": cfg.method.name,
-               "rank": cfg.rank, "lr": cfg.lr}
+                "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "method": cfg.method.name,
+                "rank": cfg.rank, "lr": cfg.lr}
     name = f"{cfg.backbone.name}_{cfg.dataset.name}_{cfg.method.name}_r{cfg.rank}_s{cfg.seed}_{slot.run_id}"
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
