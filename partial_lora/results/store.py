@@ -28,6 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from partial_lora.results.record import config_hash
+
 LAST_CHECKPOINT = "last.ckpt"
 
 
@@ -48,10 +50,14 @@ class RunSlot:
         return self.checkpoint_root / f"{self.run_id}.lock"
 
     def record(self) -> dict[str, Any] | None:
-        """This run's record, if one was written (records are named ``..._<run_id>.json``)."""
-        for path in sorted(self.results_dir.glob(f"*_{self.run_id}.json")):
+        """This run's record, if one was written.
+
+        Matched on the hash of each record's stored config, recomputed, not on its file name or stored id:
+        records written before a setting joined ``NON_SEMANTIC_KEYS`` are still found.
+        """
+        for path in sorted(self.results_dir.glob("*.json")):
             record = json.loads(path.read_text())
-            if record.get("run_id") == self.run_id:
+            if isinstance(record.get("config"), dict) and config_hash(record["config"]) == self.run_id:
                 return record | {"path": str(path)}
         return None
 
