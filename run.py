@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from partial_lora.cli import expand_ranges
+from partial_lora.cli import check_group_options, expand_ranges
 from partial_lora.config import register_resolvers
 from partial_lora.errors import PartialLoraError
 
@@ -21,13 +22,14 @@ def main(cfg: DictConfig) -> float | None:
     except PartialLoraError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
-    return None if record is None else record["best_val"]
+    return None if record is None else record.get("best_val")  # a failed run's record has none
 
 
 if __name__ == "__main__":
     register_resolvers()
     try:
         sys.argv[1:] = expand_ranges(sys.argv[1:])
+        check_group_options(sys.argv[1:], Path(__file__).parent / "conf")
     except PartialLoraError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

@@ -3,11 +3,15 @@
 Hydra reads ``seed=0..19`` as the single string ``"0..19"``; researchers expect an inclusive
 integer range, so ``key=a..b`` is rewritten to Hydra's sweep syntax ``key=range(a,b+1)``
 before Hydra parses the command line.
+
+An unknown option of a project config group (``method=lorra``) gets the project's one-sentence
+error listing the choices, instead of Hydra's multi-line report and stack-trace hint.
 """
 
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from partial_lora.errors import ConfigError
 
@@ -32,3 +36,23 @@ def expand_ranges(argv: list[str]) -> list[str]:
             raise ConfigError(f"'{arg}' is an empty range: the end {stop} is below the start {start}.")
         expanded.append(f"{key}=range({int(start)},{int(stop) + 1})")
     return expanded
+
+
+def check_group_options(argv: list[str], conf_dir: Path) -> None:
+    """Raise :class:`ConfigError` for ``group=option`` (or ``group=a,b`` sweeps) naming no file in ``conf_dir``.
+
+    Only the project's own groups are checked: ``hydra/...`` groups also hold plugin options, and
+    sweep functions such as ``choice(...)`` are left to Hydra.
+    """
+    for arg in argv:
+        key, equals, value = arg.lstrip("+").partition("=")
+        group = key.partition("@")[0]
+        if not equals or arg.startswith(("-", "~")) or group.startswith("hydra") or "(" in value:
+            continue
+        if not (conf_dir / group).is_dir():
+            continue
+        choices = sorted(path.stem for path in (conf_dir / group).glob("*.yaml"))
+        for option in value.split(","):
+            if option not in choices and option != "null":
+                raise ConfigError(f"{group}={option} is not an option of the config group '{group}': choose one of "
+                                  f"{', '.join(choices)}.")

@@ -11,3 +11,11 @@ class ConfigError(PartialLoraError):
 
 class DataError(PartialLoraError):
     """Data is missing or malformed."""
+
+
+class TrainingDiverged(PartialLoraError):
+    """The training loss stopped being finite; ``step`` is the optimiser step it happened at."""
+
+    def __init__(self, message: str, step: int) -> None:
+        super().__init__(message)
+        self.step = step

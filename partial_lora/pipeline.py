@@ -10,6 +10,7 @@ from typing import Any
 import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora.adapters import (
@@ -25,8 +26,9 @@ from partial_lora.adapters import (
 from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
-from partial_lora.results import config_hash, environment, write_record
-from partial_lora.training import AdaLoraBudget, ClassificationModule
+from partial_lora.errors import TrainingDiverged
+from partial_lora.results import LAST_CHECKPOINT, RunSlot, config_hash, environment, write_record
+from partial_lora.training import AdaLoraBudget, ClassificationModule, FiniteLoss, RngState
 
 
 def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
@@ -40,8 +42,30 @@ def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Train and test one model as configured; return its record (``None`` for ``dry_run``)."""
+    """Train and test one model as configured; return its record (``None`` for ``dry_run``).
+
+    A run that already has a record returns it untrained, one that another process is training
+    returns ``None``, and a half-finished one resumes from its last checkpoint (see ``results/store.py``).
+    """
     validate(cfg)
+    if cfg.dry_run:
+        return _run(cfg, None)
+    slot = RunSlot(config_hash(OmegaConf.to_container(cfg, resolve=True)), Path(cfg.results_dir),
+                   Path(cfg.checkpoint.dir))
+    if rank_zero_only.rank != 0:  # a DDP worker (SLURM task or Lightning-launched): rank 0 holds the lock
+        return slot.record() or _run(cfg, slot)
+    with slot.claim() as claimed:
+        if not claimed:
+            print(f"run {slot.run_id} is being trained by another process (lock {slot.lock_file}): skipped")
+            return None
+        record = slot.record()
+        if record is not None:
+            print(f"run {slot.run_id} already has a {record['status']} record: {record['path']} (skipped)")
+            return record
+        return _run(cfg, slot)
+
+
+def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
 
@@ -73,14 +97,31 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     module = ClassificationModule(model, num_labels=cfg.dataset.num_labels, metric=cfg.dataset.metric,
                                   optimizer=instantiate(cfg.method.optimizer))
     output_dir = Path(cfg.output_dir)
-    checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", monitor="val/metric", mode="max",
-                                 save_top_k=1, save_last=True)
+    checkpoint = ModelCheckpoint(dirpath=slot.checkpoints, monitor="val/metric", mode="max", save_top_k=1)
+    # Lightning's save_last only follows improvements of the monitored metric: resuming needs every epoch.
+    latest = ModelCheckpoint(dirpath=slot.checkpoints, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    callbacks = [checkpoint, AdaLoraBudget()] if rank_allocation else [checkpoint]
+    callbacks = [checkpoint, latest, RngState(), FiniteLoss()] + ([AdaLoraBudget()] if rank_allocation else [])
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
-    trainer.fit(module, datamodule=datamodule)
+    resume = slot.resume_from()
+    if resume is not None:
+        print(f"resuming run {slot.run_id} from {resume}")
+    identity = {"run_id": slot.run_id, "config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
+                "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "method": cfg.method.name,
+                "rank": cfg.rank, "lr": cfg.lr}
+    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{cfg.method.name}_r{cfg.rank}_s{cfg.seed}_{slot.run_id}"
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+    except TrainingDiverged as failure:
+        if not trainer.is_global_zero:
+            return None
+        record = identity | {"status": "failed", "reason": str(failure), "step": failure.step,
+                             "wall_time_s": time.perf_counter() - started, "environment": environment()}
+        record["path"] = _store(cfg, slot, record, name)
+        print(f"\nrun {slot.run_id} failed: {failure}\nrun record: {record['path']}")
+        return record
     (test,) = trainer.test(module, datamodule=datamodule, ckpt_path="best")
     if not trainer.is_global_zero:  # under DDP one process writes the adapter and the record
         return None
@@ -91,18 +132,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
     # AdaLoRA prunes ranks while training: the paper reports what is left at the end.
     final_counts = count_parameters(model, backbone.head_modules)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    run_id = config_hash(resolved)
-    record = {
-        "run_id": run_id,
+    record = identity | {
         "status": "finished",
-        "config": resolved,
-        "seed": cfg.seed,
-        "backbone": cfg.backbone.name,
-        "dataset": cfg.dataset.name,
-        "method": cfg.method.name,
-        "rank": cfg.rank,
-        "lr": cfg.lr,
         "params": final_counts.as_dict(),
         "params_initial": counts.as_dict(),
         "masks": mask_summary,
@@ -118,9 +149,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     }
     if logger:
         logger.log_metrics({"record/best_val": record["best_val"], "record/test": record["test"]})
-    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{cfg.method.name}_r{cfg.rank}_s{cfg.seed}_{run_id}"
-    path = write_record(record, cfg.results_dir, name)
-    record["path"] = str(path)
+    record["path"] = path = _store(cfg, slot, record, name)
     print(
         f"\n{cfg.dataset.name} | {cfg.method.name} (rank {cfg.rank}) | trainable adapter parameters "
         f"{final_counts.adapter:,} of {final_counts.unmasked_adapter:,} unmasked (+{final_counts.head:,} head) | "
@@ -128,3 +157,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         f"(best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"
     )
     return record
+
+
+def _store(cfg: DictConfig, slot: RunSlot, record: dict[str, Any], name: str) -> str:
+    """Write the record; its checkpoints have then served resumption (``checkpoint.keep`` keeps them)."""
+    path = write_record(record, cfg.results_dir, name)
+    if not cfg.checkpoint.keep:
+        slot.discard_checkpoints()
+    return str(path)

@@ -58,7 +58,8 @@ def compose_config(*overrides: str) -> DictConfig:
 def tiny_cfg(glue_dir: Path, tmp_path: Path) -> DictConfig:
     """Tiny random BERT on the tiny local SST-2, one short epoch, records under ``tmp_path``."""
     cfg = compose_config("backbone=tiny_bert", "logger=none", f"data_dir={glue_dir}",
-                         f"results_dir={tmp_path / 'runs'}", "dataset.val_size=8", "dataset.max_length=16",
+                         f"results_dir={tmp_path / 'runs'}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
+                         "dataset.val_size=8", "dataset.max_length=16",
                          "train.batch_size=8", "train.epochs=1", "trainer.enable_progress_bar=false")
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "out")

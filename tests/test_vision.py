@@ -138,7 +138,8 @@ def test_tiny_clip_partial_lora_runs_end_to_end(fewshot_npz_dir: Path, tmp_path:
                          f"data_dir={fewshot_npz_dir}", "dataset.file=tiny.npz", "dataset.num_labels=3",
                          "dataset.shots=4", "train.batch_size=4", "train.epochs=1", "logger=none",
                          "trainer.enable_progress_bar=false", "ratios.progress=false",
-                         f"results_dir={tmp_path / 'runs'}", f"ratios.cache_dir={tmp_path / 'ratios'}")
+                         f"results_dir={tmp_path / 'runs'}", f"ratios.cache_dir={tmp_path / 'ratios'}",
+                         f"checkpoint.dir={tmp_path / 'checkpoints'}")
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "out")
     record = run(cfg)

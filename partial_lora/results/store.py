@@ -1,0 +1,98 @@
+"""One run's place in the results store: its record, its lock and its resumable checkpoints.
+
+A run is identified by :func:`config_hash` of its resolved config, so relaunching a sweep finds
+what each run left behind:
+
+- a record in ``results_dir`` (finished or failed): the run is skipped; delete the record to run it again;
+- checkpoints in ``<checkpoint.dir>/<run_id>/``: training resumes from ``last.ckpt``;
+- nothing: the run starts from scratch.
+
+Concurrent launches of one run (two sweeps sharing a store) are serialised by an advisory
+``fcntl.flock`` on ``<checkpoint.dir>/<run_id>.lock``: the kernel drops the lock when its holder dies,
+SIGKILL included, so no stale lock outlives a crash, and the loser skips the run instead of training it
+twice. The record is looked up only after the lock is held and written before it is released, so a
+run is trained once however launches interleave. ``flock`` is advisory and per host unless the
+filesystem forwards it (Linux NFS clients map it onto NFS byte-range locks).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from partial_lora.results.record import config_hash
+
+LAST_CHECKPOINT = "last.ckpt"
+
+
+@dataclass(frozen=True)
+class RunSlot:
+    """Where run ``run_id`` keeps its record (``results_dir``) and checkpoints (``checkpoint_root``)."""
+
+    run_id: str
+    results_dir: Path
+    checkpoint_root: Path
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoint_root / self.run_id
+
+    @property
+    def lock_file(self) -> Path:
+        return self.checkpoint_root / f"{self.run_id}.lock"
+
+    def record(self) -> dict[str, Any] | None:
+        """This run's record, if one was written.
+
+        Matched on the hash of each record's stored config, recomputed, not on its file name or stored id:
+        records written before a setting joined ``NON_SEMANTIC_KEYS`` are still found.
+        """
+        for path in sorted(self.results_dir.glob("*.json")):
+            record = json.loads(path.read_text())
+            if isinstance(record.get("config"), dict) and config_hash(record["config"]) == self.run_id:
+                return record | {"path": str(path)}
+        return None
+
+    @contextmanager
+    def claim(self) -> Iterator[bool]:
+        """Hold this run's lock for the block; yields ``False`` when another process holds it."""
+        self.checkpoint_root.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            os.close(descriptor)  # closing releases the lock
+
+    def resume_from(self) -> Path | None:
+        """``last.ckpt`` when it is a complete checkpoint, else ``None``: the run starts over.
+
+        Lightning writes checkpoints through a temporary file, but a copied or half-synced folder can still
+        hold a truncated one: torch's zip format then lacks its closing directory, and the file is removed
+        so that the fresh run's checkpoints take its name.
+        """
+        last = self.checkpoints / LAST_CHECKPOINT
+        if not last.is_file():
+            return None
+        if zipfile.is_zipfile(last):
+            return last
+        print(f"checkpoint {last} is incomplete: run {self.run_id} starts over")
+        last.unlink(missing_ok=True)  # DDP workers look too
+        return None
+
+    def discard_checkpoints(self) -> None:
+        """Delete the checkpoints (and the lock file: whoever takes a fresh lock next finds the record)."""
+        shutil.rmtree(self.checkpoints, ignore_errors=True)
+        self.lock_file.unlink(missing_ok=True)

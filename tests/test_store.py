@@ -1,0 +1,244 @@
+"""Runs keyed by their config hash: recorded runs are skipped, killed runs and sweeps resume, concurrent
+launches train each run once, a diverging run leaves a failed record, and runs are deterministic."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf, open_dict
+from safetensors.torch import load_file
+
+from partial_lora.pipeline import run
+from partial_lora.results import RunSlot, config_hash, write_record
+from partial_lora.training import FiniteLoss
+from tests.conftest import NEGATIVE, POSITIVE, ROOT, compose_config, write_jsonl
+
+TINY_ANY_LR = ["backbone=tiny_bert", "logger=none", "dataset.val_size=8", "dataset.max_length=16",
+               "train.batch_size=8", "trainer.enable_progress_bar=false"]
+TINY = [*TINY_ANY_LR, "lr=5e-3"]  # a rate at which the tiny model learns the tiny task: metrics differ by path
+
+
+def store_overrides(root: Path) -> list[str]:
+    return [f"results_dir={root / 'runs'}", f"checkpoint.dir={root / 'checkpoints'}"]
+
+
+@pytest.fixture
+def longer_glue_dir(tmp_path: Path) -> Path:
+    """160 training rows (20 steps of 8 per epoch), so a killed run has epochs left after its first checkpoint."""
+    rng = random.Random(0)
+
+    def rows(count: int) -> list[dict]:
+        return [{"sentence": rng.choice(POSITIVE if idx % 2 else NEGATIVE), "label": idx % 2, "idx": idx}
+                for idx in range(count)]
+
+    root = tmp_path / "data"
+    write_jsonl(root / "glue" / "sst2" / "train.jsonl", rows(168))
+    write_jsonl(root / "glue" / "sst2" / "validation.jsonl", rows(16))
+    return root
+
+
+@pytest.fixture
+def one_thread():
+    """Runs in this process use one thread, as ``launch`` gives subprocesses: float reductions then add up
+    in the same order everywhere (and several processes do not oversubscribe shared cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def launch(args: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(ROOT / "run.py"), *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
+
+
+def kill_when(process: subprocess.Popen, ready, timeout: float = 300) -> None:
+    """SIGKILL ``process`` as soon as ``ready()`` holds; fail if it ends first."""
+    deadline = time.monotonic() + timeout
+    while not ready():
+        assert process.poll() is None, f"the process ended before it could be killed:\n{process.stdout.read()[-3000:]}"
+        assert time.monotonic() < deadline, "timed out waiting to kill the process"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL
+
+
+def finish(process: subprocess.Popen) -> str:
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, output[-3000:]
+    return output
+
+
+def final_state(checkpoint: Path, steps: int = 60) -> dict[str, torch.Tensor]:
+    """The trainable tensors of ``checkpoint``, which must hold the end of training (not an earlier epoch)."""
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert saved["global_step"] == steps
+    return saved["state_dict"]
+
+
+def test_a_killed_run_resumes_to_the_same_weights_and_metrics(longer_glue_dir: Path, tmp_path: Path, one_thread):
+    overrides = [*TINY, f"data_dir={longer_glue_dir}", "train.epochs=3", "checkpoint.keep=true"]
+    killed = tmp_path / "killed"
+    process = launch([*overrides, *store_overrides(killed), f"hydra.run.dir={killed / 'out'}"], cwd=tmp_path)
+    kill_when(process, lambda: any((killed / "checkpoints").glob("*/last.ckpt")))
+    assert not (killed / "runs").exists()  # no half-written record
+
+    output = finish(launch([*overrides, *store_overrides(killed), f"hydra.run.dir={killed / 'out2'}"], cwd=tmp_path))
+    assert "resuming run" in output
+    (resumed_file,) = (killed / "runs").iterdir()
+    resumed = json.loads(resumed_file.read_text())
+
+    cfg = compose_config(*overrides, *store_overrides(tmp_path / "whole"))
+    with open_dict(cfg):
+        cfg.output_dir = str(tmp_path / "whole" / "out")
+    whole = run(cfg)
+    assert whole["run_id"] == resumed["run_id"]  # where files and checkpoints live is not part of the id
+    assert whole["steps"] == resumed["steps"] == 60
+    assert (whole["best_val"], whole["test"]) == (resumed["best_val"], resumed["test"])
+    expected = final_state(tmp_path / "whole" / "checkpoints" / whole["run_id"] / "last.ckpt")
+    actual = final_state(killed / "checkpoints" / resumed["run_id"] / "last.ckpt")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_a_recorded_run_is_skipped_and_a_locked_one_left_to_its_owner(tiny_cfg, tmp_path: Path, capsys):
+    first = run(tiny_cfg)
+    assert not any((tmp_path / "checkpoints").iterdir())  # checkpoint.keep=false: cleaned once recorded
+    again = run(tiny_cfg)
+    assert again == first
+    assert f"run {first['run_id']} already has a finished record" in capsys.readouterr().out
+
+    with open_dict(tiny_cfg):
+        tiny_cfg.seed = 1
+    slot = RunSlot(config_hash(OmegaConf.to_container(tiny_cfg, resolve=True)), tmp_path / "runs",
+                   tmp_path / "checkpoints")
+    with slot.claim() as claimed:
+        assert claimed
+        assert run(tiny_cfg) is None
+    assert "is being trained by another process" in capsys.readouterr().out
+    assert len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_a_diverging_run_writes_a_failed_record_with_its_step(tiny_cfg, tmp_path: Path):
+    with open_dict(tiny_cfg):
+        tiny_cfg.lr = 1e30
+    record = run(tiny_cfg)
+    assert record["status"] == "failed" and record["step"] >= 1
+    assert "the training loss became nan at step" in record["reason"]
+    saved = json.loads(Path(record["path"]).read_text())
+    assert saved["status"] == "failed" and saved["step"] == record["step"] and "best_val" not in saved
+
+
+def records(directory: Path) -> list[dict]:
+    return [json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))]
+
+
+@pytest.mark.slow
+def test_a_sweep_goes_on_after_a_diverging_run(glue_dir: Path, tmp_path: Path):
+    output = finish(launch(["-m", "lr=1e30,5e-3", *TINY_ANY_LR, f"data_dir={glue_dir}", "train.epochs=1",
+                            *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path))
+    assert "failed: the training loss became nan" in output
+    assert sorted(record["status"] for record in records(tmp_path / "runs")) == ["failed", "finished"]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_relaunched_finishes_every_run_once(longer_glue_dir: Path, tmp_path: Path):
+    sweep = ["-m", "seed=0,1,2", *TINY, f"data_dir={longer_glue_dir}", "train.epochs=2", *store_overrides(tmp_path),
+             f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+    process = launch(sweep, cwd=tmp_path)
+    # Killed while the second run trains, after its first checkpoint: one finished, one half-finished, one to go.
+    kill_when(process, lambda: len(records(tmp_path / "runs")) == 1
+              and any((tmp_path / "checkpoints").glob("*/last.ckpt")))
+    (first,) = records(tmp_path / "runs")
+
+    output = finish(launch(sweep, cwd=tmp_path))
+    assert output.count("(skipped)") == 1 and output.count("resuming run") == 1
+    done = records(tmp_path / "runs")
+    assert len(done) == 3 and len({record["run_id"] for record in done}) == 3
+    assert sorted(record["seed"] for record in done) == [0, 1, 2]
+    assert all(record["status"] == "finished" and record["steps"] == 40 for record in done)
+    assert first in done  # the finished run was not trained again
+    assert not list((tmp_path / "runs").glob(".*"))  # no temporary files
+
+
+@pytest.mark.slow
+def test_two_sweeps_on_one_store_train_each_run_once(glue_dir: Path, tmp_path: Path):
+    sweep = ["-m", "seed=0,1,2,3", *TINY, f"data_dir={glue_dir}", "train.epochs=1", *store_overrides(tmp_path)]
+    processes = [launch([*sweep, f"hydra.sweep.dir={tmp_path / f'sweep{index}'}"], cwd=tmp_path) for index in (0, 1)]
+    outputs = [finish(process) for process in processes]
+    assert sum(output.count("run record: ") for output in outputs) == 4  # each run trained by one sweep
+    done = records(tmp_path / "runs")
+    assert sorted(record["seed"] for record in done) == [0, 1, 2, 3]
+    assert all(record["status"] == "finished" for record in done)
+
+
+def test_same_config_and_seed_give_identical_masks_caches_and_metrics(tiny_cfg, tmp_path: Path, one_thread):
+    outcomes = []
+    for copy in ("a", "b"):
+        with open_dict(tiny_cfg):
+            tiny_cfg.method = compose_config("method=partial_lora").method
+            tiny_cfg.importance = compose_config("importance=svd").importance
+            tiny_cfg.ratios.progress = False
+            tiny_cfg.ratios.cache_dir = str(tmp_path / copy / "ratios")
+            tiny_cfg.results_dir = str(tmp_path / copy / "runs")
+            tiny_cfg.output_dir = str(tmp_path / copy / "out")
+        record = run(tiny_cfg)
+        cache = json.loads(Path(record["masks"]["cache_file"]).read_text())
+        del cache["wall_time_s"]
+        outcomes.append((record, cache, load_file(record["adapter_file"])))
+    (first, first_cache, first_adapter), (second, second_cache, second_adapter) = outcomes
+    assert first_cache == second_cache and first_cache["checksum"]
+    assert first_adapter.keys() == second_adapter.keys() and any(key.endswith("row_mask") for key in first_adapter)
+    assert all(torch.equal(first_adapter[key], second_adapter[key]) for key in first_adapter)  # masks and weights
+    assert (first["best_val"], first["test"], first["params"]) == (second["best_val"], second["test"], second["params"])
+
+
+def test_a_crashed_adalora_run_resumes_like_an_uninterrupted_one(longer_glue_dir: Path, tmp_path: Path, monkeypatch,
+                                                                 one_thread):
+    """The SIGKILL test's contract, in process, for AdaLoRA: its allocator's state travels in the checkpoint."""
+    def configured(root: Path):
+        cfg = compose_config(*TINY, f"data_dir={longer_glue_dir}", "train.epochs=3", "checkpoint.keep=true",
+                             "method=adalora", *store_overrides(root))
+        with open_dict(cfg):
+            cfg.output_dir = str(root / "out")
+        return cfg
+
+    def crash_in_second_epoch(self, trainer, pl_module, loss):
+        if trainer.global_step == 27:
+            raise RuntimeError("simulated crash")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(FiniteLoss, "on_before_backward", crash_in_second_epoch)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            run(configured(tmp_path / "crashed"))
+    resumed = run(configured(tmp_path / "crashed"))
+    whole = run(configured(tmp_path / "whole"))
+    assert (whole["best_val"], whole["test"], whole["params"]) == (resumed["best_val"], resumed["test"],
+                                                                  resumed["params"])
+    expected = final_state(tmp_path / "whole" / "checkpoints" / whole["run_id"] / "last.ckpt")
+    actual = final_state(tmp_path / "crashed" / "checkpoints" / resumed["run_id"] / "last.ckpt")
+    assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_a_record_is_found_by_its_configs_hash_wherever_it_was_written(tiny_cfg, tmp_path: Path):
+    """Records of runs launched elsewhere (other data, output and model folders; ids hashed before a
+    setting became non-semantic) are recognised from their stored config."""
+    config = OmegaConf.to_container(tiny_cfg, resolve=True)
+    moved = config | {"data_dir": "/elsewhere/data", "output_dir": "/elsewhere/out",
+                      "backbone": config["backbone"] | {"name_or_path": "/other/venv/minilm"}}
+    write_record({"run_id": "written-by-an-older-hash", "status": "finished", "config": moved}, tmp_path / "runs",
+                 "any_name")
+    write_record({"status": "finished", "config": moved | {"seed": 1}}, tmp_path / "runs", "another_run")
+    slot = RunSlot(config_hash(config), tmp_path / "runs", tmp_path / "checkpoints")
+    assert slot.record()["path"] == str(tmp_path / "runs" / "any_name.json")
+    assert RunSlot(config_hash(config | {"lr": 1.0}), tmp_path / "runs", tmp_path / "checkpoints").record() is None
