@@ -215,3 +215,25 @@ def test_targets_sharing_a_setting_share_its_runs():
     assert len(hashes) == 1
     other_scale = OmegaConf.to_container(compose_target("table6", "paper", overrides), resolve=False)
     assert config_hash(other_scale) not in hashes
+
+
+def test_a_relaunched_target_skips_its_finished_runs(glue_dir: Path, tmp_path: Path, monkeypatch, capsys):
+    """`make table1` twice: the second sweep finds every record and trains nothing."""
+    from partial_lora.protocol import launch
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    shrink = ["scale.domains.llm.backbone=tiny_bert", "protocol.models=1", "protocol.lrs=[0.001]", "protocol.top_k=1"]
+    per_run = [f"data_dir={glue_dir}", f"results_dir={tmp_path / 'runs'}", f"checkpoint.dir={tmp_path / 'ckpt'}",
+               f"ratios.cache_dir={tmp_path / 'ratios'}", "dataset.val_size=8", "dataset.max_length=16",
+               "train.batch_size=8", "train.epochs=1", "logger=none", "trainer.enable_progress_bar=false",
+               f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+    cfg = compose_target("table1", "cpu", shrink + per_run[:4])
+    planned = planned_multiruns(cfg)
+    launch("table1", "cpu", planned, extra=shrink + per_run)
+    records = sorted(path.name for path in (tmp_path / "runs").glob("*.json"))
+    assert len(records) == 4  # full_ft, lora, random_masking, partial_lora (svd)
+    capsys.readouterr()
+    launch("table1", "cpu", planned, extra=shrink + per_run)
+    assert sorted(path.name for path in (tmp_path / "runs").glob("*.json")) == records
+    table, _ = render_target(cfg, tmp_path / "tables", tmp_path / "figures")
+    assert "Protocol: 1 models per setting" in table.read_text() and "94.70" in table.read_text()

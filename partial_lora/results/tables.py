@@ -22,6 +22,8 @@ def load_paper(path: str | Path = PAPER_TABLES) -> pd.DataFrame:
 def _parameters(count: float) -> str:
     if pd.isna(count):
         return ""
+    if count < 1e3:
+        return f"{count:.0f}"
     return f"{count / 1e6:.2f}M" if count >= 1e5 else f"{count / 1e3:.1f}K"
 
 
@@ -52,7 +54,7 @@ def formatted(rows: pd.DataFrame, variant: str | None = None) -> pd.DataFrame:
 def render(rows: pd.DataFrame, title: str, provenance: str, variant: str | None = None) -> tuple[str, str]:
     """Markdown and LaTeX of a table target."""
     table = formatted(rows, variant)
-    markdown = f"# {title}\n\n{provenance}\n\n{table.to_markdown(index=False)}\n"
+    markdown = f"# {title}\n\n{provenance}\n\n{table.to_markdown(index=False, disable_numparse=True)}\n"
     latex = (f"% {title}\n% {provenance}\n"
              + table.to_latex(index=False, escape=True, caption=title, label=f"tab:{title.split(':')[0]}"))
     return markdown, latex
