@@ -41,6 +41,9 @@ def validate(cfg: DictConfig) -> None:
                                or method.peft_config._target_ not in ("peft.LoraConfig", "peft.AdaLoraConfig")):
         raise ConfigError(f"method {method.name} puts row/column masks on low-rank factors, which only LoRA and "
                           "AdaLoRA adapters have (peft.LoraConfig or peft.AdaLoraConfig).")
+    if cfg.strategy.name == "coto" and method.peft_config is None:
+        raise ConfigError(f"strategy=coto switches PEFT adapters on and off, and method {method.name} has none: "
+                          "pick a PEFT method (lora, dora, adalora, partial_lora, ...).")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise ConfigError(
             f"data_dir '{cfg.data_dir}' is not a directory; point data_dir (or {DATA_DIR_ENV}) at a folder "

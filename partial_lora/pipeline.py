@@ -75,7 +75,12 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     checkpoint = ModelCheckpoint(dirpath=output_dir / "checkpoints", monitor="val/metric", mode="max",
                                  save_top_k=1, save_last=True)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    callbacks = [checkpoint, AdaLoraBudget()] if rank_allocation else [checkpoint]
+    # Training strategies (CoTo) and methods with their own schedule (LoSiA) bring a callback; CoTo's comes
+    # before AdaLoraBudget, which reads the gradients it completes.
+    extra = (cfg.strategy.callback, cfg.method.get("callback"))
+    callbacks = [checkpoint] + [instantiate(callback) for callback in extra if callback]
+    if rank_allocation:
+        callbacks.append(AdaLoraBudget())
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
@@ -90,6 +95,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     final_counts = count_parameters(model, backbone.head_modules)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     run_id = config_hash(resolved)
+    # A strategy makes another method of the protocol: "lora+coto" is aggregated apart from "lora".
+    method = cfg.method.name if cfg.strategy.name == "none" else f"{cfg.method.name}+{cfg.strategy.name}"
     record = {
         "run_id": run_id,
         "status": "finished",
@@ -97,7 +104,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         "seed": cfg.seed,
         "backbone": cfg.backbone.name,
         "dataset": cfg.dataset.name,
-        "method": cfg.method.name,
+        "method": method,
         "rank": cfg.rank,
         "lr": cfg.lr,
         "params": final_counts.as_dict(),
@@ -114,11 +121,11 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
     }
     if logger:
         logger.log_metrics({"record/best_val": record["best_val"], "record/test": record["test"]})
-    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{cfg.method.name}_r{cfg.rank}_s{cfg.seed}_{run_id}"
+    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{method}_r{cfg.rank}_s{cfg.seed}_{run_id}"
     path = write_record(record, cfg.results_dir, name)
     record["path"] = str(path)
     print(
-        f"\n{cfg.dataset.name} | {cfg.method.name} (rank {cfg.rank}) | trainable adapter parameters "
+        f"\n{cfg.dataset.name} | {method} (rank {cfg.rank}) | trainable adapter parameters "
         f"{final_counts.adapter:,} of {final_counts.unmasked_adapter:,} unmasked (+{final_counts.head:,} head) | "
         f"{cfg.dataset.get('reported_split', 'test')} {cfg.dataset.metric} {record['test']:.2f} "
         f"(best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"
