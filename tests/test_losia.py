@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import open_dict
@@ -141,3 +143,22 @@ def test_blocks_relocalise_in_turn_on_schedule_with_optimiser_state_reset(tiny_c
     # AdamW's state restarted at each re-localisation: block 0 has stepped 3 times since (steps 3-5), block 1 once.
     assert adam_steps == [[{3}, {1}]]
     assert record["method"] == "losia" and record["params"]["adapter"] == 2 * (4 * 16 + 2 * 32)
+
+
+def test_checkpoints_restore_the_merged_weights_and_subnets_they_were_scored_with():
+    cfg = compose_config("backbone=tiny_bert", "method=losia")
+    model = adapt(build_backbone(cfg.backbone, num_labels=2).model, cfg)
+    module = SimpleNamespace(model=model)
+    callback = SubnetRelocalization(period=1, blocks=cfg.backbone.blocks)
+    callback.setup(None, module, "fit")
+    checkpoint = {}
+    callback.on_save_checkpoint(None, module, checkpoint)
+    layer = next(iter(subnet_layers(model).values()))
+    saved = layer.base.weight.detach().clone(), layer.rows.clone(), layer.cols.clone()
+    with torch.no_grad():
+        layer.delta.fill_(1.0)
+    layer.recording = True
+    layer(torch.randn(2, layer.base.in_features)).sum().backward()
+    assert layer.relocalize() and not torch.equal(layer.base.weight, saved[0])
+    callback.on_load_checkpoint(None, module, checkpoint)
+    assert all(torch.equal(now, then) for now, then in zip((layer.base.weight, layer.rows, layer.cols), saved))
