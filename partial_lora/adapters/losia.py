@@ -83,7 +83,9 @@ class SubnetLinear(torch.nn.Module):
 
     @torch.no_grad()
     def _record(self, output_grad: torch.Tensor, inputs: torch.Tensor) -> None:
-        weight_grad = output_grad.reshape(-1, output_grad.shape[-1]).T.float() @ inputs.reshape(-1, inputs.shape[-1]).float()
+        # dW = sum over tokens of (output gradient) x (input): the full gradient LoSiA-Pro skips otherwise.
+        weight_grad = (output_grad.reshape(-1, output_grad.shape[-1]).T.float()
+                       @ inputs.reshape(-1, inputs.shape[-1]).float())
         product = self.weight().float() * weight_grad
         sensitivity = (product - product.square() / 2).abs()
         if self.sensitivity is None:
