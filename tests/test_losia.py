@@ -135,11 +135,22 @@ def test_blocks_relocalise_in_turn_on_schedule_with_optimiser_state_reset(tiny_c
         original_end(callback, trainer, pl_module)
 
     monkeypatch.setattr(SubnetRelocalization, "on_train_end", on_train_end)
+    warmed = []
+    original_unwarm = SubnetRelocalization._unwarm
+
+    def unwarm(callback, optimizer, args, kwargs):
+        warmed.extend((callback.trainer.global_step, group["lr"] / group["unwarmed_lr"])
+                      for group in optimizer.param_groups if "unwarmed_lr" in group)
+        original_unwarm(callback, optimizer, args, kwargs)
+
+    monkeypatch.setattr(SubnetRelocalization, "_unwarm", unwarm)
     record = run(tiny_cfg)
     # 40 training examples / 8 per batch = 5 steps; slots of 2 steps: block 0 ends its slot at step 2 and
     # block 1 at step 4 (step 5 is mid-slot). Six adapted layers per block, each re-localised once.
     assert record["steps"] == 5
     assert events == [(0, True)] * 6 + [(1, True)] * 6
+    # The learning rate re-warms over a period (2 steps) after each re-localisation: half of it on the first step.
+    assert warmed == [(2, 0.5)] * 6 + [(4, 0.5)] * 6
     # AdamW's state restarted at each re-localisation: block 0 has stepped 3 times since (steps 3-5), block 1 once.
     assert adam_steps == [[{3}, {1}]]
     assert record["method"] == "losia" and record["params"]["adapter"] == 2 * (4 * 16 + 2 * 32)
