@@ -66,6 +66,7 @@ class CoTo(L.Callback):
         self.initial_p, self.stage1_ratio, self.blocks = initial_p, stage1_ratio, blocks
         self.generator = torch.Generator().manual_seed(seed)
         self.groups: list[list[BaseTunerLayer]] = []
+        self.total_steps = 0
         self.off: list[BaseTunerLayer] = []
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -73,11 +74,11 @@ class CoTo(L.Callback):
         if not layers:
             raise ConfigError("strategy=coto switches PEFT adapter layers, and this method has none.")
         self.groups = [[layers[name] for name in names] for names in group_by_block(list(layers), self.blocks)]
+        self.total_steps = int(trainer.estimated_stepping_batches)
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
                              batch_idx: int) -> None:
-        probability = activation_probability(trainer.global_step, int(trainer.estimated_stepping_batches),
-                                             self.initial_p, self.stage1_ratio)
+        probability = activation_probability(trainer.global_step, self.total_steps, self.initial_p, self.stage1_ratio)
         if probability >= 1:
             return
         active = sample_active_blocks(probability, len(self.groups), self.generator)
