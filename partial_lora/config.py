@@ -62,6 +62,9 @@ def validate(cfg: DictConfig) -> None:
         _require(size is None or (_is_int(size) and size >= 1),
                  f"dataset.{key} must be an integer >= 1{'' if key == 'val_size' else ' or null (all)'}, got {size!r}.")
     _validate_method(cfg)
+    _require(cfg.strategy.name != "coto" or cfg.method.peft_config is not None,
+             f"strategy=coto switches PEFT adapters on and off, and method {cfg.method.name} has none: "
+             "pick a PEFT method (lora, dora, adalora, partial_lora, ...).")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise ConfigError(
             f"data_dir '{cfg.data_dir}' is not a directory; point data_dir (or {DATA_DIR_ENV}) at a folder "

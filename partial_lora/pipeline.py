@@ -101,17 +101,22 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
     # Lightning's save_last only follows improvements of the monitored metric: resuming needs every epoch.
     latest = ModelCheckpoint(dirpath=slot.checkpoints, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    callbacks = [checkpoint, latest, RngState(), FiniteLoss()] + ([AdaLoraBudget()] if rank_allocation else [])
+    # Training strategies (CoTo) and methods with their own schedule (LoSiA) bring a callback; CoTo's comes
+    # before AdaLoraBudget, which reads the gradients it completes.
+    extra = [instantiate(callback) for callback in (cfg.strategy.callback, cfg.method.get("callback")) if callback]
+    callbacks = [checkpoint, latest, RngState(), FiniteLoss(), *extra] + ([AdaLoraBudget()] if rank_allocation else [])
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
     if logger:
         logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
     resume = slot.resume_from()
     if resume is not None:
         print(f"resuming run {slot.run_id} from {resume}")
+    # A strategy makes another method of the protocol: "lora+coto" is aggregated apart from "lora".
+    method = cfg.method.name if cfg.strategy.name == "none" else f"{cfg.method.name}+{cfg.strategy.name}"
     identity = {"run_id": slot.run_id, "config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
-                "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "method": cfg.method.name,
+                "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "method": method,
                 "rank": cfg.rank, "lr": cfg.lr}
-    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{cfg.method.name}_r{cfg.rank}_s{cfg.seed}_{slot.run_id}"
+    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{method}_r{cfg.rank}_s{cfg.seed}_{slot.run_id}"
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except TrainingDiverged as failure:
@@ -151,7 +156,7 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
         logger.log_metrics({"record/best_val": record["best_val"], "record/test": record["test"]})
     record["path"] = path = _store(cfg, slot, record, name)
     print(
-        f"\n{cfg.dataset.name} | {cfg.method.name} (rank {cfg.rank}) | trainable adapter parameters "
+        f"\n{cfg.dataset.name} | {method} (rank {cfg.rank}) | trainable adapter parameters "
         f"{final_counts.adapter:,} of {final_counts.unmasked_adapter:,} unmasked (+{final_counts.head:,} head) | "
         f"{cfg.dataset.get('reported_split', 'test')} {cfg.dataset.metric} {record['test']:.2f} "
         f"(best val {record['best_val']:.2f}) | {record['wall_time_s']:.0f} s\nrun record: {path}"

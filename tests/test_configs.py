@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from partial_lora.config import register_resolvers
 from tests.conftest import CONF, compose_config
 
-GROUPS = ["dataset", "backbone", "method", "importance", "trainer", "logger", "experiment"]
+GROUPS = ["dataset", "backbone", "method", "importance", "strategy", "trainer", "logger", "experiment"]
 
 
 def options(group: str) -> list[str]:

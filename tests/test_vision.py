@@ -21,7 +21,7 @@ from partial_lora.cli import expand_ranges
 from partial_lora.data import VisionDataModule, few_shot_split
 from partial_lora.errors import DataError
 from partial_lora.pipeline import run
-from tests.conftest import CONF, compose_config
+from tests.conftest import compose_config
 
 TORCHVISION_CLASSES = {"pets": "OxfordIIITPet", "flowers": "Flowers102", "cifar10": "CIFAR10", "cifar100": "CIFAR100",
                        "fer2013": "FER2013", "gtsrb": "GTSRB", "fgvc": "FGVCAircraft", "imagenet": "ImageNet"}

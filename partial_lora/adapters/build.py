@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 from peft import get_peft_model
 
+from partial_lora.adapters.losia import apply_losia
 from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, factor, lora_layers
 from partial_lora.adapters.sparse_delta import apply_random_masking
 from partial_lora.backbones.base import in_head
@@ -36,13 +37,17 @@ def uses_rank_allocation(method: DictConfig) -> bool:
 
 def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = None) -> torch.nn.Module:
     """Wrap ``model`` with the method's PEFT adapter (head trainable too), a random sparse delta
-    (``random_masking``), or unfreeze it all for ``full_ft``.
+    (``random_masking``), LoSiA's subnets (``losia``), or unfreeze it all for ``full_ft``.
 
     AdaLoRA's warm-up and final phases are configured as fractions of ``total_steps``.
     """
     method, head_modules = cfg.method, list(cfg.backbone.head_modules)
-    if method.get("sparse_delta"):
-        apply_random_masking(model, cfg.backbone.target_modules, method.sparse_delta.trainable_fraction, cfg.seed)
+    if method.get("sparse_delta") or method.get("losia"):
+        if method.get("sparse_delta"):
+            apply_random_masking(model, cfg.backbone.target_modules, method.sparse_delta.trainable_fraction,
+                                 cfg.seed)
+        else:
+            apply_losia(model, cfg.backbone.target_modules, method.losia.rank_factor, method.losia.beta, cfg.seed)
         for name, module in model.named_modules():
             if in_head(name, head_modules):
                 module.requires_grad_(True)
@@ -73,7 +78,8 @@ def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> Paramet
 
     Low-rank factors are counted by formula: ``rank * (kept rows + kept columns)`` per layer (SPEC 1),
     plus AdaLoRA's singular values, with the rank AdaLoRA has left after pruning. Every other trainable
-    tensor (DoRA magnitudes, VeRA scalings, sparse deltas, full fine-tuning) counts whole.
+    tensor (DoRA magnitudes, VeRA scalings, sparse deltas, LoSiA's subnet deltas, full fine-tuning) counts
+    whole.
     """
     adapter = unmasked = 0
     counted_by_formula = set()

@@ -10,11 +10,10 @@ layers in proportion to their size.
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch.nn.functional import linear
 
+from partial_lora.adapters.targets import targeted_linears, wrap_linears
 from partial_lora.errors import ConfigError
 from partial_lora.masks import layer_generator
 
@@ -46,20 +45,15 @@ def apply_random_masking(model: torch.nn.Module, target_modules: str, trainable_
     """
     if not 0 < trainable_fraction <= 1:
         raise ConfigError(f"method.sparse_delta.trainable_fraction must lie in (0, 1], got {trainable_fraction!r}.")
-    targets = {name: module for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and re.fullmatch(target_modules, name)}
-    if not targets:
-        raise ConfigError(f"no linear layer matches the backbone's target_modules {target_modules!r}.")
+    targets = targeted_linears(model, target_modules)
     budget = trainable_fraction * sum(parameter.numel() for parameter in model.parameters())
     targeted = sum(module.weight.numel() for module in targets.values())
-    model.requires_grad_(False)
-    entries = {}
-    for name, module in targets.items():
-        size = module.weight.numel()
-        count = min(size, max(1, round(budget * size / targeted)))
-        chosen = torch.randperm(size, generator=layer_generator(seed, name))[:count]
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child,
-                SparseDeltaLinear(module, chosen.sort().values.to(module.weight.device)))
-        entries[name] = count
+    entries = {name: min(module.weight.numel(), max(1, round(budget * module.weight.numel() / targeted)))
+               for name, module in targets.items()}
+
+    def wrap(name: str, module: torch.nn.Linear) -> SparseDeltaLinear:
+        chosen = torch.randperm(module.weight.numel(), generator=layer_generator(seed, name))[:entries[name]]
+        return SparseDeltaLinear(module, chosen.sort().values.to(module.weight.device))
+
+    wrap_linears(model, targets, wrap)
     return entries

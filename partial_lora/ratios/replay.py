@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from partial_lora.backbones.base import block_of
+
 
 class _Replay(torch.nn.Module):
     def __init__(self, outputs: list[Any], position: list[int]) -> None:
@@ -52,10 +54,8 @@ class PrefixReplay:
 
     def block_of(self, layer: str, blocks_path: str) -> int:
         """Index of the block whose dotted path prefixes ``layer`` (0 when it sits before every block)."""
-        prefix = f"{blocks_path}."
-        if not layer.startswith(prefix):
-            return 0
-        return int(layer[len(prefix):].split(".", 1)[0])
+        block = block_of(layer, blocks_path)
+        return 0 if block is None else block
 
     @contextmanager
     def starting_at(self, block: int) -> Iterator[None]:

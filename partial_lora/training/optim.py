@@ -16,3 +16,10 @@ def loraplus(model: torch.nn.Module, lr: float, weight_decay: float, lr_ratio: f
     """LoRA+ (Hayou et al., 2024): B factors learn ``lr_ratio`` times faster than A (PEFT's builder)."""
     return create_loraplus_optimizer(model, torch.optim.AdamW, lr=lr, loraplus_lr_ratio=lr_ratio,
                                      weight_decay=weight_decay)
+
+
+def adamw_per_tensor(model: torch.nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW with one parameter group per trainable tensor, so that a callback can re-warm one layer's
+    learning rate (LoSiA) while the run's scheduler keeps driving every group."""
+    groups = [{"params": [parameter]} for parameter in model.parameters() if parameter.requires_grad]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
