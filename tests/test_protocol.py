@@ -215,6 +215,11 @@ def test_targets_sharing_a_setting_share_its_runs():
     assert len(hashes) == 1
     other_scale = OmegaConf.to_container(compose_target("table6", "paper", overrides), resolve=False)
     assert config_hash(other_scale) not in hashes
+    # The default strategy changes nothing: records from before strategies existed keep their id.
+    plain = OmegaConf.to_container(compose_target("table6", "cpu", overrides), resolve=False)
+    assert config_hash({key: value for key, value in plain.items() if key != "strategy"}) in hashes
+    coto = OmegaConf.to_container(compose_target("table6", "cpu", [*overrides, "strategy=coto"]), resolve=False)
+    assert config_hash(coto) not in hashes
 
 
 def test_a_relaunched_target_skips_its_finished_runs(glue_dir: Path, tmp_path: Path, monkeypatch, capsys):

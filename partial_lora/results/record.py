@@ -36,11 +36,15 @@ def config_hash(config: dict[str, Any]) -> str:
     """Stable short hash of what a run computes: two runs with the same hash are the same experiment.
 
     Of the scale only its name counts: its domain lists say what targets sweep, and growing them must
-    not orphan finished runs; its training settings are already in the dataset and train keys."""
+    not orphan finished runs; its training settings are already in the dataset and train keys. The
+    default training strategy (``strategy=none``) changes nothing, so it leaves the hash as it was before
+    strategies existed."""
     for dotted in NON_SEMANTIC_KEYS:
         config = _without(config, dotted)
     if isinstance(config.get("scale"), dict):
         config = config | {"scale": config["scale"].get("name")}
+    if isinstance(config.get("strategy"), dict) and config["strategy"].get("name") == "none":
+        config = _without(config, "strategy")
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
