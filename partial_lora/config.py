@@ -41,6 +41,8 @@ def validate(cfg: DictConfig) -> None:
                                or method.peft_config._target_ not in ("peft.LoraConfig", "peft.AdaLoraConfig")):
         raise ConfigError(f"method {method.name} puts row/column masks on low-rank factors, which only LoRA and "
                           "AdaLoRA adapters have (peft.LoraConfig or peft.AdaLoraConfig).")
+    if not isinstance(cfg.adapter.compact, bool):
+        raise ConfigError(f"adapter.compact must be true or false, got {cfg.adapter.compact!r}.")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise ConfigError(
             f"data_dir '{cfg.data_dir}' is not a directory; point data_dir (or {DATA_DIR_ENV}) at a folder "
