@@ -12,6 +12,7 @@ from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.importance import svd_scores
 from partial_lora.ratios import PrefixReplay, derive_counts, largest_removable
+from partial_lora.ratios.search import literal_evaluations
 from partial_lora.ratios.probe import probed_head
 from tests.conftest import compose_config
 
@@ -23,7 +24,9 @@ def test_binary_and_linear_find_the_same_count(size, limit, step):
     binary, binary_calls = largest_removable(size, passes, "binary", step)
     expected = size if limit == size else (limit // step) * step
     assert linear == binary == expected
-    assert binary_calls <= max(1, (len(range(step, size, step)) + 1).bit_length())
+    assert literal_evaluations(size, linear, step) == linear_calls
+    # One call for "remove everything" (all that is needed when it passes), then the bisection.
+    assert binary_calls == 1 if limit == size else binary_calls <= 1 + (len(range(step, size, step)) + 1).bit_length()
 
 
 def test_bad_search_settings_are_refused():
@@ -124,3 +127,18 @@ def test_early_stopping_evaluation_decides_like_the_full_one():
         assert 0 < full < 1
         for target in torch.linspace(0, 1, 31).tolist():
             assert (accuracy("bert.encoder.layer.1.output.dense", target) >= target) == (full >= target)
+
+
+def test_removing_everything_is_one_evaluation_for_both_axes():
+    # Accuracy ignores this layer (it passes with W = 0): one evaluation settles rows and columns alike.
+    weight = torch.randn(6, 5)
+    evaluated = []
+
+    def accuracy(layer, target):
+        evaluated.append(None if layer is None else weight.clone())
+        return 1.0
+
+    scores = {"layer": svd_scores(weight)}
+    _, counts = derive_counts({"layer": weight}, scores, accuracy, tau=0.9, progress=False)
+    assert (counts["layer"].k_row, counts["layer"].k_col, counts["layer"].evaluations) == (0, 0, 1)
+    assert len(evaluated) == 2 and torch.count_nonzero(evaluated[1]) == 0
