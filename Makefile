@@ -8,7 +8,7 @@ ifeq ($(PARTIAL_LORA_DATA),)
 unexport PARTIAL_LORA_DATA
 endif
 
-.PHONY: install demo test test-all clean
+.PHONY: install demo test test-all bench clean
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ test: $(PYTHON)
 
 test-all: $(PYTHON)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q
+
+# Masked adapters vs LoRA vs the frozen floor, and ratio derivation speed (MiniLM, SST-2, CPU): scripts/bench.py.
+bench: $(PYTHON)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. $(PYTHON) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache
