@@ -9,13 +9,15 @@ trains. PEFT has no structured sparsity of its factors, so the computation is a 
 (its extension point, as DoRA uses it): PEFT's layer, dropout, scaling, merging and adapter switching
 stay in charge.
 
-How it computes (measured on CPU, see ``scripts/bench.py``): the input side multiplies ``x`` by ``A[:, C]``
-scattered into a zero-padded d x n matrix (tiny), which reads ``x`` once and lets autograd reuse the ``x``
-the base layer already saves, where gathering ``x[..., C]`` would copy and save a second activation;
-the output side adds ``(x A^T) B[R]^T`` into the base output's columns ``R`` in place (``index_add_``),
-which touches |R| of m columns where LoRA's dense path allocates and adds three m-wide tensors.
-Dropout is applied to the whole ``x`` exactly as PEFT's LoRA does, so one random state gives the same
-output as the dense masked layer.
+How it computes: the stored factors are scattered into zero-padded d x n and m x d matrices (tiny, rebuilt
+each call so that gradients reach the stored entries only) and multiplied as LoRA does. On CPU, at
+MiniLM's shapes (2048 tokens, rank 8, 70% kept), gathering ``x[..., C]`` and adding into the output's
+columns ``R`` with ``index_add`` measured 10-40% slower per layer (forward + backward) than LoRA, the
+padded path as fast as LoRA: at rank 8 the work is reading and writing the activations, which both
+paths do whole, and the padded path lets autograd reuse the ``x`` the base layer already saves. The
+savings are the factors, their gradients and AdamW state, and every layer that keeps no row or no
+column, which is skipped outright. Dropout is applied to the whole ``x`` as PEFT's LoRA does, so one
+random state gives the dense masked layer's output.
 
 AdaLoRA (``partial_adalora``) stays dense: its P, Lambda, Q triplets are pruned by PEFT's rank
 allocator, which works on the full factors, and its layers have no variant hook.
@@ -45,11 +47,15 @@ def padded_a(layer: LoraLayer, adapter: str) -> torch.Tensor:
     return weight.new_zeros(weight.shape[0], layer.in_features).index_copy(1, kept(layer)[1], weight)
 
 
+def padded_b(layer: LoraLayer, adapter: str) -> torch.Tensor:
+    """``B`` (m x d) with the stored rows in place and zeros elsewhere (differentiable)."""
+    weight = layer.lora_B[adapter].weight
+    return weight.new_zeros(layer.out_features, weight.shape[1]).index_copy(0, kept(layer)[0], weight)
+
+
 def delta_weight(layer: LoraLayer, adapter: str) -> torch.Tensor:
-    """``scaling * B @ A`` (m x n), zero outside the kept rows."""
-    rows, _ = kept(layer)
-    core = layer.lora_B[adapter].weight @ padded_a(layer, adapter) * layer.scaling[adapter]
-    return core.new_zeros(layer.out_features, layer.in_features).index_copy(0, rows, core)
+    """``scaling * B @ A`` (m x n), zero outside the kept rows and columns."""
+    return padded_b(layer, adapter) @ padded_a(layer, adapter) * layer.scaling[adapter]
 
 
 class CompactLora(LoraVariant):
@@ -78,9 +84,7 @@ class CompactLora(LoraVariant):
         if rows.numel() == 0 or cols.numel() == 0:
             return result
         hidden = module.lora_dropout[active_adapter](x) @ padded_a(module, active_adapter).T
-        update = hidden @ (module.lora_B[active_adapter].weight * module.scaling[active_adapter]).T
-        # In place: the base linear layer does not keep its output for backward.
-        return result.index_add_(-1, rows, update.to(result.dtype))
+        return result + (hidden @ padded_b(module, active_adapter).T * module.scaling[active_adapter]).to(result.dtype)
 
 
 def _linear(weight: torch.Tensor, requires_grad: bool) -> torch.nn.Linear:
@@ -114,8 +118,5 @@ def make_compact(layer: LoraLayer, adapter: str, row: torch.Tensor, col: torch.T
 
 def full_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``A`` (d x n) and ``B`` (m x d) full-shaped, zero outside the masks, as the dense layer holds them."""
-    rows, _ = kept(layer)
     with torch.no_grad():
-        lora_b = layer.lora_B[adapter].weight
-        full_b = lora_b.new_zeros(layer.out_features, lora_b.shape[1]).index_copy(0, rows, lora_b)
-        return padded_a(layer, adapter), full_b
+        return padded_a(layer, adapter), padded_b(layer, adapter)
