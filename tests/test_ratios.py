@@ -142,3 +142,22 @@ def test_removing_everything_is_one_evaluation_for_both_axes():
     _, counts = derive_counts({"layer": weight}, scores, accuracy, tau=0.9, progress=False)
     assert (counts["layer"].k_row, counts["layer"].k_col, counts["layer"].evaluations) == (0, 0, 1)
     assert len(evaluated) == 2 and torch.count_nonzero(evaluated[1]) == 0
+
+
+def test_adapters_are_off_while_counts_are_derived_and_on_after():
+    cfg, model, batches = tiny_model_and_batches(2, 4)
+    from partial_lora.adapters.masked import lora_layers
+    from partial_lora.adapters.partial import adapters_off
+
+    layers = list(lora_layers(model).values())
+    logits = lambda: model(**{k: v for k, v in batches[0].items() if k != "labels"}).logits  # noqa: E731
+    with torch.no_grad():
+        for layer in layers:  # a non-zero adapter, so that switching it off shows
+            torch.nn.init.normal_(layer.lora_B["default"].weight)
+        with_adapters = logits()
+        with adapters_off(model):
+            assert all(layer.disable_adapters for layer in layers)
+            without = logits()
+        assert torch.equal(logits(), with_adapters) and not torch.allclose(without, with_adapters)
+    assert all(not layer.disable_adapters for layer in layers)
+    assert all(p.requires_grad for layer in layers for p in layer.lora_A.parameters())
