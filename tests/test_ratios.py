@@ -22,11 +22,21 @@ def test_binary_and_linear_find_the_same_count(size, limit, step):
     passes = lambda count: count <= limit  # noqa: E731 - monotone by construction
     linear, linear_calls = largest_removable(size, passes, "linear", step)
     binary, binary_calls = largest_removable(size, passes, "binary", step)
+    whole, whole_calls = largest_removable(size, passes, "whole_first", step)
     expected = size if limit == size else (limit // step) * step
-    assert linear == binary == expected
+    assert linear == binary == whole == expected
     assert literal_evaluations(size, linear, step) == linear_calls
+    bisection = (len(range(step, size, step)) + 1).bit_length()
+    assert binary_calls <= max(1, bisection)
     # One call for "remove everything" (all that is needed when it passes), then the bisection.
-    assert binary_calls == 1 if limit == size else binary_calls <= 1 + (len(range(step, size, step)) + 1).bit_length()
+    assert whole_calls == 1 if limit == size else whole_calls <= 1 + bisection
+
+
+def test_searches_differ_only_where_accuracy_is_not_monotone():
+    passes = lambda count: count <= 3 or count == 10  # noqa: E731 - removing all passes, 4..9 fail
+    assert largest_removable(10, passes, "linear") == (3, 4)
+    assert largest_removable(10, passes, "binary")[0] == 3
+    assert largest_removable(10, passes, "whole_first") == (10, 1)
 
 
 def test_bad_search_settings_are_refused():
@@ -59,10 +69,12 @@ def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
     scores = {name: svd_scores(weight.detach()) for name, weight in weights.items()}
     base, linear = derive_counts(weights, scores, accuracy, tau=0.9, search="linear", progress=False)
     _, binary = derive_counts(weights, scores, accuracy, tau=0.9, search="binary", progress=False)
+    _, whole = derive_counts(weights, scores, accuracy, tau=0.9, search="whole_first", progress=False)
     assert base == 1.0
     for name in weights:
         assert torch.equal(weights[name], before[name])
         assert (linear[name].k_row, linear[name].k_col) == (binary[name].k_row, binary[name].k_col)
+        assert (whole[name].k_row, whole[name].k_col) == (binary[name].k_row, binary[name].k_col)
     # Zeroing units 0..3 loses classes 1..3 (9 of 136 examples; class 0 still wins the all-zero argmax);
     # unit 4 would lose 5 more, 14 > 10% of 136.
     assert linear["hidden"].k_row == linear["hidden"].k_col == size - 4
@@ -139,7 +151,7 @@ def test_removing_everything_is_one_evaluation_for_both_axes():
         return 1.0
 
     scores = {"layer": svd_scores(weight)}
-    _, counts = derive_counts({"layer": weight}, scores, accuracy, tau=0.9, progress=False)
+    _, counts = derive_counts({"layer": weight}, scores, accuracy, tau=0.9, search="whole_first", progress=False)
     assert (counts["layer"].k_row, counts["layer"].k_col, counts["layer"].evaluations) == (0, 0, 1)
     assert len(evaluated) == 2 and torch.count_nonzero(evaluated[1]) == 0
 

@@ -6,10 +6,12 @@ increasing importance; the largest count removed with accuracy ``>= tau * mu`` g
 
 ``linear`` is the literal algorithm: one evaluation per ``step`` more indices, stopping at the first
 failure. ``binary`` assumes accuracy falls monotonically as more is removed and needs O(log m)
-evaluations; both return the same count wherever that holds. Under the same assumption, ``binary``
-first tries removing everything: removing all rows and all columns both give ``W = 0``, so one
-evaluation per matrix settles both axes of a matrix that can go entirely (in MiniLM, every matrix of
-the first three blocks), and costs one extra evaluation otherwise.
+evaluations; both return the same count wherever that holds. ``whole_first`` (the default) makes the
+same assumption and first tries removing everything: removing all rows and all columns both give
+``W = 0``, so one evaluation settles both axes of a matrix that can go entirely, and it costs one
+extra evaluation otherwise. Where accuracy is not monotone the three can differ: if ``W = 0`` passes
+but some smaller removal fails, ``whole_first`` removes everything, where ``binary`` stops at whichever
+pass-to-fail step its probes happen to meet and ``linear`` at the first failure.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from tqdm.auto import tqdm
 from partial_lora.errors import ConfigError
 from partial_lora.importance import LayerScores
 
-SEARCHES = ("linear", "binary")
+SEARCHES = ("linear", "binary", "whole_first")
 
 
 @dataclass
@@ -48,8 +50,8 @@ def literal_evaluations(size: int, removed: int, step: int = 1) -> int:
 def largest_removable(size: int, passes: Callable[[int], bool], search: str, step: int = 1) -> tuple[int, int]:
     """Largest multiple of ``step`` in ``[0, size]`` (or ``size`` itself) that ``passes``; returns (count, calls).
 
-    ``passes(0)`` is taken as true: removing nothing is the baseline itself. ``binary`` asks about
-    ``size`` first (see the module docstring).
+    ``passes(0)`` is taken as true: removing nothing is the baseline itself. ``whole_first`` asks
+    about ``size`` first (see the module docstring).
     """
     if search not in SEARCHES:
         raise ConfigError(f"ratios.search must be one of {', '.join(SEARCHES)}, got {search!r}.")
@@ -65,10 +67,12 @@ def largest_removable(size: int, passes: Callable[[int], bool], search: str, ste
                 break
             removed = count
         return removed, calls
-    calls += 1
-    if passes(size):
-        return size, calls
-    low, high = -1, len(candidates) - 1  # candidates[low] passes (-1: nothing removed), candidates[high] fails
+    low, high = -1, len(candidates)  # candidates[low] passes (-1: nothing removed), candidates[high] fails
+    if search == "whole_first":
+        calls += 1
+        if passes(size):
+            return size, calls
+        high -= 1
     while high - low > 1:
         middle = (low + high) // 2
         calls += 1
@@ -81,7 +85,7 @@ def largest_removable(size: int, passes: Callable[[int], bool], search: str, ste
 
 @torch.no_grad()
 def derive_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores],
-                  accuracy: Callable[[str | None, float | None], float], tau: float, search: str = "binary",
+                  accuracy: Callable[[str | None, float | None], float], tau: float, search: str = "whole_first",
                   step: int = 1, progress: bool = True) -> tuple[float, dict[str, LayerCounts]]:
     """Run Algorithm 1 on every weight; returns the baseline accuracy and each layer's kept counts.
 
