@@ -13,7 +13,7 @@ LAUNCHER ?= local     # hydra/launcher: local, parallel (joblib) or slurm (submi
 TABLES := table1 table2 table3 table4 table5 table6
 FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig11 fig12 fig17
 
-.PHONY: install demo test test-all clean tables $(TABLES) $(FIGURES)
+.PHONY: install demo test test-all bench clean tables $(TABLES) $(FIGURES)
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -39,6 +39,10 @@ $(TABLES) $(FIGURES): $(PYTHON)
 # Every table and figure from the records and caches present; runs nothing.
 tables: $(PYTHON)
 	$(PYTHON) scripts/reproduce.py $(TABLES) $(FIGURES) --scale $(strip $(SCALE)) --render-only
+
+# Masked adapters vs LoRA vs the frozen floor, and ratio derivation speed (MiniLM, SST-2, CPU): scripts/bench.py.
+bench: $(PYTHON)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. $(PYTHON) scripts/bench.py $(BENCH_ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache

@@ -65,6 +65,7 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.strategy.name != "coto" or cfg.method.peft_config is not None,
              f"strategy=coto switches PEFT adapters on and off, and method {cfg.method.name} has none: "
              "pick a PEFT method (lora, dora, adalora, partial_lora, ...).")
+    _require(isinstance(cfg.adapter.compact, bool), f"adapter.compact must be true or false, got {cfg.adapter.compact!r}.")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise ConfigError(
             f"data_dir '{cfg.data_dir}' is not a directory; point data_dir (or {DATA_DIR_ENV}) at a folder "

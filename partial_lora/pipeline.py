@@ -84,7 +84,7 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
             batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples,
                                                     cfg.ratios.batch_size)
         masks, mask_summary = derive_masks(model, cfg, batches, backbone.head_modules)
-        apply_masks(model, masks)
+        apply_masks(model, masks, compact=cfg.adapter.compact)
         mask_summary["kept_fraction"] = kept_fractions(model)
     counts = count_parameters(model, backbone.head_modules)
     if cfg.dry_run:

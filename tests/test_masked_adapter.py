@@ -16,13 +16,18 @@ from partial_lora.pipeline import run
 from tests.conftest import compose_config
 
 
-def masked_tiny_model(seed: int = 0, mode: str = "balanced"):
-    cfg = compose_config("backbone=tiny_bert", f"method={mode}", "rank=4", f"seed={seed}")
+def masked_tiny_model(seed: int = 0, mode: str = "balanced", compact: bool = False, init_b: bool = False):
+    """A tiny BERT under a masked method; ``init_b`` gives B random kept rows so that the adapter is not zero."""
+    cfg = compose_config("backbone=tiny_bert", f"method={mode}", "rank=4", f"seed={seed}",
+                         f"adapter.compact={str(compact).lower()}")
     torch.manual_seed(seed)
     backbone = build_backbone(cfg.backbone, num_labels=2)
     model = adapt(backbone.model, cfg)
+    if init_b:
+        for layer in lora_layers(model).values():
+            torch.nn.init.normal_(layer.lora_B[ADAPTER].weight)
     masks, _ = derive_masks(model, cfg, [], backbone.head_modules)
-    apply_masks(model, masks)
+    apply_masks(model, masks, compact=cfg.adapter.compact)
     return cfg, backbone, model
 
 
@@ -34,11 +39,8 @@ def batch(seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def test_masked_entries_stay_exactly_zero_through_training_with_weight_decay():
-    _, _, model = masked_tiny_model()
+    _, _, model = masked_tiny_model(init_b=True)  # B with non-zero kept rows, so both factors move
     model.train()
-    for layer in lora_layers(model).values():  # give B non-zero kept rows so both factors move
-        torch.nn.init.normal_(layer.lora_B[ADAPTER].weight)
-        layer.lora_B[ADAPTER].weight.data *= getattr(layer, ROW_MASK)[:, None]
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
     start = {name: (layer.lora_A[ADAPTER].weight.detach().clone(), layer.lora_B[ADAPTER].weight.detach().clone())
@@ -79,10 +81,7 @@ def test_same_seed_same_masks_different_seed_different_masks():
 
 
 def test_saved_adapter_reloads_to_the_same_outputs_and_merges(tmp_path: Path):
-    _, backbone, model = masked_tiny_model(seed=0)
-    for layer in lora_layers(model).values():
-        torch.nn.init.normal_(layer.lora_B[ADAPTER].weight)
-        layer.lora_B[ADAPTER].weight.data *= getattr(layer, ROW_MASK)[:, None]
+    _, backbone, model = masked_tiny_model(seed=0, init_b=True)
     model.eval()
     data = batch()
     inputs = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}

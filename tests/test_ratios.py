@@ -12,6 +12,7 @@ from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.importance import svd_scores
 from partial_lora.ratios import PrefixReplay, derive_counts, largest_removable
+from partial_lora.ratios.search import literal_evaluations
 from partial_lora.ratios.probe import probed_head
 from tests.conftest import compose_config
 
@@ -21,9 +22,21 @@ def test_binary_and_linear_find_the_same_count(size, limit, step):
     passes = lambda count: count <= limit  # noqa: E731 - monotone by construction
     linear, linear_calls = largest_removable(size, passes, "linear", step)
     binary, binary_calls = largest_removable(size, passes, "binary", step)
+    whole, whole_calls = largest_removable(size, passes, "whole_first", step)
     expected = size if limit == size else (limit // step) * step
-    assert linear == binary == expected
-    assert binary_calls <= max(1, (len(range(step, size, step)) + 1).bit_length())
+    assert linear == binary == whole == expected
+    assert literal_evaluations(size, linear, step) == linear_calls
+    bisection = (len(range(step, size, step)) + 1).bit_length()
+    assert binary_calls <= max(1, bisection)
+    # One call for "remove everything" (all that is needed when it passes), then the bisection.
+    assert whole_calls == 1 if limit == size else whole_calls <= 1 + bisection
+
+
+def test_searches_differ_only_where_accuracy_is_not_monotone():
+    passes = lambda count: count <= 3 or count == 10  # noqa: E731 - removing all passes, 4..9 fail
+    assert largest_removable(10, passes, "linear") == (3, 4)
+    assert largest_removable(10, passes, "binary")[0] == 3
+    assert largest_removable(10, passes, "whole_first") == (10, 1)
 
 
 def test_bad_search_settings_are_refused():
@@ -56,10 +69,12 @@ def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
     scores = {name: svd_scores(weight.detach()) for name, weight in weights.items()}
     base, linear = derive_counts(weights, scores, accuracy, tau=0.9, search="linear", progress=False)
     _, binary = derive_counts(weights, scores, accuracy, tau=0.9, search="binary", progress=False)
+    _, whole = derive_counts(weights, scores, accuracy, tau=0.9, search="whole_first", progress=False)
     assert base == 1.0
     for name in weights:
         assert torch.equal(weights[name], before[name])
         assert (linear[name].k_row, linear[name].k_col) == (binary[name].k_row, binary[name].k_col)
+        assert (whole[name].k_row, whole[name].k_col) == (binary[name].k_row, binary[name].k_col)
     # Zeroing units 0..3 loses classes 1..3 (9 of 136 examples; class 0 still wins the all-zero argmax);
     # unit 4 would lose 5 more, 14 > 10% of 136.
     assert linear["hidden"].k_row == linear["hidden"].k_col == size - 4
@@ -124,3 +139,37 @@ def test_early_stopping_evaluation_decides_like_the_full_one():
         assert 0 < full < 1
         for target in torch.linspace(0, 1, 31).tolist():
             assert (accuracy("bert.encoder.layer.1.output.dense", target) >= target) == (full >= target)
+
+
+def test_removing_everything_is_one_evaluation_for_both_axes():
+    # Accuracy ignores this layer (it passes with W = 0): one evaluation settles rows and columns alike.
+    weight = torch.randn(6, 5)
+    evaluated = []
+
+    def accuracy(layer, target):
+        evaluated.append(None if layer is None else weight.clone())
+        return 1.0
+
+    scores = {"layer": svd_scores(weight)}
+    _, counts = derive_counts({"layer": weight}, scores, accuracy, tau=0.9, search="whole_first", progress=False)
+    assert (counts["layer"].k_row, counts["layer"].k_col, counts["layer"].evaluations) == (0, 0, 1)
+    assert len(evaluated) == 2 and torch.count_nonzero(evaluated[1]) == 0
+
+
+def test_adapters_are_off_while_counts_are_derived_and_on_after():
+    cfg, model, batches = tiny_model_and_batches(2, 4)
+    from partial_lora.adapters.masked import lora_layers
+    from partial_lora.adapters.partial import adapters_off
+
+    layers = list(lora_layers(model).values())
+    logits = lambda: model(**{k: v for k, v in batches[0].items() if k != "labels"}).logits  # noqa: E731
+    with torch.no_grad():
+        for layer in layers:  # a non-zero adapter, so that switching it off shows
+            torch.nn.init.normal_(layer.lora_B["default"].weight)
+        with_adapters = logits()
+        with adapters_off(model):
+            assert all(layer.disable_adapters for layer in layers)
+            without = logits()
+        assert torch.equal(logits(), with_adapters) and not torch.allclose(without, with_adapters)
+    assert all(not layer.disable_adapters for layer in layers)
+    assert all(p.requires_grad for layer in layers for p in layer.lora_A.parameters())

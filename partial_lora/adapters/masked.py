@@ -5,10 +5,14 @@ PEFT has no structured masks on its factors, so they are added here: ``u_row`` m
 are masked on every backward pass, so Adam's moments for them stay zero and decoupled weight decay of a
 zero is zero: they stay exactly 0 throughout training. The masks live as buffers on the layer, which
 is what the parameter count, saving and loading read.
+
+This dense layer is the reference (``adapter.compact=false``); by default the masked LoRA layers run
+compact (``partial_lora.adapters.compact``), holding the kept rows and columns only.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from peft.tuners.lora import LoraLayer
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from partial_lora.adapters.compact import ROWS, full_factors, kept, make_compact
 from partial_lora.backbones.base import in_head
 from partial_lora.errors import PartialLoraError
 from partial_lora.masks import LayerMask
@@ -44,7 +49,13 @@ def base_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: layer.get_base_layer().weight for name, layer in lora_layers(model).items()}
 
 
-def apply_mask(layer: LoraLayer, mask: LayerMask) -> None:
+def is_compact(layer: LoraLayer) -> bool:
+    return hasattr(layer, ROWS)
+
+
+def apply_mask(layer: LoraLayer, mask: LayerMask, compact: bool = True) -> None:
+    """Zero the masked entries of ``layer``'s factors; then either keep only the kept ones (``compact``,
+    LoRA layers) or keep the dense factors with gradient masks (the reference, and AdaLoRA's layers)."""
     lora_a, lora_b = factor(layer, "lora_A"), factor(layer, "lora_B")
     row = mask.row.to(device=lora_b.device)
     col = mask.col.to(device=lora_a.device)
@@ -53,18 +64,25 @@ def apply_mask(layer: LoraLayer, mask: LayerMask) -> None:
     with torch.no_grad():
         lora_b.mul_(row[:, None].to(lora_b.dtype))
         lora_a.mul_(col[None, :].to(lora_a.dtype))
+    if compact and hasattr(layer, "lora_E"):
+        warnings.warn("AdaLoRA's masked layers run dense: its rank allocator prunes the full factors, so "
+                      "adapter.compact applies to LoRA layers only.", stacklevel=3)
+    elif compact:
+        make_compact(layer, ADAPTER, row, col)
+        return
     # Read the buffers at call time so a later ``.to(device)`` of the model is honoured.
     lora_b.register_hook(lambda grad, layer=layer: grad * getattr(layer, ROW_MASK)[:, None].to(grad.dtype))
     lora_a.register_hook(lambda grad, layer=layer: grad * getattr(layer, COL_MASK)[None, :].to(grad.dtype))
 
 
-def apply_masks(model: torch.nn.Module, masks: dict[str, LayerMask]) -> None:
+def apply_masks(model: torch.nn.Module, masks: dict[str, LayerMask], compact: bool = True) -> None:
+    """Mask every LoRA layer of ``model``; ``compact`` per :func:`apply_mask` (``adapter.compact``)."""
     layers = lora_layers(model)
     missing = set(layers) ^ set(masks)
     if missing:
         raise PartialLoraError(f"masks and adapted layers differ: {sorted(missing)[:3]}...")
     for name, layer in layers.items():
-        apply_mask(layer, masks[name])
+        apply_mask(layer, masks[name], compact)
 
 
 def masked_layers(model: torch.nn.Module) -> Iterator[tuple[str, LoraLayer]]:
@@ -81,11 +99,15 @@ def kept_fractions(model: torch.nn.Module) -> dict[str, dict[str, float]]:
 
 def save_adapter(model: torch.nn.Module, path: str | Path, head_modules: list[str],
                  metadata: dict[str, str] | None = None) -> Path:
-    """Write A, B, masks and the trained head to one safetensors file (no pickle)."""
+    """Write A, B, masks and the trained head to one safetensors file (no pickle).
+
+    Compact layers are written full-shaped (zeros outside the masks), so one format serves both.
+    """
     tensors = {}
     for name, layer in lora_layers(model).items():
-        for factor_name in ("lora_A", "lora_B"):
-            tensors[f"{name}.{factor_name}"] = factor(layer, factor_name).detach().cpu().contiguous()
+        full = full_factors(layer, ADAPTER) if is_compact(layer) else (factor(layer, "lora_A"), factor(layer, "lora_B"))
+        for factor_name, value in zip(("lora_A", "lora_B"), full):
+            tensors[f"{name}.{factor_name}"] = value.detach().cpu().contiguous()
         if hasattr(layer, ROW_MASK):
             tensors[f"{name}.row_mask"] = getattr(layer, ROW_MASK).cpu()
             tensors[f"{name}.col_mask"] = getattr(layer, COL_MASK).cpu()
@@ -96,6 +118,11 @@ def save_adapter(model: torch.nn.Module, path: str | Path, head_modules: list[st
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": FORMAT, **(metadata or {})})
     return path
+
+
+def _kept_part(layer: LoraLayer, factor_name: str, full: torch.Tensor) -> torch.Tensor:
+    rows, cols = kept(layer)
+    return full[:, cols.cpu()] if factor_name == "lora_A" else full[rows.cpu()]
 
 
 def _read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -116,7 +143,9 @@ def _adapter_mismatch(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) 
     """Why ``tensors`` do not fit ``model`` (names or shapes, e.g. another backbone or rank), or ``None``."""
     expected = {}
     for name, layer in lora_layers(model).items():
-        lora_a, lora_b = factor(layer, "lora_A"), factor(layer, "lora_B")
+        # Files hold full-shaped factors whatever the execution: compare with the compact layer's full shape.
+        lora_a, lora_b = full_factors(layer, ADAPTER) if is_compact(layer) else (factor(layer, "lora_A"),
+                                                                                 factor(layer, "lora_B"))
         expected |= {f"{name}.lora_A": lora_a.shape, f"{name}.lora_B": lora_b.shape}
         if f"{name}.row_mask" in tensors:
             expected |= {f"{name}.row_mask": lora_b.shape[:1], f"{name}.col_mask": lora_a.shape[1:]}
@@ -134,23 +163,34 @@ def _adapter_mismatch(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) 
     return None
 
 
-def load_adapter(model: torch.nn.Module, path: str | Path) -> dict[str, str]:
+def load_adapter(model: torch.nn.Module, path: str | Path, compact: bool = True) -> dict[str, str]:
     """Load a file written by :func:`save_adapter` into a model built with the same backbone and rank.
 
     Everything is checked before the model changes: a file from another backbone, rank or method is refused.
+    A masked file turns plain LoRA layers into masked ones (compact or dense per ``compact``); layers
+    already masked keep their execution and must carry the file's masks.
     """
     tensors, metadata = _read_adapter(path)
     problem = _adapter_mismatch(model, tensors)
     if problem is not None:
         raise PartialLoraError(f"adapter file {path} does not fit this model: {problem}; build the model with the "
                                "backbone, method and rank it was saved from.")
+    layers = lora_layers(model)
+    masks = {name: LayerMask(tensors[f"{name}.row_mask"], tensors[f"{name}.col_mask"])
+             for name in layers if f"{name}.row_mask" in tensors}
+    for name, layer in layers.items():
+        mask = masks.get(name)
+        if is_compact(layer) and not (mask is not None and torch.equal(mask.row, getattr(layer, ROW_MASK).cpu())
+                                      and torch.equal(mask.col, getattr(layer, COL_MASK).cpu())):
+            raise PartialLoraError(f"adapter file {path} holds other masks than the compact layer {name}.")
     parameters = dict(model.named_parameters())
     with torch.no_grad():
-        for name, layer in lora_layers(model).items():
-            if f"{name}.row_mask" in tensors:
-                apply_mask(layer, LayerMask(tensors[f"{name}.row_mask"], tensors[f"{name}.col_mask"]))
+        for name, layer in layers.items():
             for factor_name in ("lora_A", "lora_B"):
-                factor(layer, factor_name).copy_(tensors[f"{name}.{factor_name}"])
+                source = tensors[f"{name}.{factor_name}"]
+                factor(layer, factor_name).copy_(_kept_part(layer, factor_name, source) if is_compact(layer) else source)
+            if name in masks and not is_compact(layer):
+                apply_mask(layer, masks[name], compact and not hasattr(layer, ROW_MASK))
         for key, value in tensors.items():
             if key.startswith("head::"):
                 parameters[key.removeprefix("head::")].copy_(value)

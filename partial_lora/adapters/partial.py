@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch.nn.functional import cross_entropy
 
-from partial_lora.adapters.masked import base_weights
+from partial_lora.adapters.masked import base_weights, lora_layers
 from partial_lora.errors import DataError
 from partial_lora.importance import compute_importance
 from partial_lora.masks import NEEDS_DERIVATION, LayerMask, make_mask
@@ -57,6 +57,20 @@ def batch_accuracy(model: torch.nn.Module, batches: list[Batch],
         return correct / total
 
     return accuracy
+
+
+@contextmanager
+def adapters_off(model: torch.nn.Module) -> Iterator[None]:
+    """Algorithm 1 scores the pretrained model: its still-zero adapters add exactly nothing, so they are
+    switched off (PEFT's per-layer switch; the trained head copy stays on) and cost no evaluation time."""
+    layers = list(lora_layers(model).values())
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def derivation_inputs(cfg: DictConfig, examples: int) -> dict:
@@ -108,7 +122,7 @@ def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch],
             if cfg.ratios.probe_head_steps and not cfg.backbone.get("zero_shot_head"):
                 head = probed_head(model, head_modules, batches, lambda batch: _logits(model, batch),
                                    steps=cfg.ratios.probe_head_steps)
-            with head:
+            with adapters_off(model), head:
                 scores = compute_importance(weights, cfg.importance.name, top_k=cfg.importance.get("top_k"),
                                             flow=cfg.importance.flow, loss_batches=loss_batches())
                 blocks = cfg.backbone.get("blocks") if cfg.ratios.replay_prefix else None

@@ -6,7 +6,12 @@ increasing importance; the largest count removed with accuracy ``>= tau * mu`` g
 
 ``linear`` is the literal algorithm: one evaluation per ``step`` more indices, stopping at the first
 failure. ``binary`` assumes accuracy falls monotonically as more is removed and needs O(log m)
-evaluations; both return the same count wherever that holds.
+evaluations; both return the same count wherever that holds. ``whole_first`` (the default) makes the
+same assumption and first tries removing everything: removing all rows and all columns both give
+``W = 0``, so one evaluation settles both axes of a matrix that can go entirely, and it costs one
+extra evaluation otherwise. Where accuracy is not monotone the three can differ: if ``W = 0`` passes
+but some smaller removal fails, ``whole_first`` removes everything, where ``binary`` stops at whichever
+pass-to-fail step its probes happen to meet and ``linear`` at the first failure.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from tqdm.auto import tqdm
 from partial_lora.errors import ConfigError
 from partial_lora.importance import LayerScores
 
-SEARCHES = ("linear", "binary")
+SEARCHES = ("linear", "binary", "whole_first")
 
 
 @dataclass
@@ -30,16 +35,29 @@ class LayerCounts:
     evaluations: int
 
 
+def _candidates(size: int, step: int) -> list[int]:
+    return list(range(step, size, step)) + [size]
+
+
+def literal_evaluations(size: int, removed: int, step: int = 1) -> int:
+    """Evaluations the literal (linear) search spends to find ``removed`` of ``size`` (one per candidate
+    up to it, plus the first failing one), assuming monotone accuracy: the baseline of the speed-up."""
+    candidates = _candidates(size, step)
+    passed = 0 if removed == 0 else candidates.index(removed) + 1
+    return passed + (removed < size)
+
+
 def largest_removable(size: int, passes: Callable[[int], bool], search: str, step: int = 1) -> tuple[int, int]:
     """Largest multiple of ``step`` in ``[0, size]`` (or ``size`` itself) that ``passes``; returns (count, calls).
 
-    ``passes(0)`` is taken as true: removing nothing is the baseline itself.
+    ``passes(0)`` is taken as true: removing nothing is the baseline itself. ``whole_first`` asks
+    about ``size`` first (see the module docstring).
     """
     if search not in SEARCHES:
         raise ConfigError(f"ratios.search must be one of {', '.join(SEARCHES)}, got {search!r}.")
     if step < 1:
         raise ConfigError(f"ratios.step must be an integer >= 1, got {step!r}.")
-    candidates = list(range(step, size, step)) + [size]
+    candidates = _candidates(size, step)
     calls = 0
     if search == "linear":
         removed = 0
@@ -50,6 +68,11 @@ def largest_removable(size: int, passes: Callable[[int], bool], search: str, ste
             removed = count
         return removed, calls
     low, high = -1, len(candidates)  # candidates[low] passes (-1: nothing removed), candidates[high] fails
+    if search == "whole_first":
+        calls += 1
+        if passes(size):
+            return size, calls
+        high -= 1
     while high - low > 1:
         middle = (low + high) // 2
         calls += 1
@@ -62,14 +85,15 @@ def largest_removable(size: int, passes: Callable[[int], bool], search: str, ste
 
 @torch.no_grad()
 def derive_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores],
-                  accuracy: Callable[[str | None, float | None], float], tau: float, search: str = "binary",
+                  accuracy: Callable[[str | None, float | None], float], tau: float, search: str = "whole_first",
                   step: int = 1, progress: bool = True) -> tuple[float, dict[str, LayerCounts]]:
     """Run Algorithm 1 on every weight; returns the baseline accuracy and each layer's kept counts.
 
     ``accuracy(name, target)`` evaluates the model while layer ``name`` is modified (``None``: the
     baseline), which lets it skip work that layer cannot affect; it may return early with any value on
     the same side of ``target``. Each evaluation zeroes the chosen rows
-    (columns) of the weight in place and restores them after.
+    (columns) of the weight in place and restores them after. Removing every row and removing every
+    column are the same ``W = 0``: it is evaluated once per layer, and counted once.
     """
     if not 0 < tau <= 1:
         raise ConfigError(f"ratios.threshold must lie in (0, 1], got {tau!r}.")
@@ -80,23 +104,31 @@ def derive_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScore
     bar = tqdm(weights.items(), desc="ratio derivation", unit="layer", disable=not progress)
     for name, weight in bar:
         kept = {}
+        decided: dict[str, bool] = {}  # "everything": whether W = 0 passes
         calls = 0
         for axis, score in (("row", scores[name].row), ("col", scores[name].col)):
             order = torch.argsort(score, stable=True)  # least important first
             view = weight if axis == "row" else weight.T
 
             def passes(count: int) -> bool:
+                nonlocal calls
+                everything = count == len(order)
+                if everything and "everything" in decided:
+                    return decided["everything"]
                 chosen = order[:count]
                 saved = view[chosen].clone()
                 view[chosen] = 0
                 try:
-                    return accuracy(name, target) >= target
+                    calls += 1
+                    result = accuracy(name, target) >= target
                 finally:
                     view[chosen] = saved
+                if everything:
+                    decided["everything"] = result
+                return result
 
-            removed, axis_calls = largest_removable(score.numel(), passes, search, step)
+            removed, _ = largest_removable(score.numel(), passes, search, step)
             kept[axis] = score.numel() - removed
-            calls += axis_calls
         counts[name] = LayerCounts(k_row=kept["row"], k_col=kept["col"], evaluations=calls)
         total_calls += calls
         bar.set_postfix(evaluations=total_calls)

@@ -1,0 +1,122 @@
+"""Compact execution of row/column-masked LoRA (SPEC 1): only the kept rows of B and columns of A exist.
+
+A masked layer with kept rows ``R`` of ``B`` (m x d) and kept columns ``C`` of ``A`` (d x n) adds
+``scaling * B[R, :] @ A[:, C] @ x[C]`` to output rows ``R`` and nothing elsewhere. The compact layer
+stores ``A[:, C]`` (d x |C|) and ``B[R, :]`` (|R| x d) as PEFT's ``lora_A`` / ``lora_B`` linear
+modules, so parameters, gradients and AdamW state shrink with the kept fraction; a layer that keeps no
+row or no column adds nothing to the graph, and backpropagation stops below the lowest layer that
+trains. PEFT has no structured sparsity of its factors, so the computation is a PEFT ``LoraVariant``
+(its extension point, as DoRA uses it): PEFT's layer, dropout, scaling, merging and adapter switching
+stay in charge.
+
+How it computes: the stored factors are scattered into zero-padded d x n and m x d matrices (tiny, rebuilt
+each call so that gradients reach the stored entries only) and multiplied as LoRA does. On CPU, at
+MiniLM's shapes (2048 tokens, rank 8, 70% kept), gathering ``x[..., C]`` and adding into the output's
+columns ``R`` with ``index_add`` measured 10-40% slower per layer (forward + backward) than LoRA, the
+padded path as fast as LoRA: at rank 8 the work is reading and writing the activations, which both
+paths do whole, and the padded path lets autograd reuse the ``x`` the base layer already saves. The
+savings are the factors, their gradients and AdamW state, and every layer that keeps no row or no
+column, which is skipped outright. Dropout is applied to the whole ``x`` as PEFT's LoRA does, so one
+random state gives the dense masked layer's output.
+
+AdaLoRA (``partial_adalora``) stays dense: its P, Lambda, Q triplets are pruned by PEFT's rank
+allocator, which works on the full factors, and its layers have no variant hook.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from peft.tuners.lora import LoraLayer
+from peft.tuners.lora.layer import LoraVariant
+
+from partial_lora.errors import PartialLoraError
+
+ROWS, COLS = "partial_rows", "partial_cols"
+
+
+def kept(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices of the kept rows of B and kept columns of A of a compact layer."""
+    return getattr(layer, ROWS), getattr(layer, COLS)
+
+
+def padded_a(layer: LoraLayer, adapter: str) -> torch.Tensor:
+    """``A`` (d x n) with the stored columns in place and zeros elsewhere (differentiable)."""
+    weight = layer.lora_A[adapter].weight
+    return weight.new_zeros(weight.shape[0], layer.in_features).index_copy(1, kept(layer)[1], weight)
+
+
+def padded_b(layer: LoraLayer, adapter: str) -> torch.Tensor:
+    """``B`` (m x d) with the stored rows in place and zeros elsewhere (differentiable)."""
+    weight = layer.lora_B[adapter].weight
+    return weight.new_zeros(layer.out_features, weight.shape[1]).index_copy(0, kept(layer)[0], weight)
+
+
+def delta_weight(layer: LoraLayer, adapter: str) -> torch.Tensor:
+    """``scaling * B @ A`` (m x n), zero outside the kept rows and columns."""
+    return padded_b(layer, adapter) @ padded_a(layer, adapter) * layer.scaling[adapter]
+
+
+class CompactLora(LoraVariant):
+    """PEFT LoRA variant for layers whose ``lora_A`` / ``lora_B`` hold the kept columns / rows only."""
+
+    @staticmethod
+    def init(module: LoraLayer, adapter_name: str, **kwargs: Any) -> None:
+        """Nothing to set up: :func:`make_compact` replaces the factors of an existing layer."""
+
+    @staticmethod
+    def merge_safe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight + delta_weight(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def merge_unsafe(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> None:
+        orig_weight.data += delta_weight(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def unmerge(module: LoraLayer, active_adapter: str, orig_weight: torch.Tensor) -> torch.Tensor:
+        return orig_weight.data - delta_weight(module, active_adapter).to(orig_weight.dtype)
+
+    @staticmethod
+    def forward(module: LoraLayer, active_adapter: str, x: torch.Tensor, result: torch.Tensor,
+                **kwargs: Any) -> torch.Tensor:
+        rows, cols = kept(module)
+        if rows.numel() == 0 or cols.numel() == 0:
+            return result
+        hidden = module.lora_dropout[active_adapter](x) @ padded_a(module, active_adapter).T
+        return result + (hidden @ padded_b(module, active_adapter).T * module.scaling[active_adapter]).to(result.dtype)
+
+
+def _linear(weight: torch.Tensor, requires_grad: bool) -> torch.nn.Linear:
+    """A bias-free linear module holding ``weight`` (out x in), as PEFT keeps its factors."""
+    module = torch.nn.Linear(1, 1, bias=False, device="meta")  # no initialisation of the real (maybe empty) shape
+    module.weight = torch.nn.Parameter(weight.detach().clone(), requires_grad=requires_grad)
+    module.out_features, module.in_features = weight.shape
+    return module
+
+
+def make_compact(layer: LoraLayer, adapter: str, row: torch.Tensor, col: torch.Tensor) -> None:
+    """Replace the full factors of ``layer`` by their kept rows of B and columns of A.
+
+    Entries outside the masks must be zero (a masked layer's are): dropping non-zero ones would change
+    what the adapter computes.
+    """
+    if getattr(layer, "fan_in_fan_out", False) or adapter in layer.lora_variant:
+        raise PartialLoraError("compact masked LoRA supports plain LoRA on nn.Linear targets only: "
+                               "set adapter.compact=false.")
+    lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    if torch.count_nonzero(lora_a[:, ~col]) or torch.count_nonzero(lora_b[~row]):
+        raise PartialLoraError("the LoRA factors have non-zero entries outside the masks; a compact layer "
+                               "would drop them.")
+    rows, cols = row.nonzero().flatten().to(lora_b.device), col.nonzero().flatten().to(lora_a.device)
+    layer.register_buffer(ROWS, rows, persistent=False)
+    layer.register_buffer(COLS, cols, persistent=False)
+    layer.lora_A[adapter] = _linear(lora_a[:, cols], lora_a.requires_grad)
+    layer.lora_B[adapter] = _linear(lora_b[rows], lora_b.requires_grad)
+    layer.lora_variant[adapter] = CompactLora()
+
+
+def full_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (d x n) and ``B`` (m x d) full-shaped, zero outside the masks, as the dense layer holds them."""
+    with torch.no_grad():
+        return padded_a(layer, adapter), padded_b(layer, adapter)

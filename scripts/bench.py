@@ -1,0 +1,280 @@
+"""Side by side: what masked adapters cost against LoRA and against the frozen backbone (issue 8).
+
+In one run, on one batch shape, for (a) the frozen backbone with no adapter, backpropagated to the
+input of its first block (the floor every adapter pays), (b) PEFT LoRA, (c) dense masked Partial-LoRA
+(``adapter.compact=false``), (d) compact Partial-LoRA: the median training-step time (forward,
+backward, AdamW step; the variants take turns, step by step, so that load on a shared machine hits
+them alike), the step's peak memory above its starting level (CUDA's allocator peak, or on CPU the
+torch profiler's allocation events), and the adapter's parameter + AdamW-state bytes. Then the ratio
+derivation: wall time and evaluations of the fast search against the literal Algorithm 1, whose
+evaluation count follows from the derived counts (``literal_evaluations``) and whose time is that
+count times the time of one full evaluation measured on a sample of layers.
+
+    python scripts/bench.py                                    # MiniLM, SST-2, CPU (make bench)
+    python scripts/bench.py --backbone tiny_bert --steps 3     # a quick check
+    python scripts/bench.py --backbone clip_vit_b16 --device cuda --override backbone.pretrained=null
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import datasets
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, open_dict
+from torch.nn.functional import cross_entropy
+from torch.profiler import ProfilerActivity, profile
+
+from partial_lora.adapters import adapt, apply_masks, count_parameters, derive_masks
+from partial_lora.adapters.masked import base_weights
+from partial_lora.adapters.partial import batch_accuracy, derivation_inputs
+from partial_lora.backbones.base import in_head
+from partial_lora.config import register_resolvers
+from partial_lora.masks import LayerMask
+from partial_lora.pipeline import backbone_and_data
+from partial_lora.ratios import RatioCache
+from partial_lora.ratios.search import literal_evaluations
+from partial_lora.training.optim import adamw
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+VARIANTS = ("floor", "lora", "dense", "compact")
+LABELS = {"floor": "(a) frozen backbone", "lora": "(b) PEFT LoRA", "dense": "(c) masked, dense",
+          "compact": "(d) masked, compact"}
+Batch = dict[str, torch.Tensor]
+
+
+def config(args: argparse.Namespace) -> DictConfig:
+    register_resolvers()
+    overrides = [f"backbone={args.backbone}", f"rank={args.rank}", "method=partial_lora", "importance=svd",
+                 "ratios.progress=false", *args.override]
+    if args.dataset:
+        overrides.append(f"dataset={args.dataset}")
+    elif args.backbone.startswith("clip"):
+        overrides.append("dataset=cifar10_fewshot")
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    with open_dict(cfg):
+        cfg.output_dir = tempfile.mkdtemp(prefix="bench_")
+    return cfg
+
+
+def training_batch(cfg: DictConfig, tokenizer, size: int, length: int, device: str) -> Batch:
+    """``size`` SST-2 (or the configured task's) training sentences padded to ``length`` tokens; random
+    pixels for an image backbone (only the shapes matter for timing)."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, cfg.dataset.num_labels, (size,), generator=generator)
+    if tokenizer is None:
+        side = cfg.backbone.image_size
+        return {"pixel_values": torch.randn(size, 3, side, side, generator=generator).to(device),
+                "labels": labels.to(device)}
+    from partial_lora.data.glue import load_glue_splits
+
+    rows = load_glue_splits(cfg.dataset.task, cfg.data_dir)["train"].select(range(size))
+    encoded = tokenizer(*(list(rows[field]) for field in cfg.dataset.text_fields), padding="max_length",
+                        truncation=True, max_length=length, return_tensors="pt")
+    return {"input_ids": encoded["input_ids"].to(device), "attention_mask": encoded["attention_mask"].to(device),
+            "labels": torch.tensor(list(rows["label"])).to(device)}
+
+
+def frozen_floor(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
+    """No adapter: only the head trains, and the first block's input asks for its gradient, so backward
+    runs through every block as it must for any adapter of the first block."""
+    model.requires_grad_(False)
+    for name, module in model.named_modules():
+        if in_head(name, list(cfg.backbone.head_modules)):
+            module.requires_grad_(True)
+
+    def needs_grad(module, args, kwargs):
+        if args:
+            return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+        key = next(iter(kwargs))
+        return args, kwargs | {key: kwargs[key].detach().requires_grad_(True)}
+
+    model.get_submodule(cfg.backbone.blocks)[0].register_forward_pre_hook(needs_grad, with_kwargs=True)
+    return model
+
+
+def build(variant: str, cfg: DictConfig, masks: dict[str, LayerMask] | None, device: str):
+    """The model of one variant (the same random head for all: same seed) and its AdamW."""
+    torch.manual_seed(cfg.seed)
+    backbone, _ = backbone_and_data(cfg)
+    if variant == "floor":
+        model = frozen_floor(backbone.model, cfg)
+    else:  # every masked method is LoRA's PEFT config plus masks
+        model = adapt(backbone.model, cfg)
+        if variant != "lora":
+            apply_masks(model, masks, compact=variant == "compact")
+    model.to(device).train()
+    optimizer = adamw(model, lr=1e-4, weight_decay=cfg.train.weight_decay)
+    return model, backbone, optimizer
+
+
+def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batch: Batch) -> None:
+    logits = model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+    cross_entropy(logits, batch["labels"]).backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_step_bytes(step: Callable[[], None], device: str) -> int:
+    """Peak memory one step allocates above its starting level."""
+    if device.startswith("cuda"):
+        synchronize(device)
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated() - start
+    # The allocator's own events, in time order: each op's own allocations net of its frees, and frees.
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        step()
+    level = peak = 0
+    for event in sorted(profiler.events(), key=lambda event: event.time_range.start):
+        level += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
+        peak = max(peak, level)
+    return peak
+
+
+def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, head_modules: list[str]) -> int:
+    """Adapter parameters plus their AdamW state (moments and step counters); the head is common to all."""
+    total = 0
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and not in_head(name, head_modules):
+            total += parameter.nbytes
+            total += sum(value.nbytes for value in optimizer.state.get(parameter, {}).values()
+                         if isinstance(value, torch.Tensor))
+    return total
+
+
+def derive(cfg: DictConfig, reuse: bool) -> tuple[dict[str, LayerMask], dict, float]:
+    """Masks of ``cfg`` (derived afresh unless ``reuse`` and cached), the derivation's summary, and the
+    time of one literal evaluation."""
+    backbone, datamodule = backbone_and_data(cfg)
+    model = adapt(backbone.model, cfg)
+    batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
+    if not reuse:
+        inputs = derivation_inputs(cfg, sum(len(batch["labels"]) for batch in batches))
+        RatioCache(cfg.ratios.cache_dir).path(inputs).unlink(missing_ok=True)
+    masks, summary = derive_masks(model, cfg, batches, backbone.head_modules)
+    return masks, summary, full_evaluation_seconds(model, batches)
+
+
+def full_evaluation_seconds(model: torch.nn.Module, batches: list[Batch], samples: int = 3) -> float:
+    """Median time of one literal evaluation (whole model, whole derivation set, no replay or early stop),
+    with a few rows of ``samples`` layers spread over the model zeroed in turn."""
+    accuracy = batch_accuracy(model.eval(), batches)
+    weights = base_weights(model)
+    names = list(weights)
+    times = []
+    for name in names[:: max(1, len(names) // samples)][:samples]:
+        weight = weights[name]
+        saved = weight[:8].clone()
+        with torch.no_grad():
+            weight[:8] = 0
+        started = time.perf_counter()
+        accuracy(name, None)
+        times.append(time.perf_counter() - started)
+        with torch.no_grad():
+            weight[:8] = saved
+    return statistics.median(times)
+
+
+def literal_count(cache_file: str, step: int) -> int:
+    """Evaluations of the literal algorithm for the counts in ``cache_file`` (plus the baseline)."""
+    entry = json.loads(Path(cache_file).read_text())
+    total = 1  # the baseline
+    for layer in entry["layers"].values():
+        rows, cols = layer["shape"]
+        total += literal_evaluations(rows, rows - layer["k_row"], step)
+        total += literal_evaluations(cols, cols - layer["k_col"], step)
+    return total
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="minilm")
+    parser.add_argument("--dataset", default=None, help="default: sst2 (text), cifar10_fewshot (clip)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--length", type=int, default=64, help="tokens per example (text)")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--reuse-ratios", action="store_true", help="take cached counts instead of timing a derivation")
+    parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. backbone.pretrained=null")
+    args = parser.parse_args()
+
+    datasets.disable_progress_bars()
+    cfg = config(args)
+    print(f"backbone {cfg.backbone.name} | dataset {cfg.dataset.name} | device {args.device} | "
+          f"torch threads {torch.get_num_threads()} | rank {args.rank} | batch {args.batch_size}"
+          + ("" if cfg.dataset.kind == "vision" else f" x {args.length} tokens"), flush=True)
+    started = time.perf_counter()
+    masks, derivation, full_eval = derive(cfg, args.reuse_ratios)
+    derivation_wall = time.perf_counter() - started
+
+    models = {variant: build(variant, cfg, masks, args.device) for variant in VARIANTS}
+    tokenizer = models["floor"][1].tokenizer
+    batch = training_batch(cfg, tokenizer, args.batch_size, args.length, args.device)
+    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+    for round_index in range(args.warmup + args.steps):
+        for variant, (model, _, optimizer) in models.items():
+            synchronize(args.device)
+            begin = time.perf_counter()
+            train_step(model, optimizer, batch)
+            synchronize(args.device)
+            if round_index >= args.warmup:
+                times[variant].append(time.perf_counter() - begin)
+    rows = {}
+    for variant, (model, backbone, optimizer) in models.items():
+        gc.collect()
+        rows[variant] = {
+            "step": statistics.median(times[variant]),
+            "peak": peak_step_bytes(lambda: train_step(model, optimizer, batch), args.device),
+            "state": None if variant == "floor" else state_bytes(model, optimizer, backbone.head_modules),
+            "params": None if variant == "floor" else count_parameters(model, backbone.head_modules).adapter,
+        }
+
+    print(f"\n{'':22} {'step ms (median)':>17} {'step peak MiB':>14} {'adapter+AdamW KiB':>18} {'trainable':>10}")
+    for variant, row in rows.items():
+        state = "-" if row["state"] is None else f"{row['state'] / 1024:,.0f}"
+        params = "-" if row["params"] is None else f"{row['params']:,}"
+        print(f"{LABELS[variant]:22} {1000 * row['step']:>17.1f} {row['peak'] / 2**20:>14.1f} {state:>18} {params:>10}")
+    compact, lora, floor = rows["compact"], rows["lora"], rows["floor"]
+    param_ratio = compact["params"] / lora["params"]
+    state_ratio = compact["state"] / lora["state"]
+    print(f"\nstep time (d)/(b) = {compact['step'] / lora['step']:.3f}   (goal <= 0.90)")
+    print(f"step time (d)/(a) = {compact['step'] / floor['step']:.3f}   (goal <= 1.05)")
+    print(f"step time (c)/(b) = {rows['dense']['step'] / lora['step']:.3f}")
+    print(f"step peak (d)/(b) = {compact['peak'] / max(lora['peak'], 1):.3f}")
+    relative = f"{state_ratio / param_ratio:.3f}x" if param_ratio else "n/a (nothing trains)"
+    print(f"adapter+AdamW bytes (d)/(b) = {state_ratio:.4f} vs trainable parameters (d)/(b) = {param_ratio:.4f}: "
+          f"{relative} (goal <= 1.1)")
+
+    fast = derivation["evaluations"]
+    literal = literal_count(derivation["cache_file"], cfg.ratios.step)
+    timed = "cached: " + str(derivation["cache_file"]) if derivation["cache_hit"] else "this run"
+    print(f"\nratio derivation ({cfg.importance.name}, {len(masks)} matrices, threshold {cfg.ratios.threshold}):")
+    print(f"  fast search ({cfg.ratios.search}): {fast:,} evaluations, {derivation['wall_time_s']:.1f} s ({timed}; "
+          f"with model loading {derivation_wall:.1f} s)")
+    print(f"  literal Algorithm 1: {literal:,} evaluations x {full_eval:.3f} s per full evaluation "
+          f"(median of a sample of layers) = {literal * full_eval:,.0f} s (estimated)")
+    print(f"  evaluations literal / fast = {literal / fast:.1f}x (goal >= 50); time literal / fast = "
+          f"{literal * full_eval / derivation['wall_time_s']:.1f}x; fast wall time goal < 120 s")
+
+
+if __name__ == "__main__":
+    main()
