@@ -162,6 +162,7 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, head_m
 def derive(cfg: DictConfig, reuse: bool) -> tuple[dict[str, LayerMask], dict, float]:
     """Masks of ``cfg`` (derived afresh unless ``reuse`` and cached), the derivation's summary, and the
     time of one literal evaluation."""
+    torch.manual_seed(cfg.seed)  # the head the probe starts from, as a run with this seed draws it
     backbone, datamodule = backbone_and_data(cfg)
     model = adapt(backbone.model, cfg)
     batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
