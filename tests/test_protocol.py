@@ -69,10 +69,11 @@ def test_protocol_counts_and_bad_protocols():
 
 def test_cpu_scale_runs_minilm_on_local_glue_with_a_reduced_protocol():
     cfg = compose_target("table6", "cpu")
-    (first, second) = planned_multiruns(cfg)
+    first, second, *related = planned_multiruns(cfg)
     assert first["backbone"] == ["minilm"] and first["dataset"] == ["sst2", "mrpc"]
     assert len(first["seed"]) == 3 and first["lr"] == [1e-3, 3e-3]
     assert second["importance"] == ["svd"] and "partial_lora" in second["method"]
+    assert [group["method"] for group in related] == [["losia"], ["partial_lora"]] and related[1]["strategy"] == ["coto"]
     assert cfg.dataset.train_size == 1000 and cfg.protocol.top_k == 3
 
 
