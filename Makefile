@@ -8,7 +8,7 @@ ifeq ($(PARTIAL_LORA_DATA),)
 unexport PARTIAL_LORA_DATA
 endif
 
-SCALE ?= paper        # paper (GPU clusters) or cpu (2 CPU cores, under an hour per table)
+SCALE ?= paper        # paper (GPU clusters) or cpu (MiniLM and a reduced protocol, for CPUs)
 LAUNCHER ?= local     # hydra/launcher: local, parallel (joblib) or slurm (submitit)
 TABLES := table1 table2 table3 table4 table5 table6
 FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig11 fig12 fig17

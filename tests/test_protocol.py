@@ -221,6 +221,10 @@ def test_targets_sharing_a_setting_share_its_runs():
     assert config_hash({key: value for key, value in plain.items() if key != "strategy"}) in hashes
     coto = OmegaConf.to_container(compose_target("table6", "cpu", [*overrides, "strategy=coto"]), resolve=False)
     assert config_hash(coto) not in hashes
+    # Execution settings with identical outputs (compact vs dense masked layers) keep the id too.
+    dense = OmegaConf.to_container(compose_target("table6", "cpu", [*overrides, "adapter.compact=false"]),
+                                   resolve=False)
+    assert config_hash(dense) in hashes and config_hash({k: v for k, v in dense.items() if k != "adapter"}) in hashes
 
 
 def test_a_relaunched_target_skips_its_finished_runs(glue_dir: Path, tmp_path: Path, monkeypatch, capsys):

@@ -6,12 +6,14 @@ increasing importance; the largest count removed with accuracy ``>= tau * mu`` g
 
 ``linear`` is the literal algorithm: one evaluation per ``step`` more indices, stopping at the first
 failure. ``binary`` assumes accuracy falls monotonically as more is removed and needs O(log m)
-evaluations; both return the same count wherever that holds. ``whole_first`` (the default) makes the
-same assumption and first tries removing everything: removing all rows and all columns both give
+evaluations; both return the same count wherever that holds. ``whole_first`` (opt-in, for speed) makes
+the same assumption and first tries removing everything: removing all rows and all columns both give
 ``W = 0``, so one evaluation settles both axes of a matrix that can go entirely, and it costs one
 extra evaluation otherwise. Where accuracy is not monotone the three can differ: if ``W = 0`` passes
 but some smaller removal fails, ``whole_first`` removes everything, where ``binary`` stops at whichever
-pass-to-fail step its probes happen to meet and ``linear`` at the first failure.
+pass-to-fail step its probes happen to meet and ``linear`` at the first failure. On MiniLM/SVD this
+happens (``4.intermediate.dense``: binary keeps 298 rows and 31 columns, whole_first none), so the
+default stays ``binary``, the closer stand-in for the paper's algorithm.
 """
 
 from __future__ import annotations
@@ -85,7 +87,7 @@ def largest_removable(size: int, passes: Callable[[int], bool], search: str, ste
 
 @torch.no_grad()
 def derive_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores],
-                  accuracy: Callable[[str | None, float | None], float], tau: float, search: str = "whole_first",
+                  accuracy: Callable[[str | None, float | None], float], tau: float, search: str = "binary",
                   step: int = 1, progress: bool = True) -> tuple[float, dict[str, LayerCounts]]:
     """Run Algorithm 1 on every weight; returns the baseline accuracy and each layer's kept counts.
 

