@@ -27,7 +27,8 @@ from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
 from partial_lora.errors import TrainingDiverged
-from partial_lora.results import LAST_CHECKPOINT, RunSlot, config_hash, environment, write_record
+from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
+                                  write_record)
 from partial_lora.training import AdaLoraBudget, ClassificationModule, FiniteLoss, RngState
 
 
@@ -113,8 +114,8 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
         print(f"resuming run {slot.run_id} from {resume}")
     # A strategy makes another method of the protocol: "lora+coto" is aggregated apart from "lora".
     method = cfg.method.name if cfg.strategy.name == "none" else f"{cfg.method.name}+{cfg.strategy.name}"
-    identity = {"run_id": slot.run_id, "config": OmegaConf.to_container(cfg, resolve=True), "seed": cfg.seed,
-                "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "method": method,
+    identity = {"run_id": slot.run_id, "config": portable_config(OmegaConf.to_container(cfg, resolve=True)),
+                "seed": cfg.seed, "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "method": method,
                 "rank": cfg.rank, "lr": cfg.lr}
     name = f"{cfg.backbone.name}_{cfg.dataset.name}_{method}_r{cfg.rank}_s{cfg.seed}_{slot.run_id}"
     try:
@@ -143,7 +144,7 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
         "params_initial": counts.as_dict(),
         "masks": mask_summary,
         "residual_norms": residual_norms(model),
-        "adapter_file": None if adapter_file is None else str(adapter_file),
+        "adapter_file": None if adapter_file is None else portable_path(adapter_file),
         "metric": cfg.dataset.metric,
         "best_val": 100 * float(checkpoint.best_model_score),
         "test": 100 * float(test["test/metric"]),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,9 @@ def test_a_relaunched_target_skips_its_finished_runs(glue_dir: Path, tmp_path: P
     launch("table1", "cpu", planned, extra=shrink + per_run)
     records = sorted(path.name for path in (tmp_path / "runs").glob("*.json"))
     assert len(records) == 4  # full_ft, lora, random_masking, partial_lora (svd)
+    for path in (tmp_path / "runs").glob("*.json"):  # records carry no path of this machine
+        config = json.loads(path.read_text())["config"]
+        assert "data_dir" not in config and "output_dir" not in config and "default_root_dir" not in config["trainer"]
     capsys.readouterr()
     launch("table1", "cpu", planned, extra=shrink + per_run)
     assert sorted(path.name for path in (tmp_path / "runs").glob("*.json")) == records

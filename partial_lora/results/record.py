@@ -36,6 +36,29 @@ def _without(config: dict[str, Any], dotted: str) -> dict[str, Any]:
     return config | {head: inner} if inner else {key: value for key, value in config.items() if key != head}
 
 
+# Where this machine keeps data, outputs and weights. A record leaves them out when they are absolute paths:
+# they say nothing about what the run computed (the hash ignores them) and mean nothing on another machine.
+MACHINE_PATHS = ("data_dir", "output_dir", "logger.save_dir", "trainer.default_root_dir", "backbone.name_or_path")
+
+
+def portable_config(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` without the absolute machine paths of :data:`MACHINE_PATHS` (hub ids and relative paths stay)."""
+    for dotted in MACHINE_PATHS:
+        *parents, leaf = dotted.split(".")
+        node = config
+        for parent in parents:
+            node = node.get(parent) if isinstance(node, dict) else None
+        if isinstance(node, dict) and isinstance(node.get(leaf), str) and os.path.isabs(node[leaf]):
+            config = _without(config, dotted)
+    return config
+
+
+def portable_path(path: str | os.PathLike) -> str:
+    """``path`` relative to the working directory when it lies below it (Hydra's outputs do), else as given."""
+    absolute = Path(path).resolve()
+    return str(absolute.relative_to(Path.cwd())) if absolute.is_relative_to(Path.cwd()) else str(path)
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """Stable short hash of what a run computes: two runs with the same hash are the same experiment.
 
