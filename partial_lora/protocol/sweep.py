@@ -111,7 +111,8 @@ def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launche
         subprocess.run(argv, check=True, cwd=ROOT)
 
 
-def _column(key: str) -> str:
+def record_column(key: str) -> str:
+    """The column of :func:`load_records` holding an override's value: a group's ``name``, else the key."""
     return f"config.{key}.name" if key in GROUPS else f"config.{key}"
 
 
@@ -130,7 +131,7 @@ def select_runs(records: pd.DataFrame, planned: list[dict[str, list[Any]]], scal
     for settings in planned:
         match = records["scale"] == scale
         for key, values in settings.items():
-            column = _column(key)
+            column = record_column(key)
             if column not in records:
                 match &= False
                 continue

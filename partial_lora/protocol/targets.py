@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora.protocol.sweep import GROUPS, Protocol, planned_multiruns, select_runs
+from partial_lora.protocol.sweep import Protocol, planned_multiruns, record_column, select_runs
 from partial_lora.ratios.cache import load_entries
 from partial_lora.results import figures
 from partial_lora.results.aggregate import load_records, protocol_summary
@@ -22,11 +22,6 @@ def _setting_keys(planned: list[dict]) -> list[str]:
     for settings in planned:
         keys += [key for key in settings if key not in keys and key not in SELECTED_OVER]
     return keys
-
-
-def _record_column(key: str) -> str:
-    return key if key in ("backbone", "dataset", "method", "importance", "rank") else (
-        f"config.{key}.name" if key in GROUPS else f"config.{key}")
 
 
 def provenance(cfg: DictConfig, runs: int) -> str:
@@ -80,7 +75,7 @@ def render_target(cfg: DictConfig, tables_dir: str | Path = "results/tables",
         print(f"{sweep.name}: no finished run records at scale {scale} under {cfg.results_dir}; run the target first.")
         return written
     keys = _setting_keys(planned)
-    records = records.assign(**{key: records[_record_column(key)] for key in keys if key not in records})
+    records = records.assign(**{key: records[record_column(key)] for key in keys if key not in records})
     top_k = Protocol.from_config(cfg.protocol).top_k
     summary = protocol_summary(records, top_k=top_k, keys=keys)
     note = provenance(cfg, len(records))
