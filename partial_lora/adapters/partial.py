@@ -12,9 +12,9 @@ from torch.nn.functional import cross_entropy
 
 from partial_lora.adapters.masked import base_weights, lora_layers
 from partial_lora.errors import DataError
-from partial_lora.importance import compute_importance
+from partial_lora.importance import LayerScores, compute_importance
 from partial_lora.masks import NEEDS_DERIVATION, LayerMask, make_mask
-from partial_lora.ratios import PrefixReplay, RatioCache, derive_counts
+from partial_lora.ratios import LayerCounts, PrefixReplay, RatioCache, derive_counts
 from partial_lora.ratios.probe import probed_head
 
 Batch = dict[str, torch.Tensor]
@@ -135,14 +135,22 @@ def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch],
             summary |= {"cache_hit": False, "evaluations": 1 + sum(c.evaluations for c in counts.values()),
                         "wall_time_s": wall, "baseline_accuracy": baseline}
         summary["cache_file"] = str(cache.path(inputs))
-    masks = {}
-    for name, weight in weights.items():
+    shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
+    return draw_masks(cfg, shapes, scores, counts), summary
+
+
+def draw_masks(cfg: DictConfig, shapes: dict[str, tuple[int, int]], scores: dict[str, LayerScores] | None = None,
+               counts: dict[str, LayerCounts] | None = None) -> dict[str, LayerMask]:
+    """The seed's masks of ``cfg.method.mask`` for layers of these ``shapes`` (m x n), given the derived
+    ``scores`` and ``counts`` where the mode needs them."""
+    mask_cfg, masks = cfg.method.mask, {}
+    for name, shape in shapes.items():
         layer_scores = None if scores is None else scores[name]
         masks[name] = make_mask(
-            mask_cfg.mode, name, cfg.seed, tuple(weight.shape),
+            mask_cfg.mode, name, cfg.seed, shape,
             k_row=None if counts is None else counts[name].k_row,
             k_col=None if counts is None else counts[name].k_col,
             row_scores=None if layer_scores is None else layer_scores.row,
             col_scores=None if layer_scores is None else layer_scores.col,
             temperature=mask_cfg.get("temperature", 1.0), sparsity=mask_cfg.get("sparsity"))
-    return masks, summary
+    return masks
