@@ -10,6 +10,7 @@ a rerun skips the runs whose records exist. The same plan selects the records a 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -103,12 +104,15 @@ def command(target: str, scale: str, settings: dict[str, list[Any]], launcher: s
 
 
 def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launcher: str = "local",
-           extra: list[str] = ()) -> None:
-    """Run every multirun of the plan; finished runs skip themselves, so this fills in what is missing."""
+           extra: list[str] = (), dry_run: bool = False) -> None:
+    """Run every multirun of the plan; finished runs skip themselves, so this fills in what is missing.
+    ``dry_run`` prints each command and its number of runs, and runs nothing."""
     for settings in planned:
         argv = command(target, scale, settings, launcher, extra)
-        print("+", " ".join(argv[1:]), flush=True)
-        subprocess.run(argv, check=True, cwd=ROOT)
+        runs = math.prod(len(values) for values in settings.values())
+        print("+", " ".join(argv[1:]), f"  # {runs} runs", flush=True)
+        if not dry_run:
+            subprocess.run(argv, check=True, cwd=ROOT)
 
 
 def record_column(key: str) -> str:
