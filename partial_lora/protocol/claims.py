@@ -211,7 +211,7 @@ class ClaimPlan:
             record = self.record(run)
             if record is None:
                 return None
-            scores[run.lr] = record["best_val"]
+            scores[run.lr] = record["val"]
         return max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller learning rate
 
     def matched_sparsity(self, reference: str, dataset: str) -> float | None:
@@ -248,21 +248,24 @@ class ClaimPlan:
 
     # launching --------------------------------------------------------------------------------------------
     def commands(self, launcher: str = "local") -> list[list[str]]:
-        """The multirun commands the records present let us plan, claim by claim: the pilots of its arms,
-        then its runs once their learning rates (and matched sparsities) are decided. Run the first,
-        reload, and ask again until nothing is pending (:func:`run_claims`)."""
+        """The multirun commands still to run that the records present let us plan, claim by claim: the
+        pilots of its arms, then its runs once their learning rates (and matched sparsities) are decided.
+        Run the first, reload, and ask again until nothing is pending (:func:`run_claims`)."""
         commands: dict[tuple, list[str]] = {}
         for claim in self.claims:
             for arm in (claim.treatment, claim.control):
                 source = self.arms[arm].get("lr_from") or self.arms[arm].get("match_sparsity") or arm
                 for dataset in self.datasets_of(claim):
-                    overrides = tuple(self.arm_overrides(source, dataset))
-                    commands.setdefault(("pilot", source, dataset), self._multirun(
-                        dataset, [self.pilot["seed"]], list(self.pilot["lrs"]), overrides, launcher))
+                    if any(self.record(run) is None for run in self.pilot_runs(source, dataset)):
+                        overrides = tuple(self.arm_overrides(source, dataset))
+                        # In turn, not in parallel: the first run derives the ratios, the next reads the cache.
+                        commands.setdefault(("pilot", source, dataset), self._multirun(
+                            dataset, [self.pilot["seed"]], list(self.pilot["lrs"]), overrides, "local"))
             for treatment, control, _ in self.claim_runs(claim) or []:
                 for run in (treatment, control):
-                    commands.setdefault((run.dataset, run.lr, run.overrides), self._multirun(
-                        run.dataset, self.seeds, [run.lr], run.overrides, launcher))
+                    if self.record(run) is None:
+                        commands.setdefault((run.dataset, run.lr, run.overrides), self._multirun(
+                            run.dataset, self.seeds, [run.lr], run.overrides, launcher))
         return list(commands.values())
 
     def _multirun(self, dataset: str, seeds: list[int], lrs: list[float], overrides: tuple[str, ...],
