@@ -191,6 +191,9 @@ def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch],
                         "wall_time_s": wall, "baseline_accuracy": accuracy, "majority_rate": rule.chance,
                         "warnings": warnings}
         summary["cache_file"] = str(cache.path(inputs))
+        # What the derived counts keep of the adapter's rows and columns: Balanced matches it (claim C4).
+        summary["derived_fraction"] = (sum(c.k_row + c.k_col for c in counts.values())
+                                       / sum(sum(shapes[name]) for name in counts))
     masks = {}
     for name, weight in weights.items():
         layer_scores = None if scores is None else scores[name]

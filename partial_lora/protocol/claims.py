@@ -31,7 +31,6 @@ parameter reduction (``min_param_reduction``) is contradicted when the measured 
 
 from __future__ import annotations
 
-import json
 import math
 import subprocess
 from dataclasses import dataclass, field
@@ -215,19 +214,16 @@ class ClaimPlan:
         return max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller learning rate
 
     def matched_sparsity(self, reference: str, dataset: str) -> float | None:
-        """One sparsity for every layer whose expected parameter count equals ``reference``'s derived counts:
-        ``1 - sum(k_row + k_col) / sum(m + n)``, read from the ratio cache a finished run of it used."""
+        """One sparsity for every layer whose expected parameter count equals ``reference``'s derived counts,
+        ``1 - sum(k_row + k_col) / sum(m + n)``, as a finished run of it recorded (``masks.derived_fraction``)."""
         lr = self.chosen_lr(reference, dataset)
         if lr is None:
             return None
         overrides = tuple(self.arm_overrides(reference, dataset))
         for seed in self.seeds:
             record = self.record(PlannedRun(reference, dataset, seed, lr, overrides))
-            cache_file = (record or {}).get("masks", {}).get("cache_file")
-            if cache_file and Path(cache_file).is_file():
-                layers = json.loads(Path(cache_file).read_text())["layers"].values()
-                kept = sum(layer["k_row"] + layer["k_col"] for layer in layers)
-                return round(1 - kept / sum(sum(layer["shape"]) for layer in layers), 4)
+            if record is not None:
+                return round(1 - record["masks"]["derived_fraction"], 4)
         return None
 
     def claim_runs(self, claim: Claim) -> list[tuple[PlannedRun, PlannedRun, tuple[str, ...]]] | None:
