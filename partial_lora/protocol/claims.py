@@ -200,10 +200,14 @@ class ClaimPlan:
         overrides = tuple(self.arm_overrides(arm, dataset))
         return [PlannedRun(arm, dataset, self.pilot["seed"], float(lr), overrides) for lr in self.pilot["lrs"]]
 
+    def lr_source(self, arm: str) -> str:
+        """The arm whose pilot sets ``arm``'s learning rate: its ``lr_from`` or ``match_sparsity`` arm, or itself."""
+        return self.arms[arm].get("lr_from") or self.arms[arm].get("match_sparsity") or arm
+
     def chosen_lr(self, arm: str, dataset: str) -> float | None:
         """The pilot learning rate with the best validation score (``None`` until every pilot run finished)."""
-        source = self.arms[arm].get("lr_from") or self.arms[arm].get("match_sparsity") or arm
-        if self.arms[source].get("lr_from"):
+        source = self.lr_source(arm)
+        if self.lr_source(source) != source:
             raise ConfigError(f"claims.arms.{arm}: its lr_from arm {source} must run its own pilot.")
         scores = {}
         for run in self.pilot_runs(source, dataset):
@@ -250,7 +254,7 @@ class ClaimPlan:
         commands: dict[tuple, list[str]] = {}
         for claim in self.claims:
             for arm in (claim.treatment, claim.control):
-                source = self.arms[arm].get("lr_from") or self.arms[arm].get("match_sparsity") or arm
+                source = self.lr_source(arm)
                 for dataset in self.datasets_of(claim):
                     if any(self.record(run) is None for run in self.pilot_runs(source, dataset)):
                         overrides = tuple(self.arm_overrides(source, dataset))
