@@ -36,7 +36,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from partial_lora.adapters import adapt, apply_masks, count_parameters, derive_masks
 from partial_lora.adapters.masked import base_weights
-from partial_lora.adapters.partial import batch_accuracy, derivation_inputs
+from partial_lora.adapters.partial import batch_metric, derivation_inputs
 from partial_lora.backbones.base import in_head
 from partial_lora.config import register_resolvers
 from partial_lora.masks import LayerMask
@@ -177,7 +177,7 @@ def derive(cfg: DictConfig, reuse: bool) -> tuple[dict[str, LayerMask], dict, fl
 def full_evaluation_seconds(model: torch.nn.Module, batches: list[Batch], samples: int = 3) -> float:
     """Median time of one literal evaluation (whole model, whole derivation set, no replay or early stop),
     with a few rows of ``samples`` layers spread over the model zeroed in turn."""
-    accuracy = batch_accuracy(model.eval(), batches)
+    accuracy = batch_metric(model.eval(), batches)
     weights = base_weights(model)
     names = list(weights)
     times = []

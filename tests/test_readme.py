@@ -5,7 +5,8 @@ Commands run as typed, from a fresh folder, in the forms that train nothing: ``p
 ``dry_run=true`` appended (the adapted model on the meta device), ``scripts/reproduce.py`` with ``--dry-run``
 (its multirun commands), other scripts as they are. A ``make`` line runs as ``make -n`` (make's own dry run:
 the target exists and its recipe expands), and the recipe's ``run.py`` and ``reproduce.py`` commands then run
-as above; its test suite (this one) and benchmark (minutes of training steps) are not started again.
+as above; its other commands (the test suite, this one; the benchmark and the claims sweep, which train for
+minutes to hours and have no dry form) are only expanded.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def dry_form(script: str, args: list[str]) -> list[str]:
 
 def recipe_commands(make_args: list[str]) -> list[list[str]]:
     """The run.py and reproduce.py commands of what ``make ARGS`` would run, read from ``make -n`` (which must
-    succeed); the venv set-up, test suite and benchmark lines are left out."""
+    succeed), in their dry forms; the recipe's other lines are left out."""
     expanded = subprocess.run(["make", "-n", *make_args], capture_output=True, text=True, cwd=ROOT, env=ENV,
                               timeout=60)
     assert expanded.returncode == 0, expanded.stderr
@@ -84,11 +85,13 @@ COMMANDS = shown_commands()
 
 
 @pytest.fixture(scope="module")
-def outcomes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
-    """Every shown command, two at a time: a dry run is mostly imports, on one core."""
+def outcomes(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Future]]:
+    """The selected shown commands, two at a time: a dry run is mostly imports, on one core."""
+    selected = [item.callspec.params["command"] for item in request.session.items
+                if item.module is request.module and hasattr(item, "callspec")]
     with ThreadPoolExecutor(max_workers=2) as pool:
         futures = {command: pool.submit(run_shown, command, tmp_path_factory.mktemp("readme"))
-                   for command in COMMANDS}
+                   for command in selected}
         yield futures
         for future in futures.values():
             future.cancel()
