@@ -57,16 +57,27 @@ def _flag(value: object) -> bool:
     return isinstance(value, bool)
 
 
+def _positive(value: object) -> bool:
+    return is_number(value) and value > 0
+
+
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def _seed(value: object) -> bool:
+    return is_int(value) and 0 <= value <= SEED_MAX
+
+
+LOW_RANK_CONFIGS = ("peft.LoraConfig", "peft.AdaLoraConfig")  # the adapters with low-rank factors (and masks)
+
 # Settings (dotted) a run reads, what each accepts and how to say it. Absent keys (another method's or
 # dataset's) are skipped; the message is "<key> must be <description>, got <value>."
 SETTINGS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
-    ("seed", lambda value: is_int(value) and 0 <= value <= SEED_MAX,
-     f"an integer in 0..{SEED_MAX} (e.g. seed=3, or -m seed=0..19)"),
-    ("data_seed", lambda value: is_int(value) and 0 <= value <= SEED_MAX, f"an integer in 0..{SEED_MAX}"),
+    ("seed", _seed, f"an integer in 0..{SEED_MAX} (e.g. seed=3, or -m seed=0..19)"),
+    ("data_seed", _seed, f"an integer in 0..{SEED_MAX}"),
     ("rank", _at_least(1, none=True), "an integer >= 1"),
-    ("alpha", lambda value: is_number(value) and value > 0, "a number > 0 (LoRA scales its update by alpha / rank)"),
-    ("lr", lambda value: is_number(value) and value > 0, "a number > 0"),
+    ("alpha", _positive, "a number > 0 (LoRA scales its update by alpha / rank)"),
+    ("lr", _positive, "a number > 0"),
     ("train.epochs", _at_least(1), "an integer >= 1"),
     ("train.batch_size", _at_least(1), "an integer >= 1"),
     ("train.weight_decay", lambda value: is_number(value) and value >= 0, "a number >= 0"),
@@ -84,7 +95,7 @@ SETTINGS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("dataset.train_size", _at_least(1, none=True), "an integer >= 1 or null (all)"),
     ("dataset.test_size", _at_least(1, none=True), "an integer >= 1 or null (all)"),
     ("dataset.max_length", _at_least(1), "an integer >= 1"),
-    ("method.mask.temperature", lambda value: is_number(value) and value > 0, "a number > 0"),
+    ("method.mask.temperature", _positive, "a number > 0"),
     ("method.mask.sparsity", _share(False, True), "a number in [0, 1)"),
     ("method.losia.rank_factor", _share(True, False), "a number in (0, 1]"),
     ("method.losia.beta", _share(False, True), "a number in [0, 1)"),
@@ -164,13 +175,13 @@ def _require_writable(key: str, folder: str) -> None:
 def validate_rank(cfg: DictConfig, model: torch.nn.Module) -> None:
     """A low-rank adapter's rank is at most the smaller side of every layer it adapts.
 
-    Called once the backbone is built (its shapes are not in the config), before any data is read,
-    ratio derived or step trained: a larger rank trains more parameters than the layer has.
+    Called once the backbone is built (its shapes are not in the config), before the training data is read,
+    ratios derived or a step trained: a larger rank trains more parameters than the layer has.
     """
     from partial_lora.adapters.targets import targeted_linears
 
     peft = cfg.method.peft_config
-    if peft is None or peft._target_ not in ("peft.LoraConfig", "peft.AdaLoraConfig"):
+    if peft is None or peft._target_ not in LOW_RANK_CONFIGS:
         return
     sides = {name: min(layer.in_features, layer.out_features)
              for name, layer in targeted_linears(model, cfg.backbone.target_modules).items()}
@@ -200,8 +211,7 @@ def _validate_method(cfg: DictConfig) -> None:
              f"method {method.name} adapts the backbone's target_modules, but backbone {backbone.name} names none: "
              "set backbone.target_modules to a regex of its linear layers.")
     mask = method.get("mask")
-    _require(not mask or (method.peft_config is not None
-                          and method.peft_config._target_ in ("peft.LoraConfig", "peft.AdaLoraConfig")),
+    _require(not mask or (method.peft_config is not None and method.peft_config._target_ in LOW_RANK_CONFIGS),
              f"method {method.name} puts row/column masks on low-rank factors, which only LoRA and AdaLoRA adapters "
              "have (peft.LoraConfig or peft.AdaLoraConfig).")
     _require(not mask or mask.mode not in NEEDS_DERIVATION or cfg.importance.name != "none",
