@@ -84,6 +84,7 @@ SETTINGS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("train.num_workers", _at_least(0), "an integer >= 0"),
     ("trainer.max_steps", lambda value: value == -1 or _at_least(1)(value), "-1 (no limit) or an integer >= 1"),
     ("ratios.threshold", _share(True, False), "a number in (0, 1] (the share of baseline accuracy kept)"),
+    ("ratios.max_loss_increase", _positive, "a number > 0"),
     ("ratios.max_examples", _at_least(1, none=True), "an integer >= 1 or null (the paper's fraction)"),
     ("ratios.step", _at_least(1), "an integer >= 1"),
     ("ratios.batch_size", _at_least(1), "an integer >= 1"),
@@ -118,12 +119,12 @@ def validate(cfg: DictConfig) -> None:
     the layers it adapts needs their shapes, which only the built backbone has: see :func:`validate_rank`.
     """
     from partial_lora.importance.measures import FLOWS  # import torch: run.py loads this module first
-    from partial_lora.ratios.search import SEARCHES
+    from partial_lora.ratios.search import RULES, SEARCHES
 
     for key, accepts, description in SETTINGS:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         _require(value is _ABSENT or accepts(value), f"{key} must be {description}, got {value!r}.")
-    for key, choices in (("ratios.search", SEARCHES), ("importance.flow", FLOWS)):
+    for key, choices in (("ratios.search", SEARCHES), ("ratios.rule", RULES), ("importance.flow", FLOWS)):
         value = OmegaConf.select(cfg, key)
         _require(value in choices, f"{key} must be one of {', '.join(choices)}, got {value!r}.")
     _validate_method(cfg)

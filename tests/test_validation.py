@@ -61,6 +61,8 @@ def test_an_unknown_group_option_lists_the_choices(tmp_path: Path):
     (["method=losia", "method.losia.rank_factor=0"], "method.losia.rank_factor must be a number in (0, 1], got 0."),
     (["strategy=coto", "strategy.initial_p=2"], "strategy.initial_p must be a number in (0, 1], got 2."),
     (["ratios.search=fast"], "ratios.search must be one of linear, binary, whole_first, got 'fast'."),
+    (["ratios.rule=strict"], "ratios.rule must be one of paper, above_chance, loss, got 'strict'."),
+    (["ratios.max_loss_increase=0"], "ratios.max_loss_increase must be a number > 0, got 0."),
     (["importance.flow=both"], "importance.flow must be one of isolated, continuous, got 'both'."),
     (["ratios.step=0"], "ratios.step must be an integer >= 1, got 0."),
     (["train.weight_decay=-0.1"], "train.weight_decay must be a number >= 0, got -0.1."),

@@ -2,6 +2,6 @@
 
 from partial_lora.ratios.cache import RatioCache, cache_key
 from partial_lora.ratios.replay import PrefixReplay
-from partial_lora.ratios.search import LayerCounts, derive_counts, largest_removable
+from partial_lora.ratios.search import AcceptanceRule, LayerCounts, derive_counts, largest_removable
 
-__all__ = ["LayerCounts", "PrefixReplay", "RatioCache", "cache_key", "derive_counts", "largest_removable"]
+__all__ = ["AcceptanceRule", "LayerCounts", "PrefixReplay", "RatioCache", "cache_key", "derive_counts", "largest_removable"]

@@ -96,7 +96,9 @@ class RatioCache:
         return scores, counts, entry
 
     def save(self, inputs: dict[str, Any], baseline: float, scores: dict[str, LayerScores],
-             counts: dict[str, LayerCounts], wall_time_s: float) -> Path:
+             counts: dict[str, LayerCounts], wall_time_s: float, extra: dict[str, Any] | None = None) -> Path:
+        """Write the entry; ``baseline`` is the pretrained model's value of the rule's metric, ``extra``
+        holds what the record reports beside it (baseline accuracy, majority-class rate, warnings)."""
         layers = {}
         for name, layer_counts in counts.items():
             row, col = scores[name].row, scores[name].col
@@ -112,7 +114,7 @@ class RatioCache:
                 "row_scores": row.tolist(),
                 "col_scores": col.tolist(),
             }
-        entry = {"inputs": inputs, "baseline_accuracy": baseline, "wall_time_s": wall_time_s,
+        entry = {"inputs": inputs, "baseline": baseline, **(extra or {}), "wall_time_s": wall_time_s,
                  "evaluations": 1 + sum(c.evaluations for c in counts.values()), "layers": layers,
                  "checksum": _digest(layers)}
         path = self.path(inputs)
