@@ -118,7 +118,7 @@ def assert_refused(result: subprocess.CompletedProcess, message: str, root: Path
     (["rank=64"], "rank=64 is larger than the smallest layer it adapts, bert.encoder.layer.0.attention.self.query "
                   "(32 x 32): choose rank <= 32."),
 ])
-def test_a_bad_setting_as_typed_exits_2_before_anything_is_written(glue_dir: Path, tmp_path: Path, overrides, message):
+def test_a_bad_setting_as_typed_exits_2_before_any_record_or_cache(glue_dir: Path, tmp_path: Path, overrides, message):
     result = run_py(*TINY_ANY_LR, f"data_dir={glue_dir}", *store_overrides(tmp_path), *overrides, cwd=tmp_path)
     assert_refused(result, message, tmp_path)
 
