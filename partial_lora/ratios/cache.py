@@ -4,8 +4,9 @@ One JSON file per key. It also holds the scores and the selected (top-k) indices
 17 plot, and that targeted / inverted / stochastic masks need, so no derivation is repeated across
 the seeds of a sweep or across mask modes sharing an importance measure.
 
-An entry that is unreadable (truncated), whose checksum or recorded inputs do not match, or whose
-layers and shapes are not the model's (from another backbone) is reported and derived again.
+An entry that is unreadable (truncated, not an entry), has no checksum or one that does not match, was
+recorded for other inputs, or whose layers and shapes are not the model's (from another backbone) is
+reported and derived again; figures skip it (reported once).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from partial_lora.importance import LayerScores
 from partial_lora.ratios.search import LayerCounts
 from partial_lora.results import write_record
+from partial_lora.results.record import read_json, valid_files
 
 
 log = logging.getLogger(__name__)
@@ -34,13 +36,24 @@ def cache_key(inputs: dict[str, Any]) -> str:
     return _digest(inputs)[:16]
 
 
-def _mismatch(entry: dict, inputs: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> str | None:
-    """Why ``entry`` cannot serve a model whose adapted weights have ``shapes``, or ``None`` when it can."""
-    layers = entry.get("layers")
-    if not isinstance(layers, dict) or "inputs" not in entry:
-        return "it lacks its layers or inputs"
-    if "checksum" in entry and entry["checksum"] != _digest(layers):
+def _problem(entry: Any) -> str | None:
+    """Why ``entry`` (a parsed cache file) is not an intact cache entry, or ``None`` when it is."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("layers"), dict) and isinstance(entry.get("inputs"), dict)
+            and isinstance(entry["inputs"].get("backbone"), dict)):
+        return "it is not a cache entry (no layers, inputs or backbone)"
+    if "checksum" not in entry:
+        return "it has no checksum"
+    if entry["checksum"] != _digest(entry["layers"]):
         return "its checksum does not match its contents"
+    return None
+
+
+def _mismatch(entry: Any, inputs: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> str | None:
+    """Why ``entry`` cannot serve a model whose adapted weights have ``shapes``, or ``None`` when it can."""
+    problem = _problem(entry)
+    if problem is not None:
+        return problem
+    layers = entry["layers"]
     if entry["inputs"] != json.loads(json.dumps(inputs, default=str)):
         return "it was derived for other inputs"
     if set(layers) != set(shapes):
@@ -68,10 +81,10 @@ class RatioCache:
         path = self.path(inputs)
         if not path.is_file():
             return None
+        entry, problem = read_json(path)
         try:
-            entry = json.loads(path.read_text())
-            problem = _mismatch(entry, inputs, shapes)
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as error:
+            problem = problem or _mismatch(entry, inputs, shapes)
+        except (KeyError, TypeError) as error:  # a layer without its fields
             problem = f"it is unreadable ({type(error).__name__}: {error})"
         if problem is not None:
             log.warning("ratio cache %s is not usable: %s; deriving the ratios again.", path, problem)
@@ -123,10 +136,10 @@ class RatioCache:
 
 
 def load_entries(directory: str | Path) -> list[dict[str, Any]]:
-    """Every cache entry under ``directory`` with its derivation inputs flattened beside it (for figures)."""
+    """Every intact cache entry under ``directory`` with its derivation inputs flattened beside it (for
+    figures); other files are reported and skipped."""
     entries = []
-    for path in sorted(Path(directory).glob("*.json")):
-        entry = json.loads(path.read_text())
+    for path, entry in valid_files(sorted(Path(directory).glob("*.json")), _problem, "ratio cache"):
         inputs = entry["inputs"]
         entries.append({**inputs, "backbone": inputs["backbone"]["name_or_path"], "layers": entry["layers"],
                         "path": str(path), "modified": path.stat().st_mtime})
