@@ -16,6 +16,7 @@ from omegaconf import open_dict
 
 from partial_lora.adapters import adapt, apply_masks, count_parameters, derive_masks, uses_rank_allocation
 from partial_lora.backbones import build_backbone
+from partial_lora.errors import ConfigError
 from partial_lora.pipeline import run
 from tests.conftest import ROOT, compose_config
 
@@ -56,6 +57,12 @@ def test_dry_run_counts_what_the_built_model_trains_without_tokenizer_or_data(ov
         assert f"the unmasked adapter would train: {expected.unmasked_adapter:,}" in out
     if uses_rank_allocation(cfg.method):
         assert "adalora is counted at its initial rank 12" in out and "this dry run assumed 3 steps" in out
+
+
+def test_dry_run_refuses_a_rank_larger_than_a_layer():
+    cfg = compose_config("backbone=tiny_bert", "rank=64", "dry_run=true", "data_dir=null")
+    with pytest.raises(ConfigError, match="rank=64 is larger than the smallest layer it adapts"):
+        run(cfg)
 
 
 def test_masked_dry_run_takes_its_masks_from_a_matching_ratio_cache(tiny_cfg, tmp_path: Path, capsys):
