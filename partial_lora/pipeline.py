@@ -26,6 +26,7 @@ from partial_lora.adapters import (
 from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate, validate_rank
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
+from partial_lora.dry_run import dry_run
 from partial_lora.errors import TrainingDiverged
 from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
                                   write_record)
@@ -43,14 +44,15 @@ def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Train and test one model as configured; return its record (``None`` for ``dry_run``).
+    """Train and test one model as configured; return its record (``None`` for ``dry_run``, which prints the
+    parameter counts of a model built from shapes alone: see ``dry_run.py``).
 
     A run that already has a record returns it untrained, one that another process is training
     returns ``None``, and a half-finished one resumes from its last checkpoint (see ``results/store.py``).
     """
-    validate(cfg)
     if cfg.dry_run:
-        return _run(cfg, None)
+        return dry_run(cfg)
+    validate(cfg)
     slot = RunSlot(config_hash(OmegaConf.to_container(cfg, resolve=True)), Path(cfg.results_dir),
                    Path(cfg.checkpoint.dir))
     if rank_zero_only.rank != 0:  # a DDP worker (SLURM task or Lightning-launched): rank 0 holds the lock
@@ -66,7 +68,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         return _run(cfg, slot)
 
 
-def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
+def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
 
@@ -89,13 +91,6 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
         apply_masks(model, masks, compact=cfg.adapter.compact)
         mask_summary["kept_fraction"] = kept_fractions(model)
     counts = count_parameters(model, backbone.head_modules)
-    if cfg.dry_run:
-        print(f"trainable adapter parameters: {counts.adapter:,}")
-        if counts.unmasked_adapter != counts.adapter:
-            print(f"the unmasked adapter would train: {counts.unmasked_adapter:,}")
-        print(f"classifier head parameters: {counts.head:,}")
-        return None
-
     module = ClassificationModule(model, num_labels=cfg.dataset.num_labels, metric=cfg.dataset.metric,
                                   optimizer=instantiate(cfg.method.optimizer))
     output_dir = Path(cfg.output_dir)

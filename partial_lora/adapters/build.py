@@ -18,6 +18,7 @@ from partial_lora.adapters.losia import apply_losia
 from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, factor, lora_layers
 from partial_lora.adapters.sparse_delta import apply_random_masking
 from partial_lora.backbones.base import in_head
+from partial_lora.masks import LayerMask
 
 
 @dataclass(frozen=True)
@@ -73,20 +74,25 @@ def _alive_rank(model: torch.nn.Module, layer: torch.nn.Module) -> int:
     return layer.r[ADAPTER]
 
 
-def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> ParameterCounts:
+def count_parameters(model: torch.nn.Module, head_modules: list[str],
+                     masks: dict[str, LayerMask] | None = None) -> ParameterCounts:
     """Trainable parameters, split into adapter (everything outside the head) and classifier head.
 
     Low-rank factors are counted by formula: ``rank * (kept rows + kept columns)`` per layer (SPEC 1),
     plus AdaLoRA's singular values, with the rank AdaLoRA has left after pruning. Every other trainable
     tensor (DoRA magnitudes, VeRA scalings, sparse deltas, LoSiA's subnet deltas, full fine-tuning) counts
-    whole.
+    whole. A layer's kept rows and columns are its masks', or those of ``masks`` where given: masks not
+    applied to ``model`` (a dry run counts a meta-device model, whose buffers hold no values).
     """
     adapter = unmasked = 0
     counted_by_formula = set()
     for name, layer in lora_layers(model).items():
         rank = _alive_rank(model, layer)
-        rows = int(getattr(layer, ROW_MASK).sum()) if hasattr(layer, ROW_MASK) else layer.out_features
-        cols = int(getattr(layer, COL_MASK).sum()) if hasattr(layer, COL_MASK) else layer.in_features
+        mask = (masks or {}).get(name)
+        if mask is None and hasattr(layer, ROW_MASK):
+            mask = LayerMask(getattr(layer, ROW_MASK), getattr(layer, COL_MASK))
+        rows = layer.out_features if mask is None else int(mask.row.sum())
+        cols = layer.in_features if mask is None else int(mask.col.sum())
         singular_values = rank if hasattr(layer, "lora_E") else 0
         adapter += rank * (rows + cols) + singular_values
         unmasked += rank * (layer.out_features + layer.in_features) + singular_values

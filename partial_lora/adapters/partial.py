@@ -13,7 +13,7 @@ from torch.nn.functional import cross_entropy
 
 from partial_lora.adapters.masked import base_weights, lora_layers
 from partial_lora.errors import DataError
-from partial_lora.importance import compute_importance
+from partial_lora.importance import LayerScores, compute_importance
 from partial_lora.masks import NEEDS_DERIVATION, LayerMask, make_mask
 from partial_lora.ratios import AcceptanceRule, LayerCounts, PrefixReplay, RatioCache, derive_counts
 from partial_lora.ratios.probe import probed_head
@@ -141,6 +141,7 @@ def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch],
     """Masks for every LoRA layer of ``model`` per ``cfg.method.mask``; returns them and a summary for the record."""
     mask_cfg = cfg.method.mask
     weights = base_weights(model)
+    shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
     summary: dict = {"mode": mask_cfg.mode}
     scores = counts = None
     if mask_cfg.mode in NEEDS_DERIVATION:
@@ -149,7 +150,6 @@ def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch],
         examples = sum(len(batch["labels"]) for batch in batches)
         inputs = derivation_inputs(cfg, examples)
         cache = RatioCache(cfg.ratios.cache_dir)
-        shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
         cached = cache.load(inputs, shapes)
         if cached is not None:
             scores, counts, entry = cached
@@ -194,14 +194,21 @@ def derive_masks(model: torch.nn.Module, cfg: DictConfig, batches: list[Batch],
         # What the derived counts keep of the adapter's rows and columns: Balanced matches it (claim C4).
         summary["derived_fraction"] = (sum(c.k_row + c.k_col for c in counts.values())
                                        / sum(sum(shapes[name]) for name in counts))
-    masks = {}
-    for name, weight in weights.items():
+    return draw_masks(cfg, shapes, scores, counts), summary
+
+
+def draw_masks(cfg: DictConfig, shapes: dict[str, tuple[int, int]], scores: dict[str, LayerScores] | None = None,
+               counts: dict[str, LayerCounts] | None = None) -> dict[str, LayerMask]:
+    """The seed's masks of ``cfg.method.mask`` for layers of these ``shapes`` (m x n), given the derived
+    ``scores`` and ``counts`` where the mode needs them."""
+    mask_cfg, masks = cfg.method.mask, {}
+    for name, shape in shapes.items():
         layer_scores = None if scores is None else scores[name]
         masks[name] = make_mask(
-            mask_cfg.mode, name, cfg.seed, tuple(weight.shape),
+            mask_cfg.mode, name, cfg.seed, shape,
             k_row=None if counts is None else counts[name].k_row,
             k_col=None if counts is None else counts[name].k_col,
             row_scores=None if layer_scores is None else layer_scores.row,
             col_scores=None if layer_scores is None else layer_scores.col,
             temperature=mask_cfg.get("temperature", 1.0), sparsity=mask_cfg.get("sparsity"))
-    return masks, summary
+    return masks

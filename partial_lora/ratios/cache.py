@@ -95,6 +95,20 @@ class RatioCache:
                   for name, layer in entry["layers"].items()}
         return scores, counts, entry
 
+    def load_any(self, inputs: dict[str, Any], shapes: dict[str, tuple[int, int]], free: str
+                 ) -> list[tuple[dict[str, LayerScores], dict[str, LayerCounts], dict]]:
+        """Every valid entry for ``inputs`` whatever its value of the input ``free`` (a dry run, reading no data,
+        does not know the derivation set's size), as :meth:`load` returns them."""
+        found = []
+        for path in sorted(self.directory.glob(f"{inputs['importance']}_*.json")):
+            try:
+                candidate = inputs | {free: json.loads(path.read_text())["inputs"][free]}
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+                continue  # unreadable entries are reported when a run loads them
+            if self.path(candidate) == path and (entry := self.load(candidate, shapes)) is not None:
+                found.append(entry)
+        return found
+
     def save(self, inputs: dict[str, Any], baseline: float, scores: dict[str, LayerScores],
              counts: dict[str, LayerCounts], wall_time_s: float, extra: dict[str, Any] | None = None) -> Path:
         """Write the entry; ``baseline`` is the pretrained model's value of the rule's metric, ``extra``
