@@ -187,7 +187,7 @@ def test_a_killed_sweep_relaunched_finishes_every_run_once(longer_glue_dir: Path
     assert sorted(record["seed"] for record in done) == [0, 1, 2]
     assert all(record["status"] == "finished" and record["steps"] == 40 for record in done)
     assert first in done  # the finished run was not trained again
-    assert not list((tmp_path / "runs").glob(".*"))  # no temporary files
+    assert not list((tmp_path / "runs").glob(".*.tmp"))  # no temporary files
 
 
 @pytest.mark.slow
