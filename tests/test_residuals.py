@@ -38,3 +38,34 @@ def test_random_masking_residual_is_its_sparse_delta():
     with torch.no_grad():
         values.fill_(2.0)
     assert max(norm["delta"] for norm in residual_norms(model).values()) == pytest.approx(2.0 * values.numel() ** 0.5)
+
+
+@pytest.mark.parametrize("method", ["random_masking", "losia"])
+def test_layers_written_here_merge_unmerge_and_unload_like_peft_layers(method):
+    from partial_lora.adapters.losia import subnet_layers
+    from partial_lora.adapters.targets import merge_and_unload, weight_delta_layers
+
+    torch.manual_seed(0)
+    model = adapted(method).eval()
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and "classifier" not in name:
+            torch.nn.init.normal_(parameter, std=0.05)
+    if method == "losia":  # a folded subnet too: dW spans it and the current one
+        layer = next(iter(subnet_layers(model).values()))
+        layer.recording = True
+        layer(torch.randn(3, layer.base_layer.in_features)).sum().backward()
+        assert layer.relocalize()
+        torch.nn.init.normal_(layer.delta_block, std=0.05)
+    inputs = {"input_ids": torch.randint(1, 1000, (2, 7), generator=torch.Generator().manual_seed(0))}
+    expected = model(**inputs).logits
+    name, layer = next(iter(weight_delta_layers(model).items()))
+    before = layer.base_layer.weight.detach().clone()
+    norms = residual_norms(model)
+    assert set(norms) == set(weight_delta_layers(model)) and norms[name]["delta"] > 0
+    layer.merge()
+    assert torch.allclose(model(**inputs).logits, expected, atol=1e-5)
+    layer.unmerge()
+    assert torch.allclose(layer.base_layer.weight, before, atol=1e-6)
+    merged = merge_and_unload(model)
+    assert not weight_delta_layers(merged)
+    assert torch.allclose(merged(**inputs).logits, expected, atol=1e-5)

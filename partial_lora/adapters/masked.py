@@ -22,12 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from partial_lora.adapters.compact import ROWS, full_factors, kept, make_compact
+from partial_lora.adapters.targets import ADAPTER
 from partial_lora.backbones.base import in_head
 from partial_lora.errors import PartialLoraError
 from partial_lora.masks import LayerMask
 
 ROW_MASK, COL_MASK = "partial_row_mask", "partial_col_mask"
-ADAPTER = "default"
 FORMAT = "partial-lora/1"
 
 
