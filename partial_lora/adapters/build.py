@@ -8,6 +8,7 @@ the paper's parameter counts are adapters only.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from hydra.utils import instantiate
@@ -15,9 +16,15 @@ from omegaconf import DictConfig
 from peft import get_peft_model
 
 from partial_lora.adapters.losia import apply_losia
-from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, factor, lora_layers
+from partial_lora.adapters.compact import COL_MASK, ROW_MASK
+from partial_lora.adapters.masked import factor, lora_layers
+from partial_lora.adapters.partial import get_partial_lora_model, partial_config
 from partial_lora.adapters.sparse_delta import apply_random_masking
+from partial_lora.adapters.targets import ADAPTER
 from partial_lora.backbones.base import in_head
+
+if TYPE_CHECKING:  # the derivation package builds on the adapters
+    from partial_lora.ratios import DerivedCounts
 
 
 @dataclass(frozen=True)
@@ -35,8 +42,10 @@ def uses_rank_allocation(method: DictConfig) -> bool:
     return method.peft_config is not None and "total_step" in method.peft_config
 
 
-def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = None) -> torch.nn.Module:
-    """Wrap ``model`` with the method's PEFT adapter (head trainable too), a random sparse delta
+def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = None,
+          counts: DerivedCounts | None = None) -> torch.nn.Module:
+    """Wrap ``model`` with the method's PEFT adapter (head trainable too), masked for masked methods (by
+    :func:`get_partial_lora_model`, from ``counts`` where the mask mode needs them), a random sparse delta
     (``random_masking``), LoSiA's subnets (``losia``), or unfreeze it all for ``full_ft``.
 
     AdaLoRA's warm-up and final phases are configured as fractions of ``total_steps``.
@@ -59,8 +68,14 @@ def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = Non
     if uses_rank_allocation(method):
         schedule = {"total_step": total_steps, "tinit": int(method.schedule.tinit * total_steps),
                     "tfinal": int(method.schedule.tfinal * total_steps)}
-    peft_config = instantiate(method.peft_config, modules_to_save=head_modules, **schedule)
-    return get_peft_model(model, peft_config)
+    # Plain Python values (not OmegaConf containers): PEFT writes the config to adapter_config.json.
+    peft_config = instantiate(method.peft_config, modules_to_save=head_modules, _convert_="all", **schedule)
+    if not method.get("mask"):
+        return get_peft_model(model, peft_config)
+    mask = method.mask
+    return get_partial_lora_model(model, partial_config(
+        peft_config, mode=mask.mode, counts=counts, seed=cfg.seed, temperature=mask.get("temperature", 1.0),
+        sparsity=mask.get("sparsity"), compact=cfg.adapter.compact))
 
 
 def _alive_rank(model: torch.nn.Module, layer: torch.nn.Module) -> int:

@@ -3,22 +3,25 @@ sparse delta, LoSiA's subnet) wrap them in."""
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
+from peft import LoraConfig
+from peft.tuners.tuners_utils import check_target_module_exists
 
 from partial_lora.errors import ConfigError
 
 ADAPTER = "default"  # PEFT's default adapter name; layers written here hold one adapter under it
 
 
-def targeted_linears(model: torch.nn.Module, target_modules: str) -> dict[str, torch.nn.Linear]:
-    """Linear layers whose dotted name fully matches the backbone's ``target_modules`` regex."""
+def targeted_linears(model: torch.nn.Module, target_modules: str | Sequence[str]) -> dict[str, torch.nn.Linear]:
+    """The linear layers PEFT's LoRA adapts for ``target_modules`` (a regex fully matching a dotted module name, or
+    a list of names or name suffixes), found with PEFT's own matching so that every method adapts the same layers."""
+    config = LoraConfig(target_modules=target_modules if isinstance(target_modules, str) else list(target_modules))
     targets = {name: module for name, module in model.named_modules()
-               if isinstance(module, torch.nn.Linear) and re.fullmatch(target_modules, name)}
+               if isinstance(module, torch.nn.Linear) and check_target_module_exists(config, name)}
     if not targets:
-        raise ConfigError(f"no linear layer matches the backbone's target_modules {target_modules!r}.")
+        raise ConfigError(f"no linear layer matches target_modules {target_modules!r}.")
     return targets
 
 

@@ -86,7 +86,7 @@ def largest_removable(size: int, passes: Callable[[int], bool], search: str, ste
 
 
 @torch.no_grad()
-def derive_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores],
+def search_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores],
                   accuracy: Callable[[str | None, float | None], float], tau: float, search: str = "binary",
                   step: int = 1, progress: bool = True) -> tuple[float, dict[str, LayerCounts]]:
     """Run Algorithm 1 on every weight; returns the baseline accuracy and each layer's kept counts.
