@@ -45,7 +45,7 @@ class RatioCache:
             problem = damage(entry)
         except (json.JSONDecodeError, UnicodeDecodeError) as error:
             problem = f"it is unreadable ({type(error).__name__}: {error})"
-        if problem is None and entry["inputs"] != json.loads(json.dumps(inputs, default=str)):
+        if problem is None and entry["inputs"] != inputs:
             problem = "it was derived for other inputs"
         if problem is None:
             derived = DerivedCounts.from_json(entry)

@@ -9,6 +9,7 @@ added, and is left as it was found.
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -138,7 +139,9 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
     if cache_dir is not None and source is None:
         raise ConfigError("a ratio cache needs `source`, a description of the model that the counts belong to.")
     weights = {name: layer.weight for name, layer in targeted_linears(model, settings.target_modules).items()}
-    inputs = {"settings": settings.key(), "source": source, "data": fingerprint(batches)}
+    # As JSON holds them (tuples become lists), so that inputs read back from a cache compare equal.
+    inputs = json.loads(json.dumps({"settings": settings.key(), "source": source, "data": fingerprint(batches)},
+                                   default=str))
     cache = None if cache_dir is None else RatioCache(cache_dir)
     if cache is not None:
         cached = cache.load(inputs, {name: tuple(weight.shape) for name, weight in weights.items()})
