@@ -69,3 +69,33 @@ def test_layers_written_here_merge_unmerge_and_unload_like_peft_layers(method):
     merged = merge_and_unload(model)
     assert not weight_delta_layers(merged)
     assert torch.allclose(merged(**inputs).logits, expected, atol=1e-5)
+
+
+TABLE6 = [("lora", "none", "none"), ("adalora", "none", "none"), ("dora", "none", "none"),
+          ("lora_plus", "none", "none"), ("vera", "none", "none"), ("partial_lora", "svd", "none"),
+          ("partial_adalora", "svd", "none"), ("losia", "none", "none"), ("partial_lora", "svd", "coto"),
+          ("random_masking", "none", "none")]  # Table 6's methods (conf/experiment/table6.yaml) and Table 1's Masking
+
+
+@pytest.mark.parametrize("method, importance, strategy", TABLE6, ids=["+".join(s for s in m if s != "none")
+                                                                     for m in TABLE6])
+def test_every_method_records_non_zero_residual_norms_after_training(tiny_cfg, method, importance, strategy):
+    from omegaconf import open_dict
+
+    from partial_lora.pipeline import run
+
+    overrides = [f"method={method}", f"importance={importance}", f"strategy={strategy}", "ratios.threshold=1.0",
+                 "ratios.progress=false", "method.losia.period=2" if method == "losia" else "lr=5e-3"]
+    composed = compose_config(*overrides)
+    with open_dict(tiny_cfg):
+        for key in ("method", "importance", "strategy", "ratios"):
+            tiny_cfg[key] = composed[key]
+        tiny_cfg.ratios.cache_dir = str(tiny_cfg.output_dir) + "/ratios"
+        tiny_cfg.lr = 5e-2 if method == "random_masking" else 5e-3
+        tiny_cfg.rank = 11 if "adalora" in method else 8  # AdaLoRA prunes 12 of its 144 rank-1 triplets, no layer whole
+    record = run(tiny_cfg)
+    norms = record["residual_norms"]
+    assert len(norms) == 12 and all(norm["weight"] > 0 for norm in norms.values())
+    kept = record["masks"]["kept_fraction"] if record["masks"] else {name: {"row": 1, "col": 1} for name in norms}
+    trained = [name for name in norms if kept[name]["row"] > 0 and kept[name]["col"] > 0]
+    assert trained and all(norms[name]["delta"] > 0 for name in trained)
