@@ -13,7 +13,7 @@ LAUNCHER ?= local     # hydra/launcher: local, parallel (joblib) or slurm (submi
 TABLES := table1 table2 table3 table4 table5 table6
 FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig11 fig12 fig17
 
-.PHONY: install demo test test-all bench clean tables $(TABLES) $(FIGURES)
+.PHONY: install demo test test-all bench clean tables claims $(TABLES) $(FIGURES)
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -39,6 +39,11 @@ $(TABLES) $(FIGURES): $(PYTHON)
 # Every table and figure from the records and caches present; runs nothing.
 tables: $(PYTHON)
 	$(PYTHON) scripts/reproduce.py $(TABLES) $(FIGURES) --scale $(strip $(SCALE)) --render-only
+
+# The paper's claims as paired comparisons with verdicts: runs what is missing, then renders
+# results/claims/claims_<scale>.{md,png} (conf/experiment/claims.yaml).
+claims: $(PYTHON)
+	$(PYTHON) scripts/claims.py --scale $(strip $(SCALE)) --launcher $(strip $(LAUNCHER))
 
 # Masked adapters vs LoRA vs the frozen floor, and ratio derivation speed (MiniLM, SST-2, CPU): scripts/bench.py.
 bench: $(PYTHON)

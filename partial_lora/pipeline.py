@@ -42,7 +42,7 @@ def derive_for_run(cfg: DictConfig, backbone: Backbone, datamodule: SplitDataMod
     batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
     settings = DerivationSettings(
         target_modules=cfg.backbone.target_modules, importance=cfg.importance.name, threshold=cfg.ratios.threshold,
-        search=cfg.ratios.search, step=cfg.ratios.step, top_k=cfg.importance.get("top_k"), flow=cfg.importance.flow,
+        rule=cfg.ratios.rule, max_loss_increase=cfg.ratios.max_loss_increase, search=cfg.ratios.search, step=cfg.ratios.step, top_k=cfg.importance.get("top_k"), flow=cfg.importance.flow,
         probe_head_steps=0 if cfg.backbone.get("zero_shot_head") else cfg.ratios.probe_head_steps,
         head_modules=tuple(backbone.head_modules), progress=cfg.ratios.progress,
         blocks=cfg.backbone.get("blocks") if cfg.ratios.replay_prefix else None)
@@ -94,9 +94,11 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
     if cfg.method.get("mask"):
         mask_summary = {"mode": cfg.method.mask.mode, "kept_fraction": kept_fractions(model)}
         if derived is not None:
+            # derived_fraction: what the counts keep of the adapter's rows and columns (Balanced matches it, claim C4).
             mask_summary |= {"cache_hit": derived.cache_hit, "evaluations": derived.evaluations,
                              "wall_time_s": derived.wall_time_s, "baseline_accuracy": derived.baseline_accuracy,
-                             "cache_file": str(derived.path)}
+                             "majority_rate": derived.majority_rate, "warnings": derived.warnings,
+                             "cache_file": str(derived.path), "derived_fraction": derived.kept_fraction}
     counts = count_parameters(model, backbone.head_modules)
     if cfg.dry_run:
         print(f"trainable adapter parameters: {counts.adapter:,}")

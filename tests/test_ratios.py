@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -10,11 +11,15 @@ import torch
 from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.importance import svd_scores
-from partial_lora.ratios import (DerivationSettings, DerivedCounts, PrefixReplay, batch_accuracy, derive_counts,
-                                 largest_removable, search_counts)
+from partial_lora.ratios import (AcceptanceRule, DerivationSettings, DerivedCounts, LayerCounts, PrefixReplay,
+                                 batch_metric, derivation_warnings, derive_counts, largest_removable, majority_rate,
+                                 search_counts)
 from partial_lora.ratios.search import literal_evaluations
 from partial_lora.ratios.probe import probed_head
 from tests.conftest import compose_config
+
+
+PAPER = AcceptanceRule("paper", 0.9)
 
 
 @pytest.mark.parametrize("size, limit, step", [(10, 0, 1), (10, 4, 1), (10, 10, 1), (37, 20, 3), (37, 37, 5), (1, 1, 1)])
@@ -45,7 +50,11 @@ def test_bad_search_settings_are_refused():
     with pytest.raises(ConfigError, match="ratios.step"):
         largest_removable(4, lambda c: True, "linear", step=0)
     with pytest.raises(ConfigError, match="threshold"):
-        search_counts({}, {}, lambda layer, target: 1.0, tau=1.5)
+        AcceptanceRule("paper", 1.5)
+    with pytest.raises(ConfigError, match="ratios.rule must be one of paper, above_chance, loss"):
+        AcceptanceRule("majority", 0.9)
+    with pytest.raises(ConfigError, match="max_loss_increase"):
+        AcceptanceRule("loss", 0.9, max_loss_increase=0)
 
 
 def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
@@ -67,9 +76,9 @@ def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
     weights = {"hidden": hidden.weight, "readout": readout.weight}
     before = {name: weight.detach().clone() for name, weight in weights.items()}
     scores = {name: svd_scores(weight.detach()) for name, weight in weights.items()}
-    base, linear = search_counts(weights, scores, accuracy, tau=0.9, search="linear", progress=False)
-    _, binary = search_counts(weights, scores, accuracy, tau=0.9, search="binary", progress=False)
-    _, whole = search_counts(weights, scores, accuracy, tau=0.9, search="whole_first", progress=False)
+    base, linear = search_counts(weights, scores, accuracy, PAPER, search="linear", progress=False)
+    _, binary = search_counts(weights, scores, accuracy, PAPER, search="binary", progress=False)
+    _, whole = search_counts(weights, scores, accuracy, PAPER, search="whole_first", progress=False)
     assert base == 1.0
     for name in weights:
         assert torch.equal(weights[name], before[name])
@@ -133,7 +142,7 @@ def test_probed_head_fits_the_derivation_set_and_is_restored():
 def test_early_stopping_evaluation_decides_like_the_full_one():
     cfg, model, batches = tiny_model_and_batches(6, 5)
     for blocks in (None, cfg.backbone.blocks):
-        accuracy = batch_accuracy(model, batches, blocks)
+        accuracy = batch_metric(model, batches, blocks)
         full = accuracy(None, None)
         assert 0 < full < 1
         for target in torch.linspace(0, 1, 31).tolist():
@@ -150,7 +159,7 @@ def test_removing_everything_is_one_evaluation_for_both_axes():
         return 1.0
 
     scores = {"layer": svd_scores(weight)}
-    _, counts = search_counts({"layer": weight}, scores, accuracy, tau=0.9, search="whole_first", progress=False)
+    _, counts = search_counts({"layer": weight}, scores, accuracy, PAPER, search="whole_first", progress=False)
     assert (counts["layer"].k_row, counts["layer"].k_col, counts["layer"].evaluations) == (0, 0, 1)
     assert len(evaluated) == 2 and torch.count_nonzero(evaluated[1]) == 0
 
@@ -182,9 +191,79 @@ def test_the_cache_key_follows_every_setting_that_can_change_the_counts(tmp_path
                           cache_dir=tmp_path, source={"model": "tiny"})
     assert again.cache_hit and again.path == first.path  # replay and progress: same counts
     assert again.to_json() == first.to_json()
-    for changed in (replace(settings, threshold=0.8), replace(settings, top_k=2), replace(settings, search="linear")):
+    for changed in (replace(settings, threshold=0.8), replace(settings, top_k=2), replace(settings, search="linear"),
+                    replace(settings, rule="above_chance")):
         assert not derive_counts(model, batches, changed, cache_dir=tmp_path, source={"model": "tiny"}).cache_hit
     other_data = [dict(batch, labels=1 - batch["labels"]) for batch in batches]
     assert not derive_counts(model, other_data, settings, cache_dir=tmp_path, source={"model": "tiny"}).cache_hit
     with pytest.raises(ConfigError, match="source"):
         derive_counts(model, batches, settings, cache_dir=tmp_path)
+
+
+def test_above_chance_rule_keeps_a_layer_that_the_paper_rule_empties():
+    # 80 examples of class 0 and 20 of class 1 (majority rate c = 0.8). Unit 1 of the layer alone recognises
+    # class 1; with the layer zeroed a small constant vote predicts class 0 everywhere: accuracy 0.8. The
+    # pretrained model is right everywhere (mu = 1). At tau = 0.75 the paper's bound tau x mu = 0.75 lies
+    # below c, so the all-majority model passes and the layer is emptied; above chance asks for
+    # c + tau (mu - c) = 0.95, which only keeping unit 1 (row 1, column 1) meets.
+    labels = torch.cat([torch.zeros(80, dtype=torch.long), torch.ones(20, dtype=torch.long)])
+    inputs = torch.stack([torch.ones(100), labels.float() * 2.0], dim=1)
+    layer = torch.nn.Linear(2, 2, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.eye(2))
+
+    def accuracy(name, target):
+        with torch.no_grad():
+            hidden = layer(inputs)
+            logits = torch.stack([hidden[:, 0] + 0.01, hidden[:, 1]], dim=1)
+            return float((logits.argmax(dim=1) == labels).float().mean())
+
+    batches = [{"labels": labels}]
+    chance = majority_rate(batches)
+    assert chance == 0.8
+    scores = {"layer": svd_scores(layer.weight.detach())}
+    weights = {"layer": layer.weight}
+    for search in ("linear", "binary"):
+        _, paper = search_counts(weights, scores, accuracy, AcceptanceRule("paper", 0.75), search, progress=False)
+        _, above = search_counts(weights, scores, accuracy, AcceptanceRule("above_chance", 0.75, chance=chance),
+                                 search, progress=False)
+        assert (paper["layer"].k_row, paper["layer"].k_col) == (0, 0)
+        assert (above["layer"].k_row, above["layer"].k_col) == (1, 1)
+    warnings = derivation_warnings(1.0, chance, paper, {"layer": (2, 2)})
+    assert len(warnings) == 1 and "keep 0 of 4 rows and columns" in warnings[0]
+    assert derivation_warnings(1.0, chance, above, {"layer": (2, 2)}) == []
+
+
+def test_rules_targets_and_directions():
+    assert AcceptanceRule("paper", 0.9).target(0.8) == pytest.approx(0.72)
+    above = AcceptanceRule("above_chance", 0.9, chance=0.7)
+    assert above.target(0.8) == pytest.approx(0.79)
+    assert AcceptanceRule("above_chance", 0.9, chance=0.0).target(0.8) == AcceptanceRule("paper", 0.9).target(0.8)
+    loss = AcceptanceRule("loss", 0.9, max_loss_increase=0.1)
+    assert loss.metric == "loss" and loss.target(0.5) == pytest.approx(0.55)
+    assert loss.passes(0.55, 0.55) and not loss.passes(0.56, 0.55)
+    assert above.passes(0.79, 0.79) and not above.passes(0.78, 0.79)
+
+
+def test_warnings_flag_a_baseline_near_chance():
+    counts = {"layer": LayerCounts(k_row=5, k_col=5, evaluations=3)}
+    warnings = derivation_warnings(0.70, 0.68, counts, {"layer": (10, 10)})
+    assert len(warnings) == 1 and "within 0.05 of the majority-class rate 0.680" in warnings[0]
+
+
+def test_loss_rule_counts_on_a_small_model_and_early_stopped_loss_decides_like_the_full_one():
+    cfg, model, batches = tiny_model_and_batches(6, 5)
+    for blocks in (None, cfg.backbone.blocks):
+        loss = batch_metric(model, batches, blocks, metric="loss")
+        full = loss(None, None)
+        assert full > 0
+        for target in torch.linspace(full * 0.5, full * 1.5, 21).tolist():
+            assert (loss("bert.encoder.layer.1.output.dense", target) <= target) == (full <= target)
+    weights = {name: model.get_submodule(name).weight for name, _ in model.named_modules()
+               if re.fullmatch(cfg.backbone.target_modules, name) and ".1." in name}
+    scores = {name: svd_scores(w.detach()) for name, w in weights.items()}
+    rule = AcceptanceRule("loss", 0.9, max_loss_increase=0.05)
+    _, linear = search_counts(weights, scores, batch_metric(model, batches, metric="loss"), rule, "linear",
+                              step=8, progress=False)
+    assert all(0 <= c.k_row <= weights[n].shape[0] and 0 <= c.k_col <= weights[n].shape[1]
+               for n, c in linear.items())

@@ -8,6 +8,7 @@ from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTok
 from transformers.utils import logging as transformers_logging
 
 from partial_lora.backbones.base import Backbone
+from partial_lora.errors import ConfigError
 
 # A fresh classification head is expected here; transformers' per-weight load report is noise in run logs.
 transformers_logging.set_verbosity_error()
@@ -34,6 +35,11 @@ def build_text_backbone(cfg: DictConfig, num_labels: int) -> Backbone:
                                                                    dtype=dtype)
     else:
         model = AutoModelForSequenceClassification.from_config(model_config, dtype=dtype)
+    if cfg.get("pooling", "model") == "mean":
+        use_mean_pooling(model, cfg.get("pooler"))
+    elif cfg.get("pooling", "model") != "model":
+        raise ConfigError(f"backbone.pooling must be 'model' (the model's own head input) or 'mean', "
+                          f"got {cfg.pooling!r}.")
     if cfg.get("gradient_checkpointing"):
         model.gradient_checkpointing_enable()
     tokenizer = AutoTokenizer.from_pretrained(cfg.get("tokenizer") or cfg.name_or_path)
@@ -42,3 +48,43 @@ def build_text_backbone(cfg: DictConfig, num_labels: int) -> Backbone:
         tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id
     return Backbone(model=model, tokenizer=tokenizer, head_modules=list(cfg.head_modules))
+
+
+class MaskedMeanPooler(torch.nn.Module):
+    """The mean of the token states under the attention mask, in place of a model's ``[CLS]`` pooler.
+
+    Sentence-transformers checkpoints such as all-MiniLM-L6-v2 were trained to summarise a text by mean
+    pooling; their ``[CLS]`` pooler was never trained for it, and reading it through a frozen pooler left
+    LoRA at the majority class on MRPC. transformers' poolers are called with the hidden states alone, so
+    the mask is handed over by a pre-hook on the whole model (:func:`use_mean_pooling`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attention_mask: torch.Tensor | None = None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.attention_mask is None:
+            return hidden_states.mean(dim=1)
+        weights = self.attention_mask.unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
+
+
+def use_mean_pooling(model: torch.nn.Module, pooler_path: str | None) -> None:
+    """Replace the submodule at ``pooler_path`` (e.g. ``bert.pooler``) by :class:`MaskedMeanPooler`."""
+    if not pooler_path:
+        raise ConfigError("backbone.pooling=mean replaces the model's pooler: set backbone.pooler to its dotted "
+                          "path (e.g. bert.pooler).")
+    parent_path, _, attribute = pooler_path.rpartition(".")
+    try:
+        parent = model.get_submodule(parent_path)
+        getattr(parent, attribute)
+    except AttributeError:
+        raise ConfigError(f"backbone.pooler={pooler_path!r} names no module of this model.") from None
+    pooler = MaskedMeanPooler()
+    setattr(parent, attribute, pooler)
+
+    def hand_over_mask(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        pooler.attention_mask = kwargs.get("attention_mask")
+
+    model.register_forward_pre_hook(hand_over_mask, with_kwargs=True)

@@ -37,10 +37,19 @@ class DerivedCounts:
     counts: dict[str, LayerCounts]
     scores: dict[str, LayerScores]
     inputs: dict[str, Any]
+    baseline: float | None = None  # the pretrained model's value of the acceptance rule's metric
     baseline_accuracy: float | None = None
+    majority_rate: float | None = None  # what predicting the most frequent class scores on the derivation set
+    warnings: list[str] = field(default_factory=list)  # what makes the counts suspect (near chance, nearly empty)
     wall_time_s: float = 0.0
     cache_hit: bool = field(default=False, compare=False)  # how this object was obtained, not what it holds
     path: Path | None = field(default=None, compare=False)
+
+    @property
+    def kept_fraction(self) -> float:
+        """What the counts keep of the adapter's rows and columns, ``sum(k_row + k_col) / sum(m + n)``."""
+        kept = sum(c.k_row + c.k_col for c in self.counts.values())
+        return kept / sum(self.scores[name].row.numel() + self.scores[name].col.numel() for name in self.counts)
 
     @property
     def evaluations(self) -> int:
@@ -63,7 +72,8 @@ class DerivedCounts:
                 "row_scores": row.tolist(),
                 "col_scores": col.tolist(),
             }
-        return {"inputs": self.inputs, "baseline_accuracy": self.baseline_accuracy, "wall_time_s": self.wall_time_s,
+        return {"inputs": self.inputs, "baseline": self.baseline, "baseline_accuracy": self.baseline_accuracy,
+                "majority_rate": self.majority_rate, "warnings": self.warnings, "wall_time_s": self.wall_time_s,
                 "evaluations": self.evaluations, "layers": layers, "checksum": digest(layers)}
 
     @classmethod
@@ -77,8 +87,9 @@ class DerivedCounts:
                                              evaluations=layer["evaluations"]) for name, layer in layers.items()},
                    scores={name: LayerScores(row=torch.tensor(layer["row_scores"]),
                                              col=torch.tensor(layer["col_scores"])) for name, layer in layers.items()},
-                   inputs=entry["inputs"], baseline_accuracy=entry.get("baseline_accuracy"),
-                   wall_time_s=entry.get("wall_time_s", 0.0))
+                   inputs=entry["inputs"], baseline=entry.get("baseline"),
+                   baseline_accuracy=entry.get("baseline_accuracy"), majority_rate=entry.get("majority_rate"),
+                   warnings=entry.get("warnings", []), wall_time_s=entry.get("wall_time_s", 0.0))
 
     def save(self, path: str | Path) -> Path:
         """Write the JSON document atomically (a crash leaves no half-written file)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -27,9 +28,14 @@ from partial_lora.ratios.cache import RatioCache
 from partial_lora.ratios.counts import DerivedCounts
 from partial_lora.ratios.probe import probed_head
 from partial_lora.ratios.replay import PrefixReplay
-from partial_lora.ratios.search import search_counts
+from partial_lora.ratios.search import AcceptanceRule, LayerCounts, search_counts
 
 Batch = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
+# A derivation is flagged when the pretrained model is this close to the majority-class rate (accuracy
+# points / 100), or when its counts keep less than this share of the adapter's rows and columns.
+NEAR_CHANCE = 0.05
+NEARLY_EMPTY = 0.01
 # Metadata of settings that change how fast the counts are found, never which: left out of the cache key.
 SAME_COUNTS = {"same_counts": True}
 
@@ -41,7 +47,9 @@ class DerivationSettings:
 
     target_modules: str | tuple[str, ...]  # PEFT's meaning: a regex fully matching module names, or name suffixes
     importance: str = "svd"               # svd | snip | imp (SPEC 3)
-    threshold: float = 0.9                # tau: keep accuracy >= tau x the pretrained model's
+    threshold: float = 0.9                # tau of the acceptance rule
+    rule: str = "paper"                   # paper | above_chance | loss (see partial_lora.ratios.search)
+    max_loss_increase: float = 0.1        # rule=loss: the mean cross-entropy may rise by this fraction at most
     search: str = "binary"                # binary | whole_first | linear (see partial_lora.ratios.search)
     step: int = 1                         # indices per evaluation of the linear search
     top_k: int | None = None              # svd: singular directions used (None: all)
@@ -77,15 +85,20 @@ def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
 
 
-def batch_accuracy(model: torch.nn.Module, batches: list[Batch],
-                   blocks_path: str | None = None) -> Callable[[str | None, float | None], float]:
-    """Accuracy of ``model`` (in eval mode) on the derivation set, as Algorithm 1 measures it.
+def batch_metric(model: torch.nn.Module, batches: list[Batch], blocks_path: str | None = None,
+                 metric: str = "accuracy") -> Callable[[str | None, float | None], float]:
+    """Accuracy (or mean cross-entropy, ``metric="loss"``) of ``model`` (in eval mode) on the derivation set,
+    as Algorithm 1 measures it.
 
-    Given a ``target``, evaluation may stop early and return a bound on the same side of it.
+    Given a ``target``, evaluation may stop early and return a bound on the same side of it: accuracy once
+    the examples left cannot change the comparison, the loss once its running sum (which only grows) is
+    already above the target.
 
     With ``blocks_path`` (the model's sequence of blocks), the blocks before the searched layer's are
     replayed from a recording instead of recomputed.
     """
+    if metric not in ("accuracy", "loss"):
+        raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
     replay = None
     if blocks_path:
         replay = PrefixReplay(model.get_submodule(blocks_path), batches, lambda batch: _logits(model, batch))
@@ -93,22 +106,52 @@ def batch_accuracy(model: torch.nn.Module, batches: list[Batch],
     total = sum(len(batch["labels"]) for batch in batches)
 
     @torch.inference_mode()
-    def accuracy(layer: str | None, target: float | None = None) -> float:
-        correct = seen = 0
+    def evaluate(layer: str | None, target: float | None = None) -> float:
+        summed = seen = 0.0
         start = 0 if replay is None or layer is None else replay.block_of(layer, blocks_path)
         with nullcontext() if replay is None else replay.starting_at(start):
             for batch in (batches if replay is None else replay.batches_in_order()):
-                correct += int((_logits(model, batch).argmax(dim=-1) == batch["labels"]).sum())
+                logits = _logits(model, batch)
                 seen += len(batch["labels"])
+                if metric == "loss":
+                    summed += float(cross_entropy(logits.float(), batch["labels"], reduction="sum"))
+                    if target is not None and summed / total > target:
+                        return summed / total
+                    continue
+                summed += int((logits.argmax(dim=-1) == batch["labels"]).sum())
                 if target is not None:
                     # Stop once the comparison with the target is settled, whatever the rest holds.
-                    if (correct + total - seen) / total < target:
-                        return (correct + total - seen) / total
-                    if correct / total >= target:
-                        return correct / total
-        return correct / total
+                    if (summed + total - seen) / total < target:
+                        return (summed + total - seen) / total
+                    if summed / total >= target:
+                        return summed / total
+        return summed / total
 
-    return accuracy
+    return evaluate
+
+
+def majority_rate(batches: list[Batch]) -> float:
+    """Share of the derivation set in its most frequent class: what predicting one class scores."""
+    labels = torch.cat([batch["labels"] for batch in batches])
+    return float(torch.bincount(labels).max()) / len(labels)
+
+
+def derivation_warnings(baseline_accuracy: float, chance: float, counts: dict[str, LayerCounts],
+                        shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """What makes derived counts suspect, one sentence each, also logged: a pretrained model barely above
+    predicting one class (so any rule on accuracy tests little), or counts that keep almost nothing."""
+    warnings = []
+    if baseline_accuracy - chance < NEAR_CHANCE:
+        warnings.append(f"the pretrained model's derivation accuracy {baseline_accuracy:.3f} is within "
+                        f"{NEAR_CHANCE:.2f} of the majority-class rate {chance:.3f}: the counts test little")
+    kept = sum(c.k_row + c.k_col for c in counts.values())
+    full = sum(sum(shapes[name]) for name in counts)
+    if kept < NEARLY_EMPTY * full:
+        warnings.append(f"the derived counts keep {kept} of {full} rows and columns ({kept / full:.2%}), under "
+                        f"{NEARLY_EMPTY:.0%} of the adapter")
+    for warning in warnings:
+        log.warning("ratio derivation: %s.", warning)
+    return warnings
 
 
 @contextmanager
@@ -143,9 +186,12 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
     inputs = json.loads(json.dumps({"settings": settings.key(), "source": source, "data": fingerprint(batches)},
                                    default=str))
     cache = None if cache_dir is None else RatioCache(cache_dir)
+    shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
     if cache is not None:
-        cached = cache.load(inputs, {name: tuple(weight.shape) for name, weight in weights.items()})
+        cached = cache.load(inputs, shapes)
         if cached is not None:
+            for warning in cached.warnings:
+                log.warning("%s (ratio cache %s)", warning, cached.path)
             return cached
     started = time.perf_counter()
 
@@ -153,6 +199,8 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
         for batch in batches:
             yield lambda batch=batch: cross_entropy(_logits(model, batch), batch["labels"])
 
+    rule = AcceptanceRule(settings.rule, settings.threshold, chance=majority_rate(batches),
+                          max_loss_increase=settings.max_loss_increase)
     with _scoring(model):
         head = nullcontext()
         if settings.probe_head_steps:
@@ -161,10 +209,14 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
         with head:
             scores = compute_importance(weights, settings.importance, top_k=settings.top_k, flow=settings.flow,
                                         loss_batches=loss_batches())
-            baseline, counts = search_counts(weights, scores, batch_accuracy(model, batches, settings.blocks),
-                                             tau=settings.threshold, search=settings.search, step=settings.step,
-                                             progress=settings.progress)
-    derived = DerivedCounts(counts=counts, scores=scores, inputs=inputs, baseline_accuracy=baseline,
+            evaluate = batch_metric(model, batches, settings.blocks, rule.metric)
+            baseline, counts = search_counts(weights, scores, evaluate, rule, search=settings.search,
+                                             step=settings.step, progress=settings.progress)
+            # The baseline's accuracy is what the warnings compare with chance, whatever the rule measured.
+            accuracy = baseline if rule.metric == "accuracy" else batch_metric(model, batches)(None, None)
+    derived = DerivedCounts(counts=counts, scores=scores, inputs=inputs, baseline=baseline,
+                            baseline_accuracy=accuracy, majority_rate=rule.chance,
+                            warnings=derivation_warnings(accuracy, rule.chance, counts, shapes),
                             wall_time_s=time.perf_counter() - started)
     if cache is not None:
         cache.save(derived)

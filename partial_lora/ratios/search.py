@@ -85,22 +85,65 @@ def largest_removable(size: int, passes: Callable[[int], bool], search: str, ste
     return (0 if low < 0 else candidates[low]), calls
 
 
+RULES = ("paper", "above_chance", "loss")
+
+
+@dataclass(frozen=True)
+class AcceptanceRule:
+    """When Algorithm 1 accepts a removal: a bound that one evaluation on the derivation set must meet.
+
+    - ``paper``: accuracy >= ``tau`` x ``mu`` (Algorithm 1 as written). Where ``tau`` x ``mu`` is at or
+      below the majority-class rate ``chance``, a model that predicts one class passes, so zeroing a whole
+      matrix passes and the search empties it: a hard task, a small model or a few-shot head is enough.
+    - ``above_chance``: accuracy - ``chance`` >= ``tau`` x (``mu`` - ``chance``): a share ``tau`` of the
+      pretrained model's margin over the majority class must stay. Equal to ``paper`` when ``chance`` = 0.
+    - ``loss`` (beyond the paper): the mean cross-entropy may rise by at most ``max_loss_increase`` (a
+      fraction) over the pretrained model's; it needs no accuracy, so it also serves tasks without one.
+    """
+
+    name: str
+    tau: float
+    chance: float = 0.0
+    max_loss_increase: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.name not in RULES:
+            raise ConfigError(f"ratios.rule must be one of {', '.join(RULES)}, got {self.name!r}.")
+        if not 0 < self.tau <= 1:
+            raise ConfigError(f"ratios.threshold must lie in (0, 1], got {self.tau!r}.")
+        if not self.max_loss_increase > 0:
+            raise ConfigError(f"ratios.max_loss_increase must be a number > 0, got {self.max_loss_increase!r}.")
+
+    @property
+    def metric(self) -> str:
+        """What each evaluation measures: ``accuracy`` (higher is better) or ``loss`` (lower is better)."""
+        return "loss" if self.name == "loss" else "accuracy"
+
+    def target(self, baseline: float) -> float:
+        if self.name == "loss":
+            return baseline * (1 + self.max_loss_increase)
+        floor = self.chance if self.name == "above_chance" else 0.0
+        return floor + self.tau * (baseline - floor)
+
+    def passes(self, value: float, target: float) -> bool:
+        return value <= target if self.metric == "loss" else value >= target
+
+
 @torch.no_grad()
 def search_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores],
-                  accuracy: Callable[[str | None, float | None], float], tau: float, search: str = "binary",
-                  step: int = 1, progress: bool = True) -> tuple[float, dict[str, LayerCounts]]:
-    """Run Algorithm 1 on every weight; returns the baseline accuracy and each layer's kept counts.
+                  evaluate: Callable[[str | None, float | None], float], rule: AcceptanceRule,
+                  search: str = "binary", step: int = 1, progress: bool = True
+                  ) -> tuple[float, dict[str, LayerCounts]]:
+    """Run Algorithm 1 on every weight; returns the baseline value of ``rule.metric`` and each layer's counts.
 
-    ``accuracy(name, target)`` evaluates the model while layer ``name`` is modified (``None``: the
+    ``evaluate(name, target)`` measures ``rule.metric`` while layer ``name`` is modified (``None``: the
     baseline), which lets it skip work that layer cannot affect; it may return early with any value on
     the same side of ``target``. Each evaluation zeroes the chosen rows
     (columns) of the weight in place and restores them after. Removing every row and removing every
     column are the same ``W = 0``: it is evaluated once per layer, and counted once.
     """
-    if not 0 < tau <= 1:
-        raise ConfigError(f"ratios.threshold must lie in (0, 1], got {tau!r}.")
-    baseline = accuracy(None, None)
-    target = tau * baseline
+    baseline = evaluate(None, None)
+    target = rule.target(baseline)
     counts: dict[str, LayerCounts] = {}
     total_calls = 1
     bar = tqdm(weights.items(), desc="ratio derivation", unit="layer", disable=not progress)
@@ -122,7 +165,7 @@ def search_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScore
                 view[chosen] = 0
                 try:
                     calls += 1
-                    result = accuracy(name, target) >= target
+                    result = rule.passes(evaluate(name, target), target)
                 finally:
                     view[chosen] = saved
                 if everything:

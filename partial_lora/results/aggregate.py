@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from partial_lora.results.record import config_hash
+
 GROUP_KEYS = ["backbone", "dataset", "method", "importance", "rank"]
 COLUMNS = ["scale", *GROUP_KEYS, "seed", "lr", "val", "test", "params", "unmasked_params", "path"]
 
@@ -31,7 +33,8 @@ def load_records(directory: str | Path) -> pd.DataFrame:
             "rank": record["rank"], "seed": record["seed"], "lr": record["lr"], "val": record["best_val"],
             "test": record["test"], "params": record["params"]["adapter"],
             "unmasked_params": record["params"]["unmasked_adapter"], "path": str(path),
-            "residual_norms": record.get("residual_norms"),
+            "residual_norms": record.get("residual_norms"), "masks": record.get("masks"),
+            "run_id": config_hash(config),
             **pd.json_normalize(config, sep=".").add_prefix("config.").iloc[0].to_dict(),
         })
     return pd.DataFrame(rows, columns=None if rows else COLUMNS)

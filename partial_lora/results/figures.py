@@ -197,3 +197,32 @@ def overlap(caches: pd.DataFrame, title: str) -> Figure:
         axis.legend(fontsize=6)
     figure.tight_layout()
     return figure
+
+
+VERDICT_COLOURS = {"supported": "tab:green", "contradicted": "tab:red", "inconclusive": "tab:orange"}
+
+
+def claims_forest(verdicts: pd.DataFrame, title: str) -> Figure:
+    """Each claim's effect (treatment - control, points) with its 95% interval, one panel per dataset; the
+    shaded band is the claim's margin, the colour its verdict."""
+    datasets = list(dict.fromkeys(verdicts["dataset"]))
+    figure, axes = _panels(datasets, title)
+    for axis, dataset in zip(axes, datasets):
+        rows = verdicts[(verdicts["dataset"] == dataset) & verdicts["effect"].notna()].reset_index(drop=True)
+        for position, row in rows.iterrows():
+            low = row["low"] if np.isfinite(row["low"]) else row["effect"]
+            high = row["high"] if np.isfinite(row["high"]) else row["effect"]
+            colour = VERDICT_COLOURS.get(row["verdict"], "tab:gray")
+            axis.errorbar(row["effect"], position, xerr=[[row["effect"] - low], [high - row["effect"]]], fmt="o",
+                          color=colour, capsize=3)
+            if row["test"] in ("noninferior", "equivalent"):
+                axis.fill_betweenx([position - 0.35, position + 0.35], -row["margin"],
+                                   row["margin"] if row["test"] == "equivalent" else max(high, row["margin"]),
+                                   color="tab:gray", alpha=0.15, linewidth=0)
+        axis.axvline(0, color="black", linewidth=0.8)
+        axis.set_yticks(range(len(rows)), [f"{row.claim}" for row in rows.itertuples()])
+        axis.invert_yaxis()
+        axis.set_xlabel("effect, treatment - control (points)")
+        axis.set_title(dataset)
+    figure.tight_layout()
+    return figure

@@ -1,0 +1,406 @@
+"""The paper's claims as paired comparisons over seeds, each with an effect, its 95% interval and a verdict.
+
+``conf/experiment/claims.yaml`` names the arms (settings a run is launched with), the claims (which arm
+is compared with which, by which test and margin) and the pilot that picks one learning rate per arm:
+each piloted arm trains once per learning rate at a pilot seed kept apart from the claim seeds, and the
+learning rate with the best validation score is the one its claim runs use. Arms that only change which
+rows and columns a masked adapter keeps take the learning rate of the arm they are a variant of
+(``lr_from``), and Balanced takes the sparsity that matches its reference arm's derived parameter count
+(``match_sparsity``).
+
+Runs are found by their run id (the hash of the config they are launched with), never by a loose match
+of settings, so a record of another preset or another learning rate can never enter a comparison. Both
+arms of a claim run on the same seeds (and data seed), so the comparison is paired by seed: the effect
+is the mean of per-seed differences (treatment - control, in metric points), and its interval is
+Student's t over those differences.
+
+Verdicts, for an interval ``[low, high]`` and margin ``m``:
+
+- ``noninferior`` (the treatment is at most ``m`` below the control): supported if ``low > -m``,
+  contradicted if ``high < -m``;
+- ``equivalent`` (within ``m`` either way): supported if the interval lies inside ``(-m, m)``,
+  contradicted if it lies wholly beyond ``m`` or below ``-m``;
+- ``superior`` (the treatment beats the control): supported if ``low > 0``, contradicted if ``high < 0``;
+- ``shrinking`` (the control's lead over the treatment shrinks from the smallest to the largest value
+  of the swept setting): the per-seed change of that lead, supported if ``low > 0``, contradicted if
+  ``high < 0``;
+
+and inconclusive otherwise (at this scale the interval spans the margin). A claim that also requires a
+parameter reduction (``min_param_reduction``) is contradicted when the measured reduction falls short.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig, OmegaConf
+from scipy import stats
+
+from partial_lora.config import register_resolvers
+from partial_lora.errors import ConfigError
+from partial_lora.protocol.sweep import ROOT, command
+from partial_lora.results.aggregate import load_records
+from partial_lora.results.record import config_hash
+
+TESTS = ("noninferior", "equivalent", "superior", "shrinking")
+SUPPORTED, CONTRADICTED, INCONCLUSIVE, MISSING = "supported", "contradicted", "inconclusive", "missing runs"
+
+
+@dataclass(frozen=True)
+class Claim:
+    id: str
+    text: str
+    test: str
+    treatment: str
+    control: str
+    margin: float = 1.0
+    min_param_reduction: float | None = None
+    datasets: tuple[str, ...] | None = None
+    over: dict[str, tuple[Any, ...]] = field(default_factory=dict)  # test=shrinking: one swept setting
+
+    def __post_init__(self) -> None:
+        if self.test not in TESTS:
+            raise ConfigError(f"claim {self.id}: test must be one of {', '.join(TESTS)}, got {self.test!r}.")
+        if (self.test == "shrinking") != (len(self.over) == 1):
+            raise ConfigError(f"claim {self.id}: test=shrinking needs exactly one swept setting under `over`, "
+                              f"and only it may have one.")
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def paired_interval(differences: list[float], confidence: float = 0.95) -> Interval:
+    """Mean of paired differences with Student's t interval (unbounded with fewer than two pairs)."""
+    values = np.asarray(differences, dtype=float)
+    n = len(values)
+    if n == 0:
+        return Interval(math.nan, -math.inf, math.inf, 0)
+    mean = float(values.mean())
+    if n < 2:
+        return Interval(mean, -math.inf, math.inf, n)
+    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def verdict(test: str, interval: Interval, margin: float) -> str:
+    """See the module docstring."""
+    if interval.n < 2:
+        return MISSING
+    low, high = interval.low, interval.high
+    if test == "noninferior":
+        return SUPPORTED if low > -margin else CONTRADICTED if high < -margin else INCONCLUSIVE
+    if test == "equivalent":
+        if -margin < low and high < margin:
+            return SUPPORTED
+        return CONTRADICTED if low > margin or high < -margin else INCONCLUSIVE
+    if test in ("superior", "shrinking"):
+        return SUPPORTED if low > 0 else CONTRADICTED if high < 0 else INCONCLUSIVE
+    raise ConfigError(f"unknown claim test {test!r}")
+
+
+# --- planning: which runs a claim needs, under which run id ------------------------------------------------
+
+def compose_claims(scale: str, overrides: list[str] = ()) -> DictConfig:
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=["experiment=claims", f"scale={scale}", *overrides])
+
+
+def claims_of(cfg: DictConfig) -> list[Claim]:
+    claims = []
+    for item in cfg.claims["items"]:
+        item = OmegaConf.to_container(item, resolve=True)
+        item["datasets"] = tuple(item["datasets"]) if item.get("datasets") else None
+        item["over"] = {key: tuple(values) for key, values in (item.get("over") or {}).items()}
+        unknown = {item["treatment"], item["control"]} - set(cfg.claims.arms)
+        if unknown:
+            raise ConfigError(f"claim {item['id']} compares arms {sorted(unknown)} that claims.arms does not define.")
+        claims.append(Claim(**item))
+    return claims
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    arm: str
+    dataset: str
+    seed: int
+    lr: float
+    overrides: tuple[str, ...]  # beyond experiment / scale / dataset / seed / lr
+
+
+class ClaimPlan:
+    """Every run the claims of one scale need, and their records once present."""
+
+    def __init__(self, cfg: DictConfig, scale: str, extra: list[str] = ()) -> None:
+        self.cfg, self.scale, self.extra = cfg, scale, list(extra)
+        self.claims = claims_of(cfg)
+        self.arms = OmegaConf.to_container(cfg.claims.arms, resolve=True)
+        self.pilot = OmegaConf.to_container(cfg.claims.pilot, resolve=True)
+        self.seeds = list(cfg.claims.seeds)
+        self.datasets = list(cfg.scale.domains[cfg.claims.domain].datasets)
+        self._ids: dict[tuple[str, ...], str] = {}
+        self.records: dict[str, dict[str, Any]] = {}
+        self.reload()
+
+    def reload(self) -> None:
+        """Index the finished records of the store by run id (failed runs have no metric to compare)."""
+        frame = load_records(self.cfg.results_dir)
+        self.records = {} if frame.empty else {row["run_id"]: row for row in frame.to_dict("records")}
+
+    # settings ---------------------------------------------------------------------------------------------
+    def arm_overrides(self, arm: str, dataset: str) -> list[str]:
+        """The Hydra overrides of ``arm``, with a matched sparsity filled in (needs the reference's records)."""
+        settings = {key: value for key, value in self.arms[arm].items() if key not in ("lr_from", "match_sparsity")}
+        overrides = [f"{key}={value}" for key, value in settings.items()]
+        reference = self.arms[arm].get("match_sparsity")
+        if reference:
+            sparsity = self.matched_sparsity(reference, dataset)
+            if sparsity is None:
+                return []
+            overrides.append(f"method.mask.sparsity={sparsity}")
+        return overrides
+
+    def datasets_of(self, claim: Claim) -> list[str]:
+        return [name for name in self.datasets if claim.datasets is None or name in claim.datasets]
+
+    def variants(self, claim: Claim) -> list[tuple[str, ...]]:
+        """Extra overrides per value of the claim's swept setting (one empty variant when it sweeps nothing)."""
+        if not claim.over:
+            return [()]
+        (key, values), = claim.over.items()
+        return [(f"{key}={value}",) for value in values]
+
+    def run_id(self, dataset: str, seed: int, lr: float, overrides: tuple[str, ...] | list[str]) -> str:
+        """The id ``run.py`` gives this run: the hash of its resolved config (see ``RunSlot``)."""
+        key = (dataset, str(seed), repr(lr), *overrides)
+        if key not in self._ids:
+            cfg = compose_claims(self.scale, [f"dataset={dataset}", f"seed={seed}", f"lr={lr}", *overrides,
+                                              *self.extra])
+            cfg.output_dir = None  # Hydra's runtime folder: left out of the id anyway
+            self._ids[key] = config_hash(OmegaConf.to_container(cfg, resolve=True))
+        return self._ids[key]
+
+    def record(self, run: PlannedRun) -> dict[str, Any] | None:
+        return self.records.get(self.run_id(run.dataset, run.seed, run.lr, run.overrides))
+
+    # pilot ------------------------------------------------------------------------------------------------
+    def pilot_runs(self, arm: str, dataset: str) -> list[PlannedRun]:
+        overrides = tuple(self.arm_overrides(arm, dataset))
+        return [PlannedRun(arm, dataset, self.pilot["seed"], float(lr), overrides) for lr in self.pilot["lrs"]]
+
+    def lr_source(self, arm: str) -> str:
+        """The arm whose pilot sets ``arm``'s learning rate: its ``lr_from`` or ``match_sparsity`` arm, or itself."""
+        return self.arms[arm].get("lr_from") or self.arms[arm].get("match_sparsity") or arm
+
+    def chosen_lr(self, arm: str, dataset: str) -> float | None:
+        """The pilot learning rate with the best validation score (``None`` until every pilot run finished)."""
+        source = self.lr_source(arm)
+        if self.lr_source(source) != source:
+            raise ConfigError(f"claims.arms.{arm}: its lr_from arm {source} must run its own pilot.")
+        scores = {}
+        for run in self.pilot_runs(source, dataset):
+            record = self.record(run)
+            if record is None:
+                return None
+            scores[run.lr] = record["val"]
+        return max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller learning rate
+
+    def matched_sparsity(self, reference: str, dataset: str) -> float | None:
+        """One sparsity for every layer whose expected parameter count equals ``reference``'s derived counts,
+        ``1 - sum(k_row + k_col) / sum(m + n)``, as a finished run of it recorded (``masks.derived_fraction``)."""
+        lr = self.chosen_lr(reference, dataset)
+        if lr is None:
+            return None
+        overrides = tuple(self.arm_overrides(reference, dataset))
+        for seed in self.seeds:
+            record = self.record(PlannedRun(reference, dataset, seed, lr, overrides))
+            if record is not None:
+                return round(1 - record["masks"]["derived_fraction"], 4)
+        return None
+
+    def claim_runs(self, claim: Claim) -> list[tuple[PlannedRun, PlannedRun, tuple[str, ...]]] | None:
+        """(treatment, control, variant) pairs of planned runs, or ``None`` while a pilot is unfinished."""
+        pairs = []
+        for dataset in self.datasets_of(claim):
+            lrs = {arm: self.chosen_lr(arm, dataset) for arm in (claim.treatment, claim.control)}
+            overrides = {arm: self.arm_overrides(arm, dataset) for arm in lrs}
+            if any(lr is None for lr in lrs.values()) or any(
+                    self.arms[arm].get("match_sparsity") and not overrides[arm] for arm in lrs):
+                return None
+            for variant in self.variants(claim):
+                for seed in self.seeds:
+                    treatment, control = (PlannedRun(arm, dataset, seed, lrs[arm], tuple(overrides[arm]) + variant)
+                                          for arm in (claim.treatment, claim.control))
+                    pairs.append((treatment, control, variant))
+        return pairs
+
+    # launching --------------------------------------------------------------------------------------------
+    def commands(self, launcher: str = "local") -> list[list[str]]:
+        """The multirun commands still to run that the records present let us plan, claim by claim: the
+        pilots of its arms, then its runs once their learning rates (and matched sparsities) are decided.
+        Run the first, reload, and ask again until nothing is pending (:func:`run_claims`)."""
+        commands: dict[tuple, list[str]] = {}
+        for claim in self.claims:
+            for arm in (claim.treatment, claim.control):
+                source = self.lr_source(arm)
+                for dataset in self.datasets_of(claim):
+                    if any(self.record(run) is None for run in self.pilot_runs(source, dataset)):
+                        overrides = tuple(self.arm_overrides(source, dataset))
+                        # In turn, not in parallel: the first run derives the ratios, the next reads the cache.
+                        commands.setdefault(("pilot", source, dataset), self._multirun(
+                            dataset, [self.pilot["seed"]], list(self.pilot["lrs"]), overrides, "local"))
+            for treatment, control, _ in self.claim_runs(claim) or []:
+                for run in (treatment, control):
+                    if self.record(run) is None:
+                        commands.setdefault((run.dataset, run.lr, run.overrides), self._multirun(
+                            run.dataset, self.seeds, [run.lr], run.overrides, launcher))
+        return list(commands.values())
+
+    def _multirun(self, dataset: str, seeds: list[int], lrs: list[float], overrides: tuple[str, ...],
+                  launcher: str) -> list[str]:
+        settings = {"dataset": [dataset], "seed": seeds, "lr": lrs}
+        return command("claims", self.scale, settings, launcher, [*overrides, *self.extra])
+
+
+def run_claims(plan: ClaimPlan, launcher: str = "local") -> int:
+    """Launch what the claims need, one multirun at a time in claim order (finished runs skip themselves),
+    planning again after each: a pilot's records decide the learning rate of the runs after it. Returns how
+    many multiruns exited non-zero (their failed runs are recorded and left out of the comparisons)."""
+    launched: set[tuple[str, ...]] = set()
+    failures = 0
+    while True:
+        plan.reload()
+        pending = [argv for argv in plan.commands(launcher) if tuple(argv) not in launched]
+        if not pending:
+            return failures
+        launched.add(tuple(pending[0]))
+        print("+", " ".join(pending[0][1:]), flush=True)
+        failures += subprocess.run(pending[0], cwd=ROOT).returncode != 0
+
+
+# --- verdicts -----------------------------------------------------------------------------------------------
+
+def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
+    """One row per (claim, dataset): the effect, its interval, parameter counts and the verdict."""
+    rows = []
+    for claim in plan.claims:
+        pairs = plan.claim_runs(claim)
+        for dataset in plan.datasets_of(claim):
+            row = {"claim": claim.id, "text": claim.text, "dataset": dataset, "test": claim.test,
+                   "treatment": claim.treatment, "control": claim.control, "margin": claim.margin}
+            chosen = [(t, c, v) for t, c, v in (pairs or []) if t.dataset == dataset]
+            found = [(plan.record(t), plan.record(c), v) for t, c, v in chosen]
+            found = [(t, c, v) for t, c, v in found if t is not None and c is not None]
+            row |= {"lr_treatment": chosen[0][0].lr if chosen else None,
+                    "lr_control": chosen[0][1].lr if chosen else None,
+                    "runs": 2 * len(found), "planned_runs": 2 * len(chosen)}
+            if claim.test == "shrinking":
+                variants = plan.variants(claim)
+                first, last = variants[0], variants[-1]
+                lead = {(t["seed"], v): c["test"] - t["test"] for t, c, v in found}
+                seeds = [seed for seed in plan.seeds if (seed, first) in lead and (seed, last) in lead]
+                differences = [lead[seed, first] - lead[seed, last] for seed in seeds]
+                row["by_variant"] = {" ".join(v): paired_interval([c["test"] - t["test"] for t, c, w in found
+                                                                   if w == v]) for v in variants}
+            else:
+                differences = [t["test"] - c["test"] for t, c, _ in found]
+            interval = paired_interval(differences)
+            row |= {"effect": interval.mean, "low": interval.low, "high": interval.high, "pairs": interval.n}
+            outcome = verdict(claim.test, interval, claim.margin)
+            if found:
+                treatment_params = np.mean([t["params"] for t, _, _ in found])
+                control_params = np.mean([c["params"] for _, c, _ in found])
+                row |= {"params_treatment": treatment_params, "params_control": control_params,
+                        "param_reduction": 1 - treatment_params / control_params}
+                if claim.min_param_reduction is not None and outcome != MISSING:
+                    if row["param_reduction"] < claim.min_param_reduction:
+                        outcome = CONTRADICTED
+                row |= {"mean_treatment": np.mean([t["test"] for t, _, _ in found]),
+                        "mean_control": np.mean([c["test"] for _, c, _ in found])}
+            row["verdict"] = outcome if chosen else MISSING
+            rows.append(row)
+    return pd.DataFrame(rows)
+
+
+# --- the report -----------------------------------------------------------------------------------------------
+
+def _points(value: float) -> str:
+    return "-" if value is None or not np.isfinite(value) else f"{value:+.2f}"
+
+
+def _count(value: float) -> str:
+    if value is None or not np.isfinite(value):
+        return "-"
+    return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}K" if value >= 1e3 else f"{value:.0f}"
+
+
+def _shrinking_lines(row: pd.Series) -> list[str]:
+    lines = []
+    for variant, interval in row["by_variant"].items():
+        lines.append(f"  - {variant}: LoRA's lead {_points(interval.mean)} "
+                     f"[{_points(interval.low)}, {_points(interval.high)}], {interval.n} seeds")
+    return lines
+
+
+def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path = "results/claims") -> list[Path]:
+    """Write ``claims_<scale>.md`` (verdict table, per-claim detail, pilot choices) and ``claims_<scale>.png``."""
+    from partial_lora.results import figures
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    stem = f"claims_{plan.scale}"
+    domain = plan.cfg.scale.domains[plan.cfg.claims.domain]
+    lines = [f"# The paper's claims at scale `{plan.scale}`", "",
+             f"Backbone `{domain.backbone}`; datasets {', '.join(plan.datasets)}; seeds {plan.seeds} for both arms of "
+             f"every claim (paired by seed); effect = treatment - control in metric points (x100), mean of the "
+             f"per-seed differences with a 95% Student-t interval. Verdicts: supported / contradicted when the "
+             f"interval clears the claim's margin, inconclusive when it spans it (see "
+             f"`partial_lora/protocol/claims.py`). Rendered from the run records alone.", "",
+             "| claim | dataset | treatment vs control | lr (T / C) | runs | treatment | control | effect [95% CI] "
+             "| margin | params T / C (reduction) | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for row in verdicts.to_dict("records"):
+        params = "-"
+        if np.isfinite(row.get("params_treatment", np.nan)):
+            params = (f"{_count(row['params_treatment'])} / {_count(row['params_control'])} "
+                      f"({row['param_reduction']:.0%})")
+        margin = {"noninferior": f"-{row['margin']:g}", "equivalent": f"±{row['margin']:g}"}.get(row["test"], "0")
+        lrs = "-" if row["lr_treatment"] is None else f"{row['lr_treatment']:g} / {row['lr_control']:g}"
+        mean = lambda key: "-" if not np.isfinite(row.get(key, np.nan)) else f"{row[key]:.2f}"  # noqa: E731
+        lines.append(f"| {row['claim']} | {row['dataset']} | {row['treatment']} vs {row['control']} | {lrs} | "
+                     f"{row['runs']}/{row['planned_runs']} | {mean('mean_treatment')} | {mean('mean_control')} | "
+                     f"{_points(row['effect'])} [{_points(row['low'])}, {_points(row['high'])}] | {margin} | "
+                     f"{params} | **{row['verdict']}** |")
+    lines += ["", "## Claims", ""]
+    for claim in plan.claims:
+        lines.append(f"- **{claim.id}** ({claim.test}): {claim.text}.")
+        for row in verdicts[verdicts["claim"] == claim.id].to_dict("records"):
+            if claim.test == "shrinking" and isinstance(row.get("by_variant"), dict):
+                lines += _shrinking_lines(pd.Series(row))
+    lines += ["", "## Learning rates (pilot)", "",
+              f"Each piloted arm trained once per learning rate {plan.pilot['lrs']} at seed {plan.pilot['seed']} "
+              f"(not a claim seed); the claim runs use the rate with the best validation score. Arms with "
+              f"`lr_from` or `match_sparsity` use their reference arm's rate.", "",
+              "| arm | settings | " + " | ".join(plan.datasets) + " |", "|---|---|" + "---|" * len(plan.datasets)]
+    for arm, spec in plan.arms.items():
+        chosen = [plan.chosen_lr(arm, dataset) for dataset in plan.datasets]
+        settings = ", ".join(f"{key}={value}" for key, value in spec.items())
+        lines.append(f"| {arm} | {settings} | " + " | ".join("-" if lr is None else f"{lr:g}" for lr in chosen) + " |")
+    image = directory / f"{stem}.png"
+    lines += ["", f"![claims]({image.name})", ""]
+    report = directory / f"{stem}.md"
+    report.write_text("\n".join(lines))
+    figures.save(figures.claims_forest(verdicts, f"Claims at scale {plan.scale}: effect and 95% interval"), image)
+    return [report, image]
