@@ -142,7 +142,7 @@ def test_state_dicts_hold_full_factors_whatever_the_execution():
 
 
 @pytest.mark.parametrize("saved_compact, loaded_compact", [(True, False), (True, True), (False, True)])
-def test_adapters_load_across_executions(tmp_path: Path, saved_compact, loaded_compact):
+def test_saved_adapters_reload_masked_and_trainable_across_executions(tmp_path: Path, saved_compact, loaded_compact):
     _, backbone, model = masked_tiny_model(compact=saved_compact, init_b=True)
     model.eval()
     data = batch()
@@ -153,7 +153,12 @@ def test_adapters_load_across_executions(tmp_path: Path, saved_compact, loaded_c
     base = build_backbone(compose_config("backbone=tiny_bert").backbone, num_labels=2).model
     fresh = load_partial_lora(base, tmp_path / "adapter", compact=loaded_compact)
     assert torch.allclose(fresh.eval()(**inputs).logits, expected, atol=1e-6)
-    assert all(hasattr(layer, "partial_rows") == loaded_compact for layer in lora_layers(fresh).values())
+    layers, saved = lora_layers(fresh), lora_layers(model)
+    assert all(hasattr(layer, "partial_rows") == loaded_compact for layer in layers.values())
+    assert all(torch.equal(getattr(layers[name], ROW_MASK), getattr(saved[name], ROW_MASK)) for name in layers)
+    assert count_parameters(fresh, backbone.head_modules) == count_parameters(model, backbone.head_modules)
+    trainable = {name for name, parameter in fresh.named_parameters() if parameter.requires_grad}
+    assert any("lora_A" in name for name in trainable) and any("classifier" in name for name in trainable)
     if loaded_compact:
         assert all(kept(layer)[0].numel() == int(getattr(layer, ROW_MASK).sum())
                    for layer in lora_layers(fresh).values())

@@ -9,7 +9,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from partial_lora.adapters import adapt, count_parameters, load_adapter, load_partial_lora
+from partial_lora.adapters import adapt, count_parameters, load_adapter
 from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, factor, is_compact, lora_layers
 from partial_lora.backbones import build_backbone
 from partial_lora.masks import LayerMask, make_mask
@@ -125,26 +125,6 @@ def test_legacy_adapter_file_loads_to_the_same_outputs_and_merges(tmp_path: Path
     assert torch.allclose(merged(**inputs).logits, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("compact", [True, False])
-def test_save_pretrained_reloads_masked_and_trainable(tmp_path: Path, compact: bool):
-    _, backbone, model = masked_tiny_model(seed=0, compact=compact, init_b=True)
-    model.eval()
-    data = batch()
-    inputs = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
-    expected = model(**inputs).logits
-    model.save_pretrained(tmp_path / "adapter")
-    torch.manual_seed(0)
-    base = build_backbone(compose_config("backbone=tiny_bert").backbone, num_labels=2).model
-    reloaded = load_partial_lora(base, tmp_path / "adapter").eval()
-    assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-6)
-    layers, saved = lora_layers(reloaded), lora_layers(model)
-    assert all(is_compact(layer) for layer in layers.values())  # compact by default, whatever was saved
-    assert all(torch.equal(getattr(layers[name], ROW_MASK), getattr(saved[name], ROW_MASK)) for name in layers)
-    assert count_parameters(reloaded, backbone.head_modules) == count_parameters(model, backbone.head_modules)
-    trainable = {name for name, parameter in reloaded.named_parameters() if parameter.requires_grad}
-    assert any("lora_A" in name for name in trainable) and any("classifier" in name for name in trainable)
-
-
 def test_partial_lora_run_derives_once_then_hits_the_cache(tiny_cfg, tmp_path: Path):
     with open_dict(tiny_cfg):
         tiny_cfg.method = compose_config("method=partial_lora").method
@@ -167,8 +147,6 @@ def test_partial_lora_run_derives_once_then_hits_the_cache(tiny_cfg, tmp_path: P
 
 
 def test_masked_method_without_importance_fails_clearly(tiny_cfg):
-    import pytest
-
     from partial_lora.errors import ConfigError
 
     with open_dict(tiny_cfg):
