@@ -29,7 +29,7 @@ def digest(value: Any) -> str:
     return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
 
 
-@dataclass
+@dataclass(eq=False)  # tensors inside: compare documents with to_json()
 class DerivedCounts:
     """Kept counts ``k_row``, ``k_col`` and row / column scores per adapted layer (by module name), with what they
     were derived from (``inputs``: settings, model description, data fingerprint)."""
@@ -42,8 +42,8 @@ class DerivedCounts:
     majority_rate: float | None = None  # what predicting the most frequent class scores on the derivation set
     warnings: list[str] = field(default_factory=list)  # what makes the counts suspect (near chance, nearly empty)
     wall_time_s: float = 0.0
-    cache_hit: bool = field(default=False, compare=False)  # how this object was obtained, not what it holds
-    path: Path | None = field(default=None, compare=False)
+    cache_hit: bool = False  # how this object was obtained (from a cache), not part of the document
+    path: Path | None = None  # where it was read or written
 
     @property
     def kept_fraction(self) -> float:

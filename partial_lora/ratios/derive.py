@@ -77,7 +77,7 @@ def fingerprint(batches: list[Batch]) -> str:
         for name in sorted(batch):
             tensor = batch[name].detach().cpu().contiguous()
             hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-            hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return hasher.hexdigest()
 
 
