@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora.errors import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 DATA_DIR_ENV = "PARTIAL_LORA_DATA"
 
@@ -28,49 +35,167 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _is_int(value: object) -> bool:
+def is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _is_number(value: object) -> bool:
+def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _at_least(low: int, none: bool = False) -> Callable[[object], bool]:
+    return lambda value: (none and value is None) or (is_int(value) and value >= low)
+
+
+def _share(low_open: bool, high_open: bool) -> Callable[[object], bool]:
+    """A number between 0 and 1, each end excluded or not."""
+    return lambda value: is_number(value) and (0 < value if low_open else 0 <= value) and \
+        (value < 1 if high_open else value <= 1)
+
+
+def _flag(value: object) -> bool:
+    return isinstance(value, bool)
+
+
+def _positive(value: object) -> bool:
+    return is_number(value) and value > 0
+
+
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
+
+
+def _seed(value: object) -> bool:
+    return is_int(value) and 0 <= value <= SEED_MAX
+
+
+LOW_RANK_CONFIGS = ("peft.LoraConfig", "peft.AdaLoraConfig")  # the adapters with low-rank factors (and masks)
+
+# Settings (dotted) a run reads, what each accepts and how to say it. Absent keys (another method's or
+# dataset's) are skipped; the message is "<key> must be <description>, got <value>."
+SETTINGS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
+    ("seed", _seed, f"an integer in 0..{SEED_MAX} (e.g. seed=3, or -m seed=0..19)"),
+    ("data_seed", _seed, f"an integer in 0..{SEED_MAX}"),
+    ("rank", _at_least(1, none=True), "an integer >= 1"),
+    ("alpha", _positive, "a number > 0 (LoRA scales its update by alpha / rank)"),
+    ("lr", _positive, "a number > 0"),
+    ("train.epochs", _at_least(1), "an integer >= 1"),
+    ("train.batch_size", _at_least(1), "an integer >= 1"),
+    ("train.weight_decay", lambda value: is_number(value) and value >= 0, "a number >= 0"),
+    ("train.num_workers", _at_least(0), "an integer >= 0"),
+    ("trainer.max_steps", lambda value: value == -1 or _at_least(1)(value), "-1 (no limit) or an integer >= 1"),
+    ("ratios.threshold", _share(True, False), "a number in (0, 1] (the share of baseline accuracy kept)"),
+    ("ratios.max_loss_increase", _positive, "a number > 0"),
+    ("ratios.max_examples", _at_least(1, none=True), "an integer >= 1 or null (the paper's fraction)"),
+    ("ratios.step", _at_least(1), "an integer >= 1"),
+    ("ratios.batch_size", _at_least(1), "an integer >= 1"),
+    ("ratios.probe_head_steps", _at_least(0), "an integer >= 0 (0: no probe)"),
+    ("importance.top_k", _at_least(1, none=True), "an integer >= 1 or null (all directions)"),
+    ("dataset.derivation_fraction", _share(True, False), "a number in (0, 1]"),
+    ("dataset.shots", _at_least(1, none=True), "an integer >= 1 (training images per class) or null"),
+    ("dataset.val_size", _at_least(1), "an integer >= 1"),
+    ("dataset.train_size", _at_least(1, none=True), "an integer >= 1 or null (all)"),
+    ("dataset.test_size", _at_least(1, none=True), "an integer >= 1 or null (all)"),
+    ("dataset.max_length", _at_least(1), "an integer >= 1"),
+    ("method.mask.temperature", _positive, "a number > 0"),
+    ("method.mask.sparsity", _share(False, True), "a number in [0, 1)"),
+    ("method.losia.rank_factor", _share(True, False), "a number in (0, 1]"),
+    ("method.losia.beta", _share(False, True), "a number in [0, 1)"),
+    ("method.losia.period", _at_least(1), "an integer >= 1"),
+    ("method.sparse_delta.trainable_fraction", _share(True, False), "a number in (0, 1]"),
+    ("strategy.initial_p", _share(True, False), "a number in (0, 1]"),
+    ("strategy.stage1_ratio", _share(True, False), "a number in (0, 1]"),
+    ("adapter.compact", _flag, "true or false"),
+    ("checkpoint.keep", _flag, "true or false"),
+    ("dry_run", _flag, "true or false"),
+)
+_ABSENT = object()
 
 
 def validate(cfg: DictConfig) -> None:
     """Reject settings that would fail later, or silently do something else, with one sentence each.
 
-    Runs before any model or data loads, so a bad sweep fails in seconds, not after downloads.
+    Runs before any model or data loads, so a bad sweep fails in seconds, not after downloads, and
+    nothing is written: every folder the run will write to is checked last. The adapter's rank against
+    the layers it adapts needs their shapes, which only the built backbone has: see :func:`validate_rank`.
     """
-    _require(_is_int(cfg.seed), f"seed must be an integer (e.g. seed=3, or -m seed=0..19), got {cfg.seed!r}.")
-    _require(cfg.rank is None or (_is_int(cfg.rank) and cfg.rank >= 1),
-             f"rank must be an integer >= 1, got {cfg.rank!r}.")
-    _require(_is_number(cfg.lr) and cfg.lr > 0, f"lr must be a number > 0, got {cfg.lr!r}.")
-    for key in ("epochs", "batch_size"):
-        value = cfg.train[key]
-        _require(_is_int(value) and value >= 1, f"train.{key} must be an integer >= 1, got {value!r}.")
-    threshold = cfg.ratios.threshold
-    _require(_is_number(threshold) and 0 < threshold <= 1,
-             f"ratios.threshold must be a number in (0, 1] (the share of baseline accuracy kept), got {threshold!r}.")
-    max_examples = cfg.ratios.max_examples
-    _require(max_examples is None or (_is_int(max_examples) and max_examples >= 1),
-             f"ratios.max_examples must be an integer >= 1 or null (the paper's fraction), got {max_examples!r}.")
-    shots = cfg.dataset.get("shots")
-    _require(shots is None or (_is_int(shots) and shots >= 1),
-             f"dataset.shots must be an integer >= 1 (training images per class), got {shots!r}.")
-    for key in ("val_size", "train_size", "test_size"):
-        size = cfg.dataset.get(key)
-        _require(size is None or (_is_int(size) and size >= 1),
-                 f"dataset.{key} must be an integer >= 1{'' if key == 'val_size' else ' or null (all)'}, got {size!r}.")
+    from partial_lora.importance.measures import FLOWS  # import torch: run.py loads this module first
+    from partial_lora.ratios.search import RULES, SEARCHES
+
+    for key, accepts, description in SETTINGS:
+        value = OmegaConf.select(cfg, key, default=_ABSENT)
+        _require(value is _ABSENT or accepts(value), f"{key} must be {description}, got {value!r}.")
+    for key, choices in (("ratios.search", SEARCHES), ("ratios.rule", RULES), ("importance.flow", FLOWS)):
+        value = OmegaConf.select(cfg, key)
+        _require(value in choices, f"{key} must be one of {', '.join(choices)}, got {value!r}.")
     _validate_method(cfg)
     _require(cfg.strategy.name != "coto" or cfg.method.peft_config is not None,
              f"strategy=coto switches PEFT adapters on and off, and method {cfg.method.name} has none: "
              "pick a PEFT method (lora, dora, adalora, partial_lora, ...).")
-    _require(isinstance(cfg.adapter.compact, bool), f"adapter.compact must be true or false, got {cfg.adapter.compact!r}.")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
         raise ConfigError(
             f"data_dir '{cfg.data_dir}' is not a directory; point data_dir (or {DATA_DIR_ENV}) at a folder "
             "holding glue/<task>/{train,validation}.jsonl, or unset both to use the Hugging Face hub."
         )
+    for key, folder in _written_folders(cfg).items():
+        _require_writable(key, folder)
+
+
+def _written_folders(cfg: DictConfig) -> dict[str, str]:
+    """The folders this run writes to, by setting: a dry run writes only the ratio cache it derives."""
+    from partial_lora.masks import NEEDS_DERIVATION
+
+    folders = {}
+    if not cfg.dry_run:
+        folders = {"results_dir": cfg.results_dir, "checkpoint.dir": cfg.checkpoint.dir, "output_dir": cfg.output_dir}
+        if cfg.logger and cfg.logger.get("save_dir"):
+            folders["logger.save_dir"] = cfg.logger.save_dir
+    mask = cfg.method.get("mask")
+    if mask and mask.mode in NEEDS_DERIVATION:
+        folders["ratios.cache_dir"] = cfg.ratios.cache_dir
+    return folders
+
+
+def _require_writable(key: str, folder: str) -> None:
+    """``folder`` exists and takes a new file, or its nearest existing ancestor is a folder that does.
+
+    The probe is an unnamed temporary file: permission bits, ACLs, read-only mounts and quotas all answer
+    as they will for the record, and nothing is left behind.
+    """
+    path = Path(folder).absolute()
+    existing = next(candidate for candidate in (path, *path.parents) if os.path.exists(candidate))
+    _require(existing.is_dir(), f"{key} '{folder}' is not a folder: {existing} is a file.")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        where = "is not writable" if existing == path else f"cannot be created in {existing}"
+        raise ConfigError(f"{key} '{folder}' {where} ({error.strerror}): point {key} at a folder this user can "
+                          "write to.") from None
+
+
+def validate_rank(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """A low-rank adapter's rank is at most the smaller side of every layer it adapts.
+
+    Called once the backbone is built (its shapes are not in the config), before the training data is read,
+    ratios derived or a step trained: a larger rank trains more parameters than the layer has.
+    """
+    from partial_lora.adapters.targets import targeted_linears
+
+    peft = cfg.method.peft_config
+    if peft is None or peft._target_ not in LOW_RANK_CONFIGS:
+        return
+    sides = {name: min(layer.in_features, layer.out_features)
+             for name, layer in targeted_linears(model, cfg.backbone.target_modules).items()}
+    smallest = min(sides, key=sides.get)
+    layer = model.get_submodule(smallest)
+    for key in ("r", "init_r", "target_r"):
+        rank = peft.get(key)
+        if rank is None:
+            continue
+        setting = "rank" if OmegaConf.is_interpolation(peft, key) else f"method.peft_config.{key}"
+        _require(rank <= sides[smallest],
+                 f"{setting}={rank} is larger than the smallest layer it adapts, {smallest} "
+                 f"({layer.out_features} x {layer.in_features}): choose {setting} <= {sides[smallest]}.")
 
 
 def _validate_method(cfg: DictConfig) -> None:
@@ -87,8 +212,7 @@ def _validate_method(cfg: DictConfig) -> None:
              f"method {method.name} adapts the backbone's target_modules, but backbone {backbone.name} names none: "
              "set backbone.target_modules to a regex of its linear layers.")
     mask = method.get("mask")
-    _require(not mask or (method.peft_config is not None
-                          and method.peft_config._target_ in ("peft.LoraConfig", "peft.AdaLoraConfig")),
+    _require(not mask or (method.peft_config is not None and method.peft_config._target_ in LOW_RANK_CONFIGS),
              f"method {method.name} puts row/column masks on low-rank factors, which only LoRA and AdaLoRA adapters "
              "have (peft.LoraConfig or peft.AdaLoraConfig).")
     _require(not mask or mask.mode not in NEEDS_DERIVATION or cfg.importance.name != "none",

@@ -1,5 +1,9 @@
 """User-facing errors: the entry point prints their message as one sentence, with no stack trace."""
 
+# Exit status of a command whose runs all ended, some with a failed record (NaN loss): apart from bad input (2)
+# and crashes (1), so that scripts can tell them apart.
+RUNS_FAILED_EXIT = 3
+
 
 class PartialLoraError(Exception):
     """A problem the user can fix (configuration, data); its message says how."""

@@ -16,7 +16,7 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from partial_lora.adapters import adapt, count_parameters, kept_fractions, residual_norms, uses_rank_allocation
 from partial_lora.backbones import Backbone, build_backbone
-from partial_lora.config import validate
+from partial_lora.config import validate, validate_rank
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
 from partial_lora.errors import TrainingDiverged
 from partial_lora.masks import NEEDS_DERIVATION
@@ -81,6 +81,7 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
     L.seed_everything(cfg.seed, workers=True)
 
     backbone, datamodule = backbone_and_data(cfg)
+    validate_rank(cfg, backbone.model)  # needs the built model: before any training data, derivation or step
     rank_allocation = uses_rank_allocation(cfg.method)
     total_steps = None
     if rank_allocation:

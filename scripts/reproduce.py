@@ -17,7 +17,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from partial_lora.errors import PartialLoraError  # noqa: E402
+from partial_lora.errors import RUNS_FAILED_EXIT, PartialLoraError  # noqa: E402
 from partial_lora.protocol import compose_target, launch, planned_multiruns  # noqa: E402
 from partial_lora.protocol.targets import render_target  # noqa: E402
 
@@ -32,16 +32,22 @@ def main() -> None:
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     arguments, extra = parser.parse_args(argv[:split]), argv[split + 1:]
+    with_failures = 0
     try:
         for target in arguments.targets:
             cfg = compose_target(target, arguments.scale, extra)
             if not arguments.render_only:
-                launch(target, arguments.scale, planned_multiruns(cfg, arguments.domains), arguments.launcher, extra)
-            for path in render_target(cfg):
+                with_failures += launch(target, arguments.scale, planned_multiruns(cfg, arguments.domains),
+                                        arguments.launcher, extra)
+            for path in render_target(cfg):  # from the finished runs: failed ones are left out
                 print(f"{target}: wrote {path}")
     except PartialLoraError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
+    if with_failures:
+        print(f"error: {with_failures} sweeps had failed runs (see above); the rendering leaves them out.",
+              file=sys.stderr)
+        sys.exit(RUNS_FAILED_EXIT)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,17 @@ POSITIVE = ["a great and moving film", "wonderful acting , lovely story", "brill
             "an absolute delight", "superb direction and a fine cast"]
 NEGATIVE = ["a dull and tedious mess", "boring , flat and far too long", "awful script , weak acting",
             "a tiresome , lifeless bore", "painfully bad and empty"]
+
+
+# A run of the tiny random BERT on the tiny local SST-2 (data_dir, store and epochs are the test's).
+TINY_ANY_LR = ["backbone=tiny_bert", "logger=none", "dataset.val_size=8", "dataset.max_length=16", "train.batch_size=8",
+               "trainer.enable_progress_bar=false"]
+
+
+def run_py(*args: str, cwd: Path, **options) -> subprocess.CompletedProcess:
+    """``python run.py ARGS`` exactly as typed, from ``cwd``, on one thread (cores are shared)."""
+    return subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=600, env=os.environ | {"OMP_NUM_THREADS": "1"}, **options)
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -57,10 +71,8 @@ def compose_config(*overrides: str) -> DictConfig:
 @pytest.fixture
 def tiny_cfg(glue_dir: Path, tmp_path: Path) -> DictConfig:
     """Tiny random BERT on the tiny local SST-2, one short epoch, records under ``tmp_path``."""
-    cfg = compose_config("backbone=tiny_bert", "logger=none", f"data_dir={glue_dir}",
-                         f"results_dir={tmp_path / 'runs'}", f"checkpoint.dir={tmp_path / 'checkpoints'}",
-                         "dataset.val_size=8", "dataset.max_length=16",
-                         "train.batch_size=8", "train.epochs=1", "trainer.enable_progress_bar=false")
+    cfg = compose_config(*TINY_ANY_LR, f"data_dir={glue_dir}", f"results_dir={tmp_path / 'runs'}",
+                         f"checkpoint.dir={tmp_path / 'checkpoints'}", "train.epochs=1")
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "out")
     return cfg

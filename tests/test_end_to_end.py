@@ -17,7 +17,7 @@ RECORD_KEYS = {"run_id", "status", "config", "seed", "backbone", "dataset", "met
 
 def test_fit_writes_a_complete_record(tiny_cfg, tmp_path: Path):
     record = run(tiny_cfg)
-    files = list((tmp_path / "runs").iterdir())
+    files = [path for path in (tmp_path / "runs").iterdir() if path.is_file()]  # the lock folder aside
     assert [f.suffix for f in files] == [".json"]  # no temporary file left behind
     saved = json.loads(files[0].read_text())
     assert RECORD_KEYS <= set(saved)

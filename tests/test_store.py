@@ -4,9 +4,11 @@ launches train each run once, a diverging run leaves a failed record, and runs a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -17,13 +19,14 @@ import torch
 from omegaconf import OmegaConf, open_dict
 from safetensors.torch import load_file
 
+from partial_lora.errors import RUNS_FAILED_EXIT
 from partial_lora.pipeline import run
 from partial_lora.results import RunSlot, config_hash, write_record
+from partial_lora.results.aggregate import load_records
+from partial_lora.results.store import read_records
 from partial_lora.training import FiniteLoss
-from tests.conftest import NEGATIVE, POSITIVE, ROOT, compose_config, write_jsonl
+from tests.conftest import NEGATIVE, POSITIVE, ROOT, TINY_ANY_LR, compose_config, run_py, write_jsonl
 
-TINY_ANY_LR = ["backbone=tiny_bert", "logger=none", "dataset.val_size=8", "dataset.max_length=16",
-               "train.batch_size=8", "trainer.enable_progress_bar=false"]
 TINY = [*TINY_ANY_LR, "lr=5e-3"]  # a rate at which the tiny model learns the tiny task: metrics differ by path
 
 
@@ -91,11 +94,11 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(longer_glue_dir: P
     killed = tmp_path / "killed"
     process = launch([*overrides, *store_overrides(killed), f"hydra.run.dir={killed / 'out'}"], cwd=tmp_path)
     kill_when(process, lambda: any((killed / "checkpoints").glob("*/last.ckpt")))
-    assert not (killed / "runs").exists()  # no half-written record
+    assert not list((killed / "runs").glob("*.json"))  # no half-written record
 
     output = finish(launch([*overrides, *store_overrides(killed), f"hydra.run.dir={killed / 'out2'}"], cwd=tmp_path))
     assert "resuming run" in output
-    (resumed_file,) = (killed / "runs").iterdir()
+    (resumed_file,) = (killed / "runs").glob("*.json")
     resumed = json.loads(resumed_file.read_text())
 
     cfg = compose_config(*overrides, *store_overrides(tmp_path / "whole"))
@@ -112,6 +115,7 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(longer_glue_dir: P
 
 
 def test_a_recorded_run_is_skipped_and_a_locked_one_left_to_its_owner(tiny_cfg, tmp_path: Path, capsys):
+    """The lock sits beside the record: a launch with other checkpoint folders is excluded too."""
     first = run(tiny_cfg)
     assert not any((tmp_path / "checkpoints").iterdir())  # checkpoint.keep=false: cleaned once recorded
     again = run(tiny_cfg)
@@ -121,12 +125,12 @@ def test_a_recorded_run_is_skipped_and_a_locked_one_left_to_its_owner(tiny_cfg, 
     with open_dict(tiny_cfg):
         tiny_cfg.seed = 1
     slot = RunSlot(config_hash(OmegaConf.to_container(tiny_cfg, resolve=True)), tmp_path / "runs",
-                   tmp_path / "checkpoints")
+                   tmp_path / "another launch's checkpoints")
     with slot.claim() as claimed:
         assert claimed
         assert run(tiny_cfg) is None
-    assert "is being trained by another process" in capsys.readouterr().out
-    assert len(list((tmp_path / "runs").iterdir())) == 1
+    assert f"is being trained by another process (lock {tmp_path / 'runs' / '.locks'}" in capsys.readouterr().out
+    assert len(list((tmp_path / "runs").glob("*.json"))) == 1
 
 
 def test_a_diverging_run_writes_a_failed_record_with_its_step(tiny_cfg, tmp_path: Path):
@@ -143,12 +147,27 @@ def records(directory: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))]
 
 
+def test_a_diverging_run_exits_non_zero_after_writing_its_failed_record(glue_dir: Path, tmp_path: Path):
+    result = run_py(*TINY_ANY_LR, "lr=1e30", f"data_dir={glue_dir}", "train.epochs=1", *store_overrides(tmp_path),
+                    f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == RUNS_FAILED_EXIT, result.stderr[-3000:]
+    (path,) = (tmp_path / "runs").glob("*.json")
+    assert json.loads(path.read_text())["status"] == "failed"
+    assert result.stderr.splitlines()[-1] == (f"error: 1 of 1 runs failed, their records say why ({path}); deleting "
+                                              "a failed record runs it again.")
+
+
 @pytest.mark.slow
 def test_a_sweep_goes_on_after_a_diverging_run(glue_dir: Path, tmp_path: Path):
-    output = finish(launch(["-m", "lr=1e30,5e-3", *TINY_ANY_LR, f"data_dir={glue_dir}", "train.epochs=1",
-                            *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path))
+    process = launch(["-m", "lr=1e30,5e-3", *TINY_ANY_LR, f"data_dir={glue_dir}", "train.epochs=1",
+                      *store_overrides(tmp_path), f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path)
+    output, _ = process.communicate(timeout=600)
+    assert process.returncode == RUNS_FAILED_EXIT, output[-3000:]
     assert "failed: the training loss became nan" in output
     assert sorted(record["status"] for record in records(tmp_path / "runs")) == ["failed", "finished"]
+    (failed,) = [path for path in (tmp_path / "runs").glob("*.json")
+                 if json.loads(path.read_text())["status"] == "failed"]
+    assert f"error: 1 of 2 runs failed, their records say why ({failed})" in output.splitlines()[-1]
 
 
 @pytest.mark.slow
@@ -236,9 +255,70 @@ def test_a_record_is_found_by_its_configs_hash_wherever_it_was_written(tiny_cfg,
     config = OmegaConf.to_container(tiny_cfg, resolve=True)
     moved = config | {"data_dir": "/elsewhere/data", "output_dir": "/elsewhere/out",
                       "backbone": config["backbone"] | {"name_or_path": "/other/venv/minilm"}}
-    write_record({"run_id": "written-by-an-older-hash", "status": "finished", "config": moved}, tmp_path / "runs",
-                 "any_name")
-    write_record({"status": "finished", "config": moved | {"seed": 1}}, tmp_path / "runs", "another_run")
+    write_record(finished_record(moved) | {"run_id": "written-by-an-older-hash"}, tmp_path / "runs", "any_name")
+    write_record(finished_record(moved | {"seed": 1}), tmp_path / "runs", "another_run")
     slot = RunSlot(config_hash(config), tmp_path / "runs", tmp_path / "checkpoints")
     assert slot.record()["path"] == str(tmp_path / "runs" / "any_name.json")
     assert RunSlot(config_hash(config | {"lr": 1.0}), tmp_path / "runs", tmp_path / "checkpoints").record() is None
+
+
+def finished_record(config: dict) -> dict:
+    """A finished record as the pipeline writes it, with what the store and aggregation read."""
+    return {"status": "finished", "config": config, "backbone": "tiny_bert", "dataset": "sst2", "method": "lora",
+            "rank": 8, "seed": config["seed"], "lr": 5e-4, "best_val": 60.0, "test": 50.0,
+            "params": {"adapter": 7168, "unmasked_adapter": 7168, "head": 66}}
+
+
+def test_files_that_are_not_records_are_reported_once_and_skipped(tiny_cfg, tmp_path: Path, caplog):
+    config = OmegaConf.to_container(tiny_cfg, resolve=True)
+    runs = tmp_path / "runs"
+    good = write_record(finished_record(config), runs, "good")
+    broken = {"truncated.json": good.read_text()[:300], "list.json": "[]", "latin1.json": b'{"status": "\xe9"}',
+              "no_config.json": json.dumps({"status": "finished"}), "no_metrics.json": json.dumps({
+                  "status": "finished", "config": config | {"seed": 1}})}
+    for name, content in broken.items():
+        (runs / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    (runs / "folder.json").mkdir()
+    slot = RunSlot(config_hash(config), runs, tmp_path / "checkpoints")
+    with caplog.at_level(logging.WARNING):
+        assert slot.record()["path"] == str(good)
+        assert slot.record()["path"] == str(good)  # a sweep looks again at every run
+        assert list(load_records(runs)["path"]) == [str(good)]
+    reasons = {"truncated.json": "it is unreadable (JSONDecodeError: ",
+               "list.json": "it is not a JSON object.", "latin1.json": "it is unreadable (UnicodeDecodeError:",
+               "no_config.json": "it has no config object.", "no_metrics.json": "it is finished but lacks backbone",
+               "folder.json": "it is unreadable (IsADirectoryError:"}
+    for name, reason in reasons.items():
+        reports = [message for message in caplog.messages if str(runs / name) in message]
+        assert len(reports) == 1 and f"run record {runs / name} is skipped: {reason}" in reports[0], caplog.messages
+
+
+def test_a_store_holding_broken_files_still_runs(glue_dir: Path, tmp_path: Path):
+    """As typed: a truncated record and a file holding ``[]`` are reported and skipped, never fatal; the run's
+    own record is still found (so nothing trains: the test stays fast)."""
+    overrides = [*TINY_ANY_LR, f"data_dir={glue_dir}", "train.epochs=1", *store_overrides(tmp_path)]
+    runs = tmp_path / "runs"
+    recorded = write_record(finished_record(OmegaConf.to_container(compose_config(*overrides), resolve=True)), runs,
+                            "z_recorded")  # read after the broken files
+    (runs / "truncated.json").write_text('{"status": "finished", "config": {"seed"')
+    (runs / "list.json").write_text("[]")
+    result = run_py(*overrides, f"hydra.run.dir={tmp_path / 'out'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count(f"run record {runs / 'list.json'} is skipped: it is not a JSON object.") == 1
+    assert result.stdout.count(f"run record {runs / 'truncated.json'} is skipped: it is unreadable") == 1
+    assert f"already has a finished record: {recorded} (skipped)" in result.stdout
+
+
+def test_every_committed_record_is_read_as_a_record():
+    paths = sorted((ROOT / "results" / "runs").glob("*.json"))
+    assert len(list(read_records(paths))) == len(paths)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_records_are_readable_by_the_group_sharing_the_store(tmp_path: Path, umask):
+    previous = os.umask(umask)
+    try:
+        path = write_record({"status": "failed"}, tmp_path, "run")
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask  # as any file the user writes (mkstemp's is 0600)

@@ -1,13 +1,14 @@
 """Bad input fails with one sentence naming the setting or file, before anything is written: settings,
-data files, ratio caches and adapter files."""
+folders, data files, ratio caches and adapter files."""
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
+import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,13 +24,13 @@ from partial_lora.errors import ConfigError, DataError, PartialLoraError
 from partial_lora.importance import LayerScores
 from partial_lora.pipeline import run
 from partial_lora.ratios import DerivedCounts, LayerCounts, RatioCache
-from tests.conftest import ROOT, compose_config
+from partial_lora.ratios.cache import load_entries
+from tests.conftest import TINY_ANY_LR, compose_config, run_py
 from tests.test_masked_adapter import write_legacy_adapter
 
 
 def test_an_unknown_group_option_lists_the_choices(tmp_path: Path):
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "-m", "method=lora,lorra", "dry_run=true"],
-                            capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    result = run_py("-m", "method=lora,lorra", "dry_run=true", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.startswith("error: method=lorra is not an option of the config group 'method': choose one "
                                     "of adalora, balanced, dora, full_ft,")
@@ -42,8 +43,32 @@ def test_an_unknown_group_option_lists_the_choices(tmp_path: Path):
     (["dataset=cifar10_fewshot", "backbone=clip_tiny", "dataset.shots=0"], "dataset.shots must be an integer >= 1"),
     (["lr=0"], "lr must be a number > 0, got 0."),
     (["lr=-1e-4"], "lr must be a number > 0, got -0.0001."),
-    (["seed=abc"], "seed must be an integer (e.g. seed=3, or -m seed=0..19), got 'abc'."),
+    (["seed=abc"], "seed must be an integer in 0..4294967295 (e.g. seed=3, or -m seed=0..19), got 'abc'."),
     (["seed=1.5"], "seed must be an integer"),
+    (["seed=-1"], "seed must be an integer in 0..4294967295 (e.g. seed=3, or -m seed=0..19), got -1."),
+    (["seed=4294967296"], "seed must be an integer in 0..4294967295 (e.g. seed=3, or -m seed=0..19), got 4294967296."),
+    (["data_seed=-1"], "data_seed must be an integer in 0..4294967295, got -1."),
+    (["alpha=0"], "alpha must be a number > 0 (LoRA scales its update by alpha / rank), got 0."),
+    (["alpha=-16"], "alpha must be a number > 0 (LoRA scales its update by alpha / rank), got -16."),
+    (["alpha=abc"], "alpha must be a number > 0 (LoRA scales its update by alpha / rank), got 'abc'."),
+    (["trainer.max_steps=-2"], "trainer.max_steps must be -1 (no limit) or an integer >= 1, got -2."),
+    (["trainer.max_steps=0"], "trainer.max_steps must be -1 (no limit) or an integer >= 1, got 0."),
+    (["method=stochastic_lora", "importance=svd", "method.mask.temperature=0"],
+     "method.mask.temperature must be a number > 0, got 0."),
+    (["method=stochastic_lora", "importance=svd", "method.mask.temperature=hot"],
+     "method.mask.temperature must be a number > 0, got 'hot'."),
+    (["method=balanced", "method.mask.sparsity=1"], "method.mask.sparsity must be a number in [0, 1), got 1."),
+    (["method=losia", "method.losia.rank_factor=0"], "method.losia.rank_factor must be a number in (0, 1], got 0."),
+    (["strategy=coto", "strategy.initial_p=2"], "strategy.initial_p must be a number in (0, 1], got 2."),
+    (["ratios.search=fast"], "ratios.search must be one of linear, binary, whole_first, got 'fast'."),
+    (["ratios.rule=strict"], "ratios.rule must be one of paper, above_chance, loss, got 'strict'."),
+    (["ratios.max_loss_increase=0"], "ratios.max_loss_increase must be a number > 0, got 0."),
+    (["importance.flow=both"], "importance.flow must be one of isolated, continuous, got 'both'."),
+    (["ratios.step=0"], "ratios.step must be an integer >= 1, got 0."),
+    (["train.weight_decay=-0.1"], "train.weight_decay must be a number >= 0, got -0.1."),
+    (["dataset.max_length=0"], "dataset.max_length must be an integer >= 1, got 0."),
+    (["dataset.derivation_fraction=0"], "dataset.derivation_fraction must be a number in (0, 1], got 0."),
+    (["checkpoint.keep=maybe"], "checkpoint.keep must be true or false, got 'maybe'."),
     (["train.epochs=0"], "train.epochs must be an integer >= 1, got 0."),
     (["ratios.max_examples=0"], "ratios.max_examples must be an integer >= 1 or null"),
     (["data_dir=/no/such/folder"], "data_dir '/no/such/folder' is not a directory"),
@@ -55,19 +80,81 @@ def test_an_unknown_group_option_lists_the_choices(tmp_path: Path):
 def test_a_bad_setting_is_refused_with_one_sentence(overrides, message):
     with pytest.raises(ConfigError) as error:
         validate(compose_config(*overrides))
-    assert message in str(error.value)
-    assert re.search(r"\.\s+[A-Z]", str(error.value)) is None  # one sentence
+    assert message in str(error.value) and one_sentence(str(error.value))
+
+
+def one_sentence(message: str) -> bool:
+    return re.search(r"\.\s+[A-Z]", message) is None
+
+
+def test_a_folder_that_cannot_be_created_is_refused(tmp_path: Path):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(ConfigError) as error:
+        validate(compose_config(f"results_dir={a_file / 'runs'}"))
+    assert str(error.value) == f"results_dir '{a_file / 'runs'}' is not a folder: {a_file} is a file."
+
+
+def store_overrides(root: Path) -> list[str]:
+    """Every folder a run writes to, under ``root``."""
+    return [f"results_dir={root / 'runs'}", f"checkpoint.dir={root / 'checkpoints'}",
+            f"ratios.cache_dir={root / 'ratios'}", f"hydra.run.dir={root / 'out'}"]
+
+
+def assert_refused(result: subprocess.CompletedProcess, message: str, root: Path) -> None:
+    """Exit status 2, ``error: <message>`` as one sentence and no traceback; no record, checkpoint or cache."""
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-1] == f"error: {message}" and one_sentence(message)
+    assert not list((root / "runs").glob("*.json")) and not (root / "ratios").exists()
+    assert not (root / "checkpoints").exists() or not any((root / "checkpoints").iterdir())
+
+
+@pytest.mark.parametrize("overrides, message", [  # each costs an interpreter start: the table above has the rest
+    (["alpha=0"], "alpha must be a number > 0 (LoRA scales its update by alpha / rank), got 0."),
+    (["method=stochastic_lora", "importance=svd", "method.mask.temperature=0"],
+     "method.mask.temperature must be a number > 0, got 0."),
+    # Checked once the backbone is built (its shapes are not in the config), before data, derivation or training.
+    (["rank=64"], "rank=64 is larger than the smallest layer it adapts, bert.encoder.layer.0.attention.self.query "
+                  "(32 x 32): choose rank <= 32."),
+])
+def test_a_bad_setting_as_typed_exits_2_before_any_record_or_cache(glue_dir: Path, tmp_path: Path, overrides, message):
+    result = run_py(*TINY_ANY_LR, f"data_dir={glue_dir}", *store_overrides(tmp_path), *overrides, cwd=tmp_path)
+    assert_refused(result, message, tmp_path)
+
+
+def without_root_override() -> None:
+    """Make permission bits bind in the child: root ignores them while it holds CAP_DAC_OVERRIDE, so drop it from
+    the bounding set before exec (PR_CAPBSET_DROP); other users are bound anyway."""
+    if os.geteuid() == 0 and ctypes.CDLL(None, use_errno=True).prctl(24, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "cannot drop CAP_DAC_OVERRIDE")
+
+
+@pytest.mark.parametrize("setting, inside", [("results_dir", False), ("checkpoint.dir", True)])
+def test_a_read_only_folder_is_refused_before_anything_runs(glue_dir: Path, tmp_path: Path, setting, inside):
+    read_only = tmp_path / "read-only"
+    read_only.mkdir(mode=0o555)
+    folder = read_only / "new" if inside else read_only
+    cause = f"cannot be created in {read_only}" if inside else "is not writable"
+    try:
+        result = run_py(*TINY_ANY_LR, f"data_dir={glue_dir}", *store_overrides(tmp_path), f"{setting}={folder}",
+                        cwd=tmp_path, preexec_fn=without_root_override)
+    except subprocess.SubprocessError:
+        pytest.skip("running as root without the right to drop CAP_DAC_OVERRIDE: permission bits cannot bind")
+    assert_refused(result, f"{setting} '{folder}' {cause} (Permission denied): point {setting} at a folder this user "
+                           "can write to.", tmp_path)
+    assert not any(read_only.iterdir())
 
 
 @pytest.fixture
 def tiny_run(tiny_cfg, glue_dir: Path, tmp_path: Path):
-    """Run ``tiny_cfg`` expecting ``DataError`` with ``message``; nothing reaches the results store."""
+    """Run ``tiny_cfg`` expecting ``DataError`` with ``message``; no record reaches the results store."""
 
     def failing(message: str) -> str:
         with pytest.raises(DataError) as error:
             run(tiny_cfg)
         assert message in str(error.value)
-        assert not (tmp_path / "runs").exists()
+        assert not list((tmp_path / "runs").glob("*.json"))
         return str(error.value)
 
     return failing
@@ -84,6 +171,37 @@ def test_a_malformed_json_line_is_named_with_its_file_and_number(tiny_run, glue_
     lines[6] = lines[6].replace('"label"', '"label', 1)
     path.write_text("".join(lines))
     tiny_run(f"{path} line 7 is not valid JSON")
+
+
+LATIN1_LINE = b'{"sentence": "caf\xe9 cr\xe8me , a lovely film", "label": 1, "idx": 6}\n'  # not UTF-8
+
+
+def replace_line_7(path: Path, line: bytes) -> None:
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[6] = line
+    path.write_bytes(b"".join(lines))
+
+
+@pytest.mark.parametrize("line, message", [
+    (LATIN1_LINE, "line 7 is not UTF-8 text (byte 0xe9 at column 18): save the file as UTF-8."),
+    (b'{"label": 1, "idx": 6}\n', "line 7 has no sentence field; the task reads sentence and label."),
+    (b'{"sentence": null, "label": 1, "idx": 6}\n', "line 7 field sentence is None, not a string."),
+    (b'{"sentence": 5, "label": 1, "idx": 6}\n', "line 7 field sentence is 5, not a string."),
+    (b'{"sentence": "fine", "label": "1", "idx": 6}\n', "line 7 field label is '1', not an integer."),
+    (b'{"sentence": "fine", "label": 1.5, "idx": 6}\n', "line 7 field label is 1.5, not an integer."),
+])
+def test_a_bad_row_is_named_with_its_file_line_and_field(tiny_run, glue_dir: Path, line, message):
+    path = glue_dir / "glue" / "sst2" / "train.jsonl"
+    replace_line_7(path, line)
+    assert tiny_run(f"{path} {message}") == f"{path} {message}"
+
+
+def test_a_non_utf8_data_file_as_typed_exits_2_before_training(glue_dir: Path, tmp_path: Path):
+    path = glue_dir / "glue" / "sst2" / "validation.jsonl"
+    replace_line_7(path, LATIN1_LINE)
+    result = run_py(*TINY_ANY_LR, f"data_dir={glue_dir}", *store_overrides(tmp_path), cwd=tmp_path)
+    assert_refused(result, f"{path} line 7 is not UTF-8 text (byte 0xe9 at column 18): save the file as UTF-8.",
+                   tmp_path)
 
 
 def test_an_empty_data_file_is_named(tiny_run, glue_dir: Path):
@@ -140,6 +258,8 @@ def cache_entry(tmp_path: Path) -> tuple[RatioCache, dict, dict[str, tuple[int, 
 
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "it is unreadable (JSONDecodeError"),
+    ("list", "it is not a cache entry (no layers, inputs or settings)"),
+    ("no checksum", "it has no checksum"),
     ("tamper", "its checksum does not match its contents"),
     ("other inputs", "it was derived for other inputs"),
     ("other layers", "its layers are not the model's (e.g. layer.0)"),
@@ -152,6 +272,11 @@ def test_a_damaged_or_foreign_ratio_cache_is_reported_and_derived_again(tmp_path
     entry = json.loads(path.read_text())
     if damage == "truncate":
         path.write_text(path.read_text()[:100])
+    elif damage == "list":
+        path.write_text("[]")
+    elif damage == "no checksum":
+        del entry["checksum"]
+        path.write_text(json.dumps(entry))
     elif damage == "tamper":
         entry["layers"]["layer.0"]["k_row"] = 4
         path.write_text(json.dumps(entry))
@@ -164,6 +289,23 @@ def test_a_damaged_or_foreign_ratio_cache_is_reported_and_derived_again(tmp_path
         assert cache.load(inputs, shapes) is None
     assert f"ratio cache {path} is not usable: {message}" in caplog.text
     assert "deriving the ratios again" in caplog.text
+
+
+def test_figures_skip_ratio_caches_that_are_not_intact_entries(tmp_path: Path, caplog):
+    cache, inputs, _ = cache_entry(tmp_path)
+    without_checksum = {key: value for key, value in json.loads(cache.path(inputs).read_text()).items()
+                        if key != "checksum"}
+    broken = {"list.json": "[]", "truncated.json": '{"inputs": {', "no_checksum.json": json.dumps(without_checksum)}
+    for name, content in broken.items():
+        (tmp_path / name).write_text(content)
+    with caplog.at_level(logging.WARNING):
+        assert [entry["path"] for entry in load_entries(tmp_path)] == [str(cache.path(inputs))]
+        load_entries(tmp_path)
+    reasons = {"list.json": "it is not a cache entry (no layers, inputs or settings).",
+               "no_checksum.json": "it has no checksum.", "truncated.json": "it is unreadable (JSONDecodeError"}
+    for name, reason in reasons.items():
+        reports = [message for message in caplog.messages if str(tmp_path / name) in message]
+        assert len(reports) == 1 and f"ratio cache {tmp_path / name} is skipped: {reason}" in reports[0]
 
 
 def tiny_lora(backbone: str, rank: int = 4) -> tuple[torch.nn.Module, list[str]]:

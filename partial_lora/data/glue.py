@@ -7,16 +7,18 @@ test metric, and a seeded held-out part of the train split chooses the checkpoin
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
-from datasets import Dataset, DatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, Value, load_dataset
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 from transformers import DataCollatorWithPadding, PreTrainedTokenizerBase
 
-from partial_lora.config import DATA_DIR_ENV
+from partial_lora.config import DATA_DIR_ENV, is_int
 from partial_lora.data.base import SplitDataModule
 from partial_lora.errors import DataError
 
@@ -53,11 +55,18 @@ def load_glue_splits(task: str, data_dir: str | None) -> DatasetDict:
     return DatasetDict({split: splits[split] for split in SPLITS})
 
 
-def _check_json_lines(path: Path) -> None:
-    """Raise :class:`DataError` naming the first line of ``path`` that is not a JSON object, or an empty file."""
+def _check_json_lines(path: Path, fields: Sequence[str] = ()) -> None:
+    """Raise :class:`DataError` naming the first line of ``path`` that is not UTF-8, not a JSON object, or
+    (given the task's text ``fields``) lacks one of them or ``label`` or holds the wrong type; or an empty file."""
+    required = [*fields, "label"] if fields else []
     rows = 0
-    with path.open() as stream:
-        for number, line in enumerate(stream, start=1):
+    with path.open("rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(f"{path} line {number} is not UTF-8 text (byte 0x{raw[error.start]:02x} at column "
+                                f"{error.start + 1}): save the file as UTF-8.") from error
             if not line.strip():
                 continue
             try:
@@ -67,17 +76,47 @@ def _check_json_lines(path: Path) -> None:
                                 "fix or remove that line.") from error
             if not isinstance(row, dict):
                 raise DataError(f"{path} line {number} is not a JSON object with the task's fields.")
+            for field in required:
+                if field not in row:
+                    raise DataError(f"{path} line {number} has no {field} field; the task reads "
+                                    f"{', '.join(fields)} and label.")
+                label = field == "label"
+                if not (is_int(row[field]) if label else isinstance(row[field], str)):
+                    raise DataError(f"{path} line {number} field {field} is {row[field]!r}, not "
+                                    f"{'an integer' if label else 'a string'}.")
             rows += 1
     if rows == 0:
         raise DataError(f"{path} holds no examples.")
 
 
-def check_split(split: Dataset, where: str, fields: list[str], num_labels: int) -> None:
+def _typed(split: Dataset, field: str) -> bool:
+    """Whether every row has ``field``, as UTF-8 text (or, for ``label``, as an integer class)."""
+    feature, column = split.features[field], split.data.column(field)
+    if column.null_count:
+        return False
+    if field == "label":
+        return isinstance(feature, ClassLabel) or (isinstance(feature, Value) and feature.dtype.startswith("int"))
+    if not (isinstance(feature, Value) and feature.dtype in ("string", "large_string")):
+        return False
+    try:  # pyarrow's JSON reader keeps invalid UTF-8, which fails only when a row is read
+        column.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
+
+
+def check_split(split: Dataset, where: str, fields: list[str], num_labels: int, path: Path | None = None) -> None:
     """The split has the task's text fields and labels in ``0 .. num_labels - 1`` (GLUE's hidden test labels,
-    -1, are never read)."""
+    -1, are never read). A split read from the local file ``path`` names the file's first bad line."""
     missing = [field for field in [*fields, "label"] if field not in split.column_names]
     if missing:
         raise DataError(f"{where} has no {', '.join(missing)} field; the task reads {', '.join(fields)} and label.")
+    for field in [*fields, "label"]:
+        if not _typed(split, field):
+            if path is not None:
+                _check_json_lines(path, fields)
+            raise DataError(f"{where} has rows whose {field} is missing or not "
+                            f"{'an integer' if field == 'label' else 'a string'}.")
     labels = np.asarray(split["label"])
     outside = np.flatnonzero((labels < 0) | (labels >= num_labels))
     if len(outside):
@@ -102,9 +141,9 @@ class GlueDataModule(SplitDataModule):
             return
         raw = load_glue_splits(self.cfg.task, self.data_dir)
         for name, split in raw.items():
-            where = (f"{HUB_DATASET} {self.cfg.task} {name} split" if self.data_dir is None
-                     else str(Path(self.data_dir) / "glue" / self.cfg.task / f"{name}.jsonl"))
-            check_split(split, where, list(self.cfg.text_fields), self.cfg.num_labels)
+            path = None if self.data_dir is None else Path(self.data_dir) / "glue" / self.cfg.task / f"{name}.jsonl"
+            where = f"{HUB_DATASET} {self.cfg.task} {name} split" if path is None else str(path)
+            check_split(split, where, list(self.cfg.text_fields), self.cfg.num_labels, path)
         if len(raw["train"]) <= self.cfg.val_size:
             raise DataError(f"GLUE {self.cfg.task}'s train split has {len(raw['train'])} rows and dataset.val_size="
                             f"{self.cfg.val_size} holds them all out: nothing is left to train on or derive ratios "

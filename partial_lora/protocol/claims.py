@@ -305,7 +305,7 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
             found = [(t, c, v) for t, c, v in found if t is not None and c is not None]
             row |= {"lr_treatment": chosen[0][0].lr if chosen else None,
                     "lr_control": chosen[0][1].lr if chosen else None,
-                    "runs": 2 * len(found), "planned_runs": 2 * len(chosen)}
+                    "runs": 2 * len(found), "planned_runs": 2 * len(plan.seeds) * len(plan.variants(claim))}
             if claim.test == "shrinking":
                 variants = plan.variants(claim)
                 first, last = variants[0], variants[-1]
@@ -390,14 +390,35 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
             if claim.test == "shrinking" and isinstance(row.get("by_variant"), dict):
                 lines += _shrinking_lines(pd.Series(row))
     lines += ["", "## Learning rates (pilot)", "",
-              f"Each piloted arm trained once per learning rate {plan.pilot['lrs']} at seed {plan.pilot['seed']} "
-              f"(not a claim seed); the claim runs use the rate with the best validation score. Arms with "
-              f"`lr_from` or `match_sparsity` use their reference arm's rate.", "",
-              "| arm | settings | " + " | ".join(plan.datasets) + " |", "|---|---|" + "---|" * len(plan.datasets)]
-    for arm, spec in plan.arms.items():
-        chosen = [plan.chosen_lr(arm, dataset) for dataset in plan.datasets]
-        settings = ", ".join(f"{key}={value}" for key, value in spec.items())
-        lines.append(f"| {arm} | {settings} | " + " | ".join("-" if lr is None else f"{lr:g}" for lr in chosen) + " |")
+              f"Each piloted arm trained once per learning rate at seed {plan.pilot['seed']} (not a claim seed); "
+              f"its claim runs use the rate with the best validation score (in bold). Arms with `lr_from` or "
+              f"`match_sparsity` use their reference arm's rate.", "",
+              "| arm | dataset | " + " | ".join(f"val at lr {lr:g}" for lr in plan.pilot["lrs"]) + " |",
+              "|---|---|" + "---|" * len(plan.pilot["lrs"])]
+    for arm in dict.fromkeys(plan.lr_source(arm) for arm in plan.arms):
+        for dataset in plan.datasets:
+            chosen = plan.chosen_lr(arm, dataset)
+            cells = []
+            for run in plan.pilot_runs(arm, dataset):
+                record = plan.record(run)
+                cell = "-" if record is None else f"{record['val']:.2f}"
+                cells.append(f"**{cell}**" if run.lr == chosen else cell)
+            lines.append(f"| {arm} | {dataset} | " + " | ".join(cells) + " |")
+    lines += ["", "## Derivations", "",
+              f"Rule `{plan.cfg.ratios.rule}`, threshold {plan.cfg.ratios.threshold:g}: the pretrained model's "
+              f"accuracy on the derivation set (its head fitted there as a probe), the set's majority-class rate, "
+              f"and the share of the adapter's rows and columns the derived counts keep.", "",
+              "| dataset | importance | baseline accuracy | majority rate | kept | warnings |", "|---|---|---|---|---|---|"]
+    for dataset in plan.datasets:
+        seen = set()
+        for record in plan.records.values():
+            masks = record.get("masks") if record["dataset"] == dataset else None
+            if not isinstance(masks, dict) or "derived_fraction" not in masks or record["importance"] in seen:
+                continue
+            seen.add(record["importance"])
+            lines.append(f"| {dataset} | {record['importance']} | {masks.get('baseline_accuracy', math.nan):.3f} | "
+                         f"{masks.get('majority_rate', math.nan):.3f} | {masks['derived_fraction']:.2%} | "
+                         f"{'; '.join(masks.get('warnings') or []) or '-'} |")
     image = directory / f"{stem}.png"
     lines += ["", f"![claims]({image.name})", ""]
     report = directory / f"{stem}.md"

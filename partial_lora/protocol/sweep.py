@@ -21,7 +21,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora.config import register_resolvers
-from partial_lora.errors import ConfigError
+from partial_lora.errors import RUNS_FAILED_EXIT, ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 # Config groups are selected by file name and recorded by their ``name`` field.
@@ -103,12 +103,22 @@ def command(target: str, scale: str, settings: dict[str, list[Any]], launcher: s
 
 
 def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launcher: str = "local",
-           extra: list[str] = ()) -> None:
-    """Run every multirun of the plan; finished runs skip themselves, so this fills in what is missing."""
+           extra: list[str] = ()) -> int:
+    """Run every multirun of the plan; finished runs skip themselves, so this fills in what is missing.
+
+    Returns how many multiruns had failed runs (NaN loss): those leave failed records and the rest of the
+    plan still runs; any other non-zero exit stops the plan.
+    """
+    with_failures = 0
     for settings in planned:
         argv = command(target, scale, settings, launcher, extra)
         print("+", " ".join(argv[1:]), flush=True)
-        subprocess.run(argv, check=True, cwd=ROOT)
+        status = subprocess.run(argv, cwd=ROOT).returncode
+        if status == RUNS_FAILED_EXIT:
+            with_failures += 1
+        elif status:
+            raise subprocess.CalledProcessError(status, argv)
+    return with_failures
 
 
 def record_column(key: str) -> str:

@@ -5,18 +5,19 @@ a sweep or across mask modes sharing an importance measure. The key is a digest 
 its settings (every field of :class:`DerivationSettings` that can change the counts), the caller's
 description of the model, and a fingerprint of the derivation batches.
 
-An entry that is unreadable (truncated), whose checksum or recorded inputs do not match, or whose
-layers and shapes are not the model's (from another backbone) is reported and derived again.
+An entry that is unreadable (truncated, not an entry), has no checksum or one that does not match, was
+recorded for other inputs, or whose layers and shapes are not the model's (from another backbone) is
+reported and derived again; figures skip it (reported once).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from partial_lora.ratios.counts import DerivedCounts, damage, digest
+from partial_lora.results.record import read_json, valid_files
 
 log = logging.getLogger(__name__)
 
@@ -40,11 +41,8 @@ class RatioCache:
         if not path.is_file():
             return None
         derived = None
-        try:
-            entry = json.loads(path.read_text())
-            problem = damage(entry)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            problem = f"it is unreadable ({type(error).__name__}: {error})"
+        entry, problem = read_json(path)
+        problem = problem or damage(entry)
         if problem is None and entry["inputs"] != inputs:
             problem = "it was derived for other inputs"
         if problem is None:
@@ -61,11 +59,10 @@ class RatioCache:
 
 
 def load_entries(directory: str | Path) -> list[dict[str, Any]]:
-    """Every cache entry under ``directory`` with its settings and model description flattened beside it (for
-    figures); ``backbone`` is the backbone's name."""
+    """Every intact cache entry under ``directory`` with its settings and model description flattened beside it
+    (for figures; ``backbone`` is the backbone's name); other files are reported and skipped."""
     entries = []
-    for path in sorted(Path(directory).glob("*.json")):
-        entry = json.loads(path.read_text())
+    for path, entry in valid_files(sorted(Path(directory).glob("*.json")), damage, "ratio cache"):
         inputs = entry["inputs"]
         source = inputs.get("source") or {}
         entries.append({**inputs["settings"], **source, "backbone": source.get("backbone", {}).get("name"),

@@ -20,6 +20,7 @@ from partial_lora.errors import PartialLoraError
 from partial_lora.importance import LayerScores
 from partial_lora.ratios.search import LayerCounts
 from partial_lora.results import write_record
+from partial_lora.results.record import read_json
 
 
 LAYER_KEYS = {"k_row", "k_col", "evaluations", "row_scores", "col_scores"}
@@ -100,10 +101,9 @@ class DerivedCounts:
     @classmethod
     def load(cls, path: str | Path) -> DerivedCounts:
         path = Path(path)
-        try:
-            entry = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise PartialLoraError(f"derived counts {path} are unreadable ({type(error).__name__}: {error}).") from error
+        entry, problem = read_json(path)
+        if problem is not None:
+            raise PartialLoraError(f"derived counts {path} cannot be used: {problem}.")
         derived = cls.from_json(entry)
         derived.path = path
         return derived
@@ -120,10 +120,13 @@ class DerivedCounts:
 
 
 def damage(entry: Any) -> str | None:
-    """Why a JSON document is not a complete set of derived counts, or ``None``."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("layers"), dict) or "inputs" not in entry:
-        return "it lacks its layers or inputs"
-    if "checksum" in entry and entry["checksum"] != digest(entry["layers"]):
+    """Why a JSON document is not an intact set of derived counts, or ``None``."""
+    if not (isinstance(entry, dict) and isinstance(entry.get("layers"), dict) and isinstance(entry.get("inputs"), dict)
+            and isinstance(entry["inputs"].get("settings"), dict)):
+        return "it is not a cache entry (no layers, inputs or settings)"
+    if "checksum" not in entry:
+        return "it has no checksum"
+    if entry["checksum"] != digest(entry["layers"]):
         return "its checksum does not match its contents"
     for name, layer in entry["layers"].items():
         missing = LAYER_KEYS - set(layer) if isinstance(layer, dict) else LAYER_KEYS

@@ -7,12 +7,12 @@ method's setting, never by seed or learning rate, which are what the protocol se
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from partial_lora.results.record import config_hash
+from partial_lora.results.store import read_records
 
 GROUP_KEYS = ["backbone", "dataset", "method", "importance", "rank"]
 COLUMNS = ["scale", *GROUP_KEYS, "seed", "lr", "val", "test", "params", "unmasked_params", "path"]
@@ -20,11 +20,11 @@ COLUMNS = ["scale", *GROUP_KEYS, "seed", "lr", "val", "test", "params", "unmaske
 
 def load_records(directory: str | Path) -> pd.DataFrame:
     """One row per finished run record under ``directory`` (recursively): the protocol's columns, the
-    whole resolved config flattened as ``config.<dotted key>`` columns, and per-layer residual norms."""
+    whole resolved config flattened as ``config.<dotted key>`` columns, and per-layer residual norms.
+    Files that are not valid records are reported and skipped."""
     rows = []
-    for path in sorted(Path(directory).rglob("*.json")):
-        record = json.loads(path.read_text())
-        if record.get("status") != "finished":
+    for path, record in read_records(sorted(Path(directory).rglob("*.json"))):
+        if record["status"] != "finished":
             continue
         config = record["config"]
         rows.append({

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import secrets
 import subprocess
-import tempfile
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 # Settings (dotted paths) that change where a run reads or writes, how verbosely it reports, or which table
 # a sweep renders, not what it computes: a relaunched sweep finds its runs under the same id wherever its
@@ -94,11 +98,16 @@ def environment() -> dict[str, Any]:
 
 
 def write_record(record: dict[str, Any], directory: str | os.PathLike, name: str) -> Path:
-    """Write ``record`` to ``directory/name.json`` through a temporary file and an atomic rename."""
+    """Write ``record`` to ``directory/name.json`` through a temporary file and an atomic rename.
+
+    The file's mode follows the umask, as for any file the user writes (``mkstemp`` would make it 0600):
+    a store shared by a group stays readable to it.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / f"{name}.json"
-    handle, temporary = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")
+    temporary = directory / f".{name}.{secrets.token_hex(6)}.tmp"
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
         with os.fdopen(handle, "w") as stream:
             json.dump(record, stream, indent=2, sort_keys=True, default=str)
@@ -106,6 +115,33 @@ def write_record(record: dict[str, Any], directory: str | os.PathLike, name: str
             os.fsync(stream.fileno())
         os.replace(temporary, target)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return target
+
+
+def read_json(path: Path) -> tuple[Any, str | None]:
+    """The JSON value ``path`` holds and ``None``, or ``None`` and why it cannot be read; never raises."""
+    try:
+        return json.loads(path.read_bytes()), None
+    except (OSError, ValueError) as error:  # ValueError: JSONDecodeError, UnicodeDecodeError
+        return None, f"it is unreadable ({type(error).__name__}: {error})"
+
+
+_reported: set[tuple[str, str]] = set()
+
+
+def valid_files(paths: Iterable[Path], problem: Callable[[Any], str | None], kind: str) -> Iterator[tuple[Path, Any]]:
+    """``(path, value)`` for each file of ``paths`` holding JSON that ``problem`` accepts (returns ``None`` for).
+
+    Any other file is skipped, never fatal: one bad file must not stop every launch against a shared store.
+    It is reported once per process (path and reason), not at every run of a sweep that reads the store.
+    """
+    for path in paths:
+        value, reason = read_json(path)
+        reason = reason or problem(value)
+        if reason is None:
+            yield path, value
+        elif (str(path), reason) not in _reported:
+            _reported.add((str(path), reason))
+            log.warning("%s %s is skipped: %s.", kind, path, reason)

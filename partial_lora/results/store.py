@@ -7,30 +7,66 @@ what each run left behind:
 - checkpoints in ``<checkpoint.dir>/<run_id>/``: training resumes from ``last.ckpt``;
 - nothing: the run starts from scratch.
 
+A file in ``results_dir`` that is not a valid record (truncated, foreign JSON) is reported and skipped: it
+never stops a launch, and a run it was meant to record is trained again and its record written anew.
+
 Concurrent launches of one run (two sweeps sharing a store) are serialised by an advisory
-``fcntl.flock`` on ``<checkpoint.dir>/<run_id>.lock``: the kernel drops the lock when its holder dies,
-SIGKILL included, so no stale lock outlives a crash, and the loser skips the run instead of training it
-twice. The record is looked up only after the lock is held and written before it is released, so a
-run is trained once however launches interleave. ``flock`` is advisory and per host unless the
-filesystem forwards it (Linux NFS clients map it onto NFS byte-range locks).
+``fcntl.flock`` on ``<results_dir>/.locks/<run_id>.lock``, beside the record it guards, so launches that
+would write the same record exclude each other whatever their checkpoint folders. The kernel drops the
+lock when its holder dies, SIGKILL included, so no stale lock outlives a crash, and the loser skips the
+run instead of training it twice. The record is looked up only after the lock is held and written before
+it is released, so a run is trained once however launches interleave. ``flock`` is advisory and per host
+unless the filesystem forwards it (Linux NFS clients map it onto NFS byte-range locks).
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import shutil
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from partial_lora.results.record import config_hash
+from partial_lora.config import is_int, is_number
+from partial_lora.results.record import config_hash, valid_files
 
 LAST_CHECKPOINT = "last.ckpt"
+LOCKS = ".locks"  # under results_dir; record readers take *.json files only
+STATUSES = ("finished", "failed")
+# What aggregation reads from a finished record beside its config.
+FINISHED_FIELDS = ("backbone", "dataset", "method", "rank", "seed", "lr", "best_val", "test", "params")
+
+
+def record_problem(record: Any) -> str | None:
+    """Why ``record`` (a parsed JSON file) is not a run record the store can use, or ``None`` when it is."""
+    if not isinstance(record, dict):
+        return "it is not a JSON object"
+    if record.get("status") not in STATUSES:
+        return f"its status is {record.get('status')!r}, not {' or '.join(STATUSES)}"
+    if not isinstance(record.get("config"), dict):
+        return "it has no config object"
+    if record["status"] == "failed":
+        return None
+    missing = [key for key in FINISHED_FIELDS if key not in record]
+    if missing:
+        return f"it is finished but lacks {', '.join(missing)}"
+    if not (is_number(record["best_val"]) and is_number(record["test"])):
+        return "its best_val or test is not a number"
+    if not (isinstance(record["params"], dict) and all(is_int(record["params"].get(key))
+                                                       for key in ("adapter", "unmasked_adapter"))):
+        return "its params lack the adapter or unmasked_adapter count"
+    if not isinstance(record["config"].get("importance"), dict):
+        return "its config has no importance block"
+    return None
+
+
+def read_records(paths: Iterable[Path]) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """``(path, record)`` for every valid run record of ``paths``; other files are reported and skipped."""
+    return valid_files(paths, record_problem, "run record")
 
 
 @dataclass(frozen=True)
@@ -47,7 +83,7 @@ class RunSlot:
 
     @property
     def lock_file(self) -> Path:
-        return self.checkpoint_root / f"{self.run_id}.lock"
+        return self.results_dir / LOCKS / f"{self.run_id}.lock"
 
     def record(self) -> dict[str, Any] | None:
         """This run's record, if one was written.
@@ -55,17 +91,17 @@ class RunSlot:
         Matched on the hash of each record's stored config, recomputed, not on its file name or stored id:
         records written before a setting joined ``NON_SEMANTIC_KEYS`` are still found.
         """
-        for path in sorted(self.results_dir.glob("*.json")):
-            record = json.loads(path.read_text())
-            if isinstance(record.get("config"), dict) and config_hash(record["config"]) == self.run_id:
+        for path, record in read_records(sorted(self.results_dir.glob("*.json"))):
+            if config_hash(record["config"]) == self.run_id:
                 return record | {"path": str(path)}
         return None
 
     @contextmanager
     def claim(self) -> Iterator[bool]:
         """Hold this run's lock for the block; yields ``False`` when another process holds it."""
-        self.checkpoint_root.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o644)
+        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
+        # Read-only suffices for flock: anyone who can read the lock file (the group sharing the store) can lock.
+        descriptor = os.open(self.lock_file, os.O_RDONLY | os.O_CREAT, 0o666)
         try:
             try:
                 fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
