@@ -8,7 +8,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig
 
-from partial_lora.cli import check_group_options, expand_ranges
+from partial_lora.cli import check_group_options, expand_ranges, hydra_order
 from partial_lora.config import register_resolvers, validate
 from partial_lora.errors import RUNS_FAILED_EXIT, PartialLoraError
 
@@ -21,7 +21,11 @@ outcomes: list[tuple[str, str] | None] = []
 def main(cfg: DictConfig) -> float | None:
     try:
         validate(cfg)  # before the pipeline's imports (seconds): a bad setting fails at once
-        from partial_lora.pipeline import run  # heavy imports after Hydra has handled --help / --cfg
+        # Heavy imports after Hydra has handled --help / --cfg; a dry run trains nothing and skips Lightning's.
+        if cfg.dry_run:
+            from partial_lora.dry_run import dry_run as run
+        else:
+            from partial_lora.pipeline import run
 
         record = run(cfg)
     except PartialLoraError as error:
@@ -34,7 +38,7 @@ def main(cfg: DictConfig) -> float | None:
 if __name__ == "__main__":
     register_resolvers()
     try:
-        sys.argv[1:] = expand_ranges(sys.argv[1:])
+        sys.argv[1:] = hydra_order(expand_ranges(sys.argv[1:]))
         check_group_options(sys.argv[1:], Path(__file__).parent / "conf")
     except PartialLoraError as error:
         print(f"error: {error}", file=sys.stderr)

@@ -6,12 +6,17 @@ before Hydra parses the command line.
 
 An unknown option of a project config group (``method=lorra``) gets the project's one-sentence
 error listing the choices, instead of Hydra's multi-line report and stack-trace hint.
+
+Hydra's parser takes overrides in one run only, so ``dataset=mrpc -m seed=0..19`` is refused there;
+:func:`hydra_order` moves the flags first, as Hydra expects, whatever order they were typed in.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+
+from hydra._internal.utils import get_args_parser
 
 from partial_lora.errors import ConfigError
 
@@ -36,6 +41,22 @@ def expand_ranges(argv: list[str]) -> list[str]:
             raise ConfigError(f"'{arg}' is an empty range: the end {stop} is below the start {start}.")
         expanded.append(f"{key}=range({int(start)},{int(stop) + 1})")
     return expanded
+
+
+def hydra_order(argv: list[str]) -> list[str]:
+    """``argv`` with Hydra's flags (``-m``, ``--cfg job``, ...) first and the overrides after them, in their order.
+
+    Hydra's own parser, read intermixed, tells flags, their values and overrides apart (it exits with
+    argparse's usage message on a flag it does not know, as Hydra would).
+    """
+    overrides = get_args_parser().parse_intermixed_args(argv).overrides
+    flags, pending = [], list(overrides)
+    for arg in argv:
+        if pending and arg == pending[0]:
+            pending.pop(0)
+        else:
+            flags.append(arg)
+    return flags + overrides
 
 
 def check_group_options(argv: list[str], conf_dir: Path) -> None:

@@ -216,4 +216,5 @@ def _validate_method(cfg: DictConfig) -> None:
              f"method {method.name} puts row/column masks on low-rank factors, which only LoRA and AdaLoRA adapters "
              "have (peft.LoraConfig or peft.AdaLoraConfig).")
     _require(not mask or mask.mode not in NEEDS_DERIVATION or cfg.importance.name != "none",
-             f"method={method.name} needs an importance measure: add importance=svd, snip or imp.")
+             f"method={method.name} derives its masks from importance scores, which importance=none does not give: "
+             "set importance=svd (the default), snip or imp.")

@@ -14,13 +14,15 @@ from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
-from partial_lora.adapters import adapt, count_parameters, kept_fractions, residual_norms, uses_rank_allocation
+from partial_lora.adapters import (adapt, count_parameters, derivation_settings, kept_fractions, residual_norms,
+                                   uses_rank_allocation)
 from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate, validate_rank
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
+from partial_lora.dry_run import dry_run
 from partial_lora.errors import TrainingDiverged
 from partial_lora.masks import NEEDS_DERIVATION
-from partial_lora.ratios import DerivationSettings, DerivedCounts, derive_counts
+from partial_lora.ratios import DerivedCounts, derive_counts
 from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
                                   write_record)
 from partial_lora.training import AdaLoraBudget, ClassificationModule, FiniteLoss, RngState
@@ -37,30 +39,23 @@ def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
 
 
 def derive_for_run(cfg: DictConfig, backbone: Backbone, datamodule: SplitDataModule) -> DerivedCounts:
-    """The counts of a masked run (SPEC 4) from its ``ratios``, ``importance`` and ``backbone`` settings, derived on
-    the backbone before adapters are added and cached under ``ratios.cache_dir``."""
+    """The counts of a masked run (SPEC 4), derived on the backbone before adapters are added and cached under
+    ``ratios.cache_dir``."""
     batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
-    settings = DerivationSettings(
-        target_modules=cfg.backbone.target_modules, importance=cfg.importance.name, threshold=cfg.ratios.threshold,
-        rule=cfg.ratios.rule, max_loss_increase=cfg.ratios.max_loss_increase, search=cfg.ratios.search, step=cfg.ratios.step, top_k=cfg.importance.get("top_k"), flow=cfg.importance.flow,
-        probe_head_steps=0 if cfg.backbone.get("zero_shot_head") else cfg.ratios.probe_head_steps,
-        head_modules=tuple(backbone.head_modules), progress=cfg.ratios.progress,
-        blocks=cfg.backbone.get("blocks") if cfg.ratios.replay_prefix else None)
-    # Names for the figures (Figures 12-15, 17 group caches by them); the batches' fingerprint identifies the data.
-    source = {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True) | {"name_or_path": cfg.backbone.name},
-              "dataset": cfg.dataset.name, "data_seed": cfg.data_seed}
+    settings, source = derivation_settings(cfg)
     return derive_counts(backbone.model, batches, settings, cache_dir=cfg.ratios.cache_dir, source=source)
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
-    """Train and test one model as configured; return its record (``None`` for ``dry_run``).
+    """Train and test one model as configured; return its record (``None`` for ``dry_run``, which prints the
+    parameter counts of a model built from shapes alone: see ``dry_run.py``).
 
     A run that already has a record returns it untrained, one that another process is training
     returns ``None``, and a half-finished one resumes from its last checkpoint (see ``results/store.py``).
     """
-    validate(cfg)
     if cfg.dry_run:
-        return _run(cfg, None)
+        return dry_run(cfg)
+    validate(cfg)
     slot = RunSlot(config_hash(OmegaConf.to_container(cfg, resolve=True)), Path(cfg.results_dir),
                    Path(cfg.checkpoint.dir))
     if rank_zero_only.rank != 0:  # a DDP worker (SLURM task or Lightning-launched): rank 0 holds the lock
@@ -76,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         return _run(cfg, slot)
 
 
-def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
+def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
     started = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True)
 
@@ -101,13 +96,6 @@ def _run(cfg: DictConfig, slot: RunSlot | None) -> dict[str, Any] | None:
                              "majority_rate": derived.majority_rate, "warnings": derived.warnings,
                              "cache_file": str(derived.path), "derived_fraction": derived.kept_fraction}
     counts = count_parameters(model, backbone.head_modules)
-    if cfg.dry_run:
-        print(f"trainable adapter parameters: {counts.adapter:,}")
-        if counts.unmasked_adapter != counts.adapter:
-            print(f"the unmasked adapter would train: {counts.unmasked_adapter:,}")
-        print(f"classifier head parameters: {counts.head:,}")
-        return None
-
     module = ClassificationModule(model, num_labels=cfg.dataset.num_labels, metric=cfg.dataset.metric,
                                   optimizer=instantiate(cfg.method.optimizer))
     output_dir = Path(cfg.output_dir)

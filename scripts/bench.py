@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import gc
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -217,6 +218,10 @@ def main() -> None:
     parser.add_argument("--reuse-ratios", action="store_true", help="take cached counts instead of timing a derivation")
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. backbone.pretrained=null")
     args = parser.parse_args()
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        # Before the ratio derivation, which would run minutes on the CPU first.
+        print(f"error: --device {args.device} needs a CUDA GPU and none is visible: use --device cpu.", file=sys.stderr)
+        sys.exit(2)
 
     datasets.disable_progress_bars()
     cfg = config(args)

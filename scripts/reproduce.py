@@ -4,6 +4,7 @@
     python scripts/reproduce.py table6 fig4 --scale cpu --render-only
     python scripts/reproduce.py fig2 --scale cpu --domains language --launcher parallel
     python scripts/reproduce.py table5 --scale paper --launcher slurm -- trainer=gpu
+    python scripts/reproduce.py table6 --scale cpu --dry-run        # the multirun commands, nothing run
 
 Arguments after ``--`` are passed to every run (Hydra overrides).
 """
@@ -29,6 +30,8 @@ def main() -> None:
     parser.add_argument("--launcher", default="local", help="hydra/launcher preset: local, parallel or slurm")
     parser.add_argument("--domains", nargs="*", help="only these domains of the targets (language, vision, llm)")
     parser.add_argument("--render-only", action="store_true", help="render from the records present, run nothing")
+    parser.add_argument("--dry-run", action="store_true", help="print the multiruns and their run counts; run and "
+                        "render nothing")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     arguments, extra = parser.parse_args(argv[:split]), argv[split + 1:]
@@ -38,7 +41,9 @@ def main() -> None:
             cfg = compose_target(target, arguments.scale, extra)
             if not arguments.render_only:
                 with_failures += launch(target, arguments.scale, planned_multiruns(cfg, arguments.domains),
-                                        arguments.launcher, extra)
+                                        arguments.launcher, extra, dry_run=arguments.dry_run)
+            if arguments.dry_run:
+                continue
             for path in render_target(cfg):  # from the finished runs: failed ones are left out
                 print(f"{target}: wrote {path}")
     except PartialLoraError as error:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from partial_lora.cli import expand_ranges
+from partial_lora.cli import expand_ranges, hydra_order
 from partial_lora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,6 +23,12 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def test_inclusive_range_becomes_hydra_range():
     assert expand_ranges(["-m", "seed=0..19", "rank=8"]) == ["-m", "seed=range(0,20)", "rank=8"]
     assert expand_ranges(["+trainer.x=-2..1"]) == ["+trainer.x=range(-2,2)"]
+
+
+def test_flags_go_first_and_overrides_keep_their_order():
+    typed = ["dataset=mrpc", "method=lora", "-m", "seed=range(0,20)", "--cfg", "job", "rank=8"]
+    assert hydra_order(typed) == ["-m", "--cfg", "job", "dataset=mrpc", "method=lora", "seed=range(0,20)", "rank=8"]
+    assert hydra_order(["-m", "seed=1,2"]) == ["-m", "seed=1,2"]
 
 
 @pytest.mark.parametrize("arg", ["seed=a..3", "seed=0..x", "seed=1.5..3"])
@@ -48,6 +54,17 @@ def test_multirun_seed_range_launches_twenty_integer_jobs(tmp_path):
             seeds += [yaml.safe_load(o.split("=", 1)[1]) for o in overrides if o.startswith("seed=")]
     assert sorted(seeds) == list(range(20))
     assert all(type(seed) is int for seed in seeds)
+
+
+def test_overrides_before_and_after_multirun_flag_launch_every_job(tmp_path):
+    result = run_cli("dataset=sst2", "method=lora", "backbone=tiny_bert", "-m", "seed=0..2", "dry_run=true",
+                     cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("trainable adapter parameters") == 3
+    jobs = sorted(path for path in (tmp_path / "multirun").glob("*/*/*") if path.is_dir())
+    overrides = [yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) for job in jobs]
+    assert sorted(o for job in overrides for o in job if o.startswith("seed=")) == ["seed=0", "seed=1", "seed=2"]
+    assert all({"dataset=sst2", "method=lora", "backbone=tiny_bert", "dry_run=True"} <= set(job) for job in overrides)
 
 
 @pytest.mark.parametrize("seed, message", [("abc", "seed must be an integer"), ("1.5", "seed must be an integer"),

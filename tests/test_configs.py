@@ -6,8 +6,11 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from partial_lora.config import register_resolvers
+from partial_lora.masks import NEEDS_DERIVATION
+from partial_lora.results import config_hash
 from tests.conftest import CONF, compose_config
 
 GROUPS = ["dataset", "backbone", "method", "importance", "strategy", "trainer", "logger", "experiment"]
@@ -47,3 +50,29 @@ def test_data_dir_comes_from_the_environment(monkeypatch, tmp_path: Path):
     assert compose_config().data_dir == str(tmp_path)
     monkeypatch.delenv("PARTIAL_LORA_DATA")
     assert compose_config().data_dir is None
+
+
+def test_masked_methods_derive_with_svd_unless_told_otherwise():
+    masks = {method: compose_config(f"method={method}").method.get("mask") for method in options("method")}
+    derived = [method for method, mask in masks.items() if mask and mask.mode in NEEDS_DERIVATION]
+    assert {"partial_lora", "targeted_lora", "inverted_lora", "stochastic_lora", "partial_adalora"} <= set(derived)
+    for method in derived:
+        default = compose_config(f"method={method}")
+        assert default.importance.name == "svd"
+        # Records made with importance=svd typed out keep their run ids.
+        explicit = compose_config(f"method={method}", "importance=svd")
+        assert config_hash(OmegaConf.to_container(default, resolve=True)) == config_hash(
+            OmegaConf.to_container(explicit, resolve=True))
+        assert compose_config(f"method={method}", "importance=snip").importance.name == "snip"
+        assert compose_config("importance=imp", f"method={method}").importance.name == "imp"
+        assert compose_config(f"method={method}", "importance=none").importance.name == "none"
+    for method in ("lora", "balanced", "pyramidal", "adalora"):
+        assert compose_config(f"method={method}").importance.name == "none"
+
+
+def test_vision_datasets_pick_the_paper_image_backbone_unless_told_otherwise():
+    for dataset in options("dataset"):
+        cfg = compose_config(f"dataset={dataset}")
+        assert cfg.backbone.name == ("clip_vit_b16" if cfg.dataset.kind == "vision" else "minilm")
+    assert compose_config("dataset=cifar10_fewshot", "backbone=clip_tiny").backbone.name == "clip_tiny"
+    assert compose_config("backbone=clip_tiny", "dataset=fgvc").backbone.name == "clip_tiny"

@@ -176,10 +176,8 @@ def test_checkpoints_restore_the_merged_weights_and_subnets_they_were_scored_wit
 
 
 def test_deberta_count_on_real_shapes():
-    cfg = compose_config("backbone=deberta_v3_base", "method=losia", "backbone.pretrained=false",
-                         "backbone.tokenizer=${minilm_path:}")
-    with torch.device("meta"):
-        built = build_backbone(cfg.backbone, num_labels=2)
-        counts = count_parameters(adapt(built.model, cfg), built.head_modules)
+    cfg = compose_config("backbone=deberta_v3_base", "method=losia")
+    built = build_backbone(cfg.backbone, num_labels=2, shapes_only=True)
+    counts = count_parameters(adapt(built.model, cfg), built.head_modules)
     # p = 1/8 of 768 and 3072: 96 x 96 for the four attention matrices, 384 x 96 and 96 x 384 for the MLP
     assert counts.adapter == 12 * (4 * 96 * 96 + 2 * 96 * 384)

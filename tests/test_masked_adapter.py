@@ -152,7 +152,7 @@ def test_masked_method_without_importance_fails_clearly(tiny_cfg):
     with open_dict(tiny_cfg):
         tiny_cfg.method = compose_config("method=targeted_lora").method
         tiny_cfg.dry_run = True
-    with pytest.raises(ConfigError, match="needs an importance measure"):
+    with pytest.raises(ConfigError, match="derives its masks from importance scores"):
         run(tiny_cfg)
 
 

@@ -73,7 +73,8 @@ def test_an_unknown_group_option_lists_the_choices(tmp_path: Path):
     (["ratios.max_examples=0"], "ratios.max_examples must be an integer >= 1 or null"),
     (["data_dir=/no/such/folder"], "data_dir '/no/such/folder' is not a directory"),
     (["method=vera", "+method.mask.mode=partial", "importance=svd"], "which only LoRA and AdaLoRA adapters have"),
-    (["method=targeted_lora"], "method=targeted_lora needs an importance measure: add importance=svd, snip or imp."),
+    (["method=targeted_lora", "importance=none"], "method=targeted_lora derives its masks from importance scores, "
+                                                  "which importance=none does not give: set importance=svd"),
     (["backbone=clip_tiny"], "dataset sst2 holds text but backbone clip_tiny reads images: pick a matching pair."),
     (["backbone.target_modules=null"], "backbone minilm names none: set backbone.target_modules"),
 ])

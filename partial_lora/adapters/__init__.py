@@ -1,6 +1,7 @@
 """Adapters: turn a backbone into the model a method trains, and count what it trains."""
 
-from partial_lora.adapters.build import ParameterCounts, adapt, count_parameters, uses_rank_allocation
+from partial_lora.adapters.build import (ParameterCounts, adapt, count_parameters, derivation_settings, mask_settings,
+                                         uses_rank_allocation)
 from partial_lora.adapters.masked import apply_masks, kept_fractions, load_adapter
 from partial_lora.adapters.partial import (
     PartialAdaLoraConfig,
@@ -13,5 +14,5 @@ from partial_lora.adapters.residuals import residual_norms
 from partial_lora.adapters.targets import merge_and_unload
 
 __all__ = ["ParameterCounts", "PartialAdaLoraConfig", "PartialLoraConfig", "adapt", "apply_masks", "count_parameters",
-           "get_partial_lora_model", "kept_fractions", "load_adapter", "load_partial_lora", "merge_and_unload",
+           "derivation_settings", "get_partial_lora_model", "mask_settings", "kept_fractions", "load_adapter", "load_partial_lora", "merge_and_unload",
            "partial_config", "residual_norms", "uses_rank_allocation"]

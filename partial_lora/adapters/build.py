@@ -8,11 +8,11 @@ the paper's parameter counts are adapters only.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from peft import get_peft_model
 
 from partial_lora.adapters.losia import apply_losia
@@ -22,9 +22,10 @@ from partial_lora.adapters.partial import get_partial_lora_model, partial_config
 from partial_lora.adapters.sparse_delta import apply_random_masking
 from partial_lora.adapters.targets import ADAPTER
 from partial_lora.backbones.base import in_head
+from partial_lora.masks import LayerMask
 
 if TYPE_CHECKING:  # the derivation package builds on the adapters
-    from partial_lora.ratios import DerivedCounts
+    from partial_lora.ratios import DerivationSettings, DerivedCounts
 
 
 @dataclass(frozen=True)
@@ -72,10 +73,32 @@ def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = Non
     peft_config = instantiate(method.peft_config, modules_to_save=head_modules, _convert_="all", **schedule)
     if not method.get("mask"):
         return get_peft_model(model, peft_config)
-    mask = method.mask
-    return get_partial_lora_model(model, partial_config(
-        peft_config, mode=mask.mode, counts=counts, seed=cfg.seed, temperature=mask.get("temperature", 1.0),
-        sparsity=mask.get("sparsity"), compact=cfg.adapter.compact))
+    return get_partial_lora_model(model, partial_config(peft_config, counts=counts, compact=cfg.adapter.compact,
+                                                        **mask_settings(cfg)))
+
+
+def mask_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The masked method's mask settings (fields of ``MaskSettings`` but the counts and the execution)."""
+    mask = cfg.method.mask
+    return {"mode": mask.mode, "seed": cfg.seed, "temperature": mask.get("temperature", 1.0),
+            "sparsity": mask.get("sparsity")}
+
+
+def derivation_settings(cfg: DictConfig) -> tuple[DerivationSettings, dict[str, Any]]:
+    """A masked run's derivation settings (``ratios``, ``importance``, ``backbone``) and the description of its
+    backbone and data that names its cache entries (Figures 12-15 and 17 group caches by it)."""
+    from partial_lora.ratios import DerivationSettings  # the derivation package builds on the adapters
+
+    ratios = cfg.ratios
+    settings = DerivationSettings(
+        target_modules=cfg.backbone.target_modules, importance=cfg.importance.name, threshold=ratios.threshold,
+        rule=ratios.rule, max_loss_increase=ratios.max_loss_increase, search=ratios.search, step=ratios.step,
+        top_k=cfg.importance.get("top_k"), flow=cfg.importance.flow, head_modules=tuple(cfg.backbone.head_modules),
+        probe_head_steps=0 if cfg.backbone.get("zero_shot_head") else ratios.probe_head_steps,
+        blocks=cfg.backbone.get("blocks") if ratios.replay_prefix else None, progress=ratios.progress)
+    source = {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True) | {"name_or_path": cfg.backbone.name},
+              "dataset": cfg.dataset.name, "data_seed": cfg.data_seed}
+    return settings, source
 
 
 def _alive_rank(model: torch.nn.Module, layer: torch.nn.Module) -> int:
@@ -88,20 +111,25 @@ def _alive_rank(model: torch.nn.Module, layer: torch.nn.Module) -> int:
     return layer.r[ADAPTER]
 
 
-def count_parameters(model: torch.nn.Module, head_modules: list[str]) -> ParameterCounts:
+def count_parameters(model: torch.nn.Module, head_modules: list[str],
+                     masks: dict[str, LayerMask] | None = None) -> ParameterCounts:
     """Trainable parameters, split into adapter (everything outside the head) and classifier head.
 
     Low-rank factors are counted by formula: ``rank * (kept rows + kept columns)`` per layer (SPEC 1),
     plus AdaLoRA's singular values, with the rank AdaLoRA has left after pruning. Every other trainable
     tensor (DoRA magnitudes, VeRA scalings, sparse deltas, LoSiA's subnet deltas, full fine-tuning) counts
-    whole.
+    whole. A layer's kept rows and columns are its masks', or those of ``masks`` where given: masks not
+    applied to ``model`` (a dry run counts a meta-device model, whose buffers hold no values).
     """
     adapter = unmasked = 0
     counted_by_formula = set()
     for name, layer in lora_layers(model).items():
         rank = _alive_rank(model, layer)
-        rows = int(getattr(layer, ROW_MASK).sum()) if hasattr(layer, ROW_MASK) else layer.out_features
-        cols = int(getattr(layer, COL_MASK).sum()) if hasattr(layer, COL_MASK) else layer.in_features
+        mask = (masks or {}).get(name)
+        if mask is None and hasattr(layer, ROW_MASK):
+            mask = LayerMask(getattr(layer, ROW_MASK), getattr(layer, COL_MASK))
+        rows = layer.out_features if mask is None else int(mask.row.sum())
+        cols = layer.in_features if mask is None else int(mask.col.sum())
         singular_values = rank if hasattr(layer, "lora_E") else 0
         adapter += rank * (rows + cols) + singular_values
         unmasked += rank * (layer.out_features + layer.in_features) + singular_values

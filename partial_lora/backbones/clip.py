@@ -8,7 +8,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.nn.functional import cross_entropy, normalize, scaled_dot_product_attention
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from partial_lora.backbones.base import Backbone
+from partial_lora.backbones.base import Backbone, fetching
 
 PROMPT = "a photo of a {}."
 
@@ -69,13 +69,13 @@ class ClipClassifier(torch.nn.Module):
     embeddings of the class prompts, ``scale`` CLIP's learned temperature: at initialisation the logits
     are CLIP's zero-shot logits."""
 
-    def __init__(self, visual: torch.nn.Module, text_embeddings: torch.Tensor, logit_scale: float) -> None:
+    def __init__(self, visual: torch.nn.Module, text_embeddings: torch.Tensor, logit_scale: torch.Tensor) -> None:
         super().__init__()
         self.visual = visual
         self.head = torch.nn.Linear(text_embeddings.shape[1], text_embeddings.shape[0], bias=False)
         with torch.no_grad():
             self.head.weight.copy_(normalize(text_embeddings, dim=-1))
-        self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
+        self.register_buffer("logit_scale", logit_scale.detach().clone())
 
     def forward(self, pixel_values: torch.Tensor, labels: torch.Tensor | None = None) -> SequenceClassifierOutput:
         logits = self.logit_scale * self.head(normalize(self.visual(pixel_values), dim=-1))
@@ -90,20 +90,30 @@ def class_text_embeddings(clip: torch.nn.Module, tokenizer, class_names: list[st
     return torch.cat([clip.encode_text(chunk) for chunk in tokens.split(256)])
 
 
-def build_clip_backbone(cfg: DictConfig, class_names: list[str]) -> Backbone:
+def build_clip_backbone(cfg: DictConfig, class_names: list[str] | None, num_labels: int,
+                        shapes_only: bool = False) -> Backbone:
     """open_clip ``cfg.model_name`` (pretrained weights ``cfg.pretrained``, e.g. ``openai``; ``null``: random
     init of the same shapes), or a model built from ``cfg.model_config`` (an open_clip config dict, for
-    tests). The text tower is used once for the head and then dropped."""
+    tests). The text tower is used once for the head and then dropped. ``shapes_only`` (a dry run) builds the
+    same shapes on the meta device, with no weights and a head of ``num_labels`` rows that no text fills."""
     import open_clip
 
-    if cfg.get("model_config"):
-        spec = OmegaConf.to_container(cfg.model_config, resolve=True)
-        clip = open_clip.CLIP(**spec)
-    else:
-        clip = open_clip.create_model(cfg.model_name, pretrained=cfg.pretrained)
-    tokenizer = open_clip.get_tokenizer(cfg.get("tokenizer_name") or cfg.model_name)
-    embeddings = class_text_embeddings(clip, tokenizer, class_names)
-    split_attention(clip.visual)
-    model = ClipClassifier(clip.visual, embeddings, clip.logit_scale.exp().item())
+    device = "meta" if shapes_only else "cpu"
+    with torch.device(device):
+        if cfg.get("model_config"):
+            spec = OmegaConf.to_container(cfg.model_config, resolve=True)
+            clip = open_clip.CLIP(**spec)
+        else:
+            with fetching(f"the {cfg.pretrained} weights of {cfg.model_name}",
+                          "set backbone.pretrained=null (the same architecture, random weights)", (RuntimeError,)):
+                clip = open_clip.create_model(cfg.model_name, pretrained=None if shapes_only else cfg.pretrained,
+                                              device=device)
+        if shapes_only:
+            embeddings = torch.empty(num_labels, clip.visual.output_dim)
+        else:
+            tokenizer = open_clip.get_tokenizer(cfg.get("tokenizer_name") or cfg.model_name)
+            embeddings = class_text_embeddings(clip, tokenizer, class_names)
+        split_attention(clip.visual)
+        model = ClipClassifier(clip.visual, embeddings, clip.logit_scale.exp())
     del clip
     return Backbone(model=model, tokenizer=None, head_modules=list(cfg.head_modules))

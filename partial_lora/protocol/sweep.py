@@ -10,6 +10,7 @@ a rerun skips the runs whose records exist. The same plan selects the records a 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -103,8 +104,9 @@ def command(target: str, scale: str, settings: dict[str, list[Any]], launcher: s
 
 
 def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launcher: str = "local",
-           extra: list[str] = ()) -> int:
+           extra: list[str] = (), dry_run: bool = False) -> int:
     """Run every multirun of the plan; finished runs skip themselves, so this fills in what is missing.
+    ``dry_run`` prints each command and its number of runs, and runs nothing.
 
     Returns how many multiruns had failed runs (NaN loss): those leave failed records and the rest of the
     plan still runs; any other non-zero exit stops the plan.
@@ -112,7 +114,10 @@ def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launche
     with_failures = 0
     for settings in planned:
         argv = command(target, scale, settings, launcher, extra)
-        print("+", " ".join(argv[1:]), flush=True)
+        runs = math.prod(len(values) for values in settings.values())
+        print("+", " ".join(argv[1:]), f"  # {runs} runs", flush=True)
+        if dry_run:
+            continue
         status = subprocess.run(argv, cwd=ROOT).returncode
         if status == RUNS_FAILED_EXIT:
             with_failures += 1

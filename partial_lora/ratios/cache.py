@@ -54,6 +54,18 @@ class RatioCache:
         derived.path, derived.cache_hit = path, True
         return derived
 
+    def load_any(self, inputs: dict[str, Any], shapes: dict[str, tuple[int, int]]) -> list[DerivedCounts]:
+        """Every valid entry derived with the settings and for the model of ``inputs``, from whatever data (a dry
+        run reads none), as :meth:`load` returns them."""
+        found = []
+        for path in sorted(self.directory.glob(f"{inputs['settings']['importance']}_*.json")):
+            entry, problem = read_json(path)
+            if problem or damage(entry) or any(entry["inputs"].get(key) != inputs[key] for key in ("settings", "source")):
+                continue  # a damaged entry is reported when a run loads it
+            if self.path(entry["inputs"]) == path and (derived := self.load(entry["inputs"], shapes)) is not None:
+                found.append(derived)
+        return found
+
     def save(self, derived: DerivedCounts) -> Path:
         return derived.save(self.path(derived.inputs))
 

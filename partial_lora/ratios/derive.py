@@ -81,6 +81,17 @@ def fingerprint(batches: list[Batch]) -> str:
     return hasher.hexdigest()
 
 
+def derivation_inputs(settings: DerivationSettings, source: dict[str, Any] | None,
+                      batches: list[Batch] | None = None) -> dict[str, Any]:
+    """What counts are derived from, as the cache keys and records them: the settings that can change them, the
+    model's description and the batches' fingerprint (left out without ``batches``: a dry run has no data)."""
+    inputs = {"settings": settings.key(), "source": source}
+    if batches is not None:
+        inputs["data"] = fingerprint(batches)
+    # As JSON holds them (tuples become lists), so that inputs read back from a cache compare equal.
+    return json.loads(json.dumps(inputs, default=str))
+
+
 def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
 
@@ -182,9 +193,7 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
     if cache_dir is not None and source is None:
         raise ConfigError("a ratio cache needs `source`, a description of the model that the counts belong to.")
     weights = {name: layer.weight for name, layer in targeted_linears(model, settings.target_modules).items()}
-    # As JSON holds them (tuples become lists), so that inputs read back from a cache compare equal.
-    inputs = json.loads(json.dumps({"settings": settings.key(), "source": source, "data": fingerprint(batches)},
-                                   default=str))
+    inputs = derivation_inputs(settings, source, batches)
     cache = None if cache_dir is None else RatioCache(cache_dir)
     shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
     if cache is not None:
