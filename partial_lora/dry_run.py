@@ -8,15 +8,14 @@ and AdaLoRA's schedule, whose length is the run's step count, is built on an ass
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
-from partial_lora.adapters import adapt, count_parameters, uses_rank_allocation
+from partial_lora.adapters import adapt, count_parameters, derivation_settings, mask_settings, uses_rank_allocation
 from partial_lora.adapters.masked import base_weights
-from partial_lora.adapters.partial import derivation_inputs, draw_masks
 from partial_lora.backbones import build_backbone
 from partial_lora.config import validate, validate_rank
-from partial_lora.masks import NEEDS_DERIVATION
-from partial_lora.ratios import RatioCache
+from partial_lora.masks import NEEDS_DERIVATION, make_masks
+from partial_lora.ratios import RatioCache, derivation_inputs
 
 
 def dry_run(cfg: DictConfig) -> None:
@@ -29,7 +28,10 @@ def dry_run(cfg: DictConfig) -> None:
     if uses_rank_allocation(cfg.method):
         # Steps per epoch follow from the training split's size; no count at the start depends on them.
         total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else cfg.train.epochs
-    model = adapt(backbone.model, cfg, total_steps)
+    unmasked = cfg.copy()  # the masks are drawn below from shapes alone (a meta-device model holds no values)
+    with open_dict(unmasked):
+        unmasked.method.mask = None
+    model = adapt(backbone.model, unmasked, total_steps)
     # PEFT moves AdaLoRA's constant rank (``ranknum``) to the base layer's device; onto meta, the move re-wraps it
     # as a new, trainable Parameter, where a run's stays frozen.
     for name, parameter in model.named_parameters():
@@ -41,15 +43,15 @@ def dry_run(cfg: DictConfig) -> None:
     else:
         shapes = {name: tuple(weight.shape) for name, weight in base_weights(model).items()}
         if cfg.method.mask.mode not in NEEDS_DERIVATION:
-            masked = count_parameters(model, backbone.head_modules, draw_masks(cfg, shapes))
+            masked = count_parameters(model, backbone.head_modules, make_masks(shapes=shapes, **mask_settings(cfg)))
             print(f"trainable adapter parameters: {masked.adapter:,} (masks of seed {cfg.seed})")
         else:
-            cache = RatioCache(cfg.ratios.cache_dir)
-            entries = cache.load_any(derivation_inputs(cfg, examples=None), shapes, free="examples")
-            for scores, layer_counts, entry in entries:
-                masked = count_parameters(model, backbone.head_modules, draw_masks(cfg, shapes, scores, layer_counts))
+            entries = RatioCache(cfg.ratios.cache_dir).load_any(derivation_inputs(*derivation_settings(cfg)), shapes)
+            for derived in entries:
+                masks = make_masks(shapes=shapes, counts=derived, **mask_settings(cfg))
+                masked = count_parameters(model, backbone.head_modules, masks)
                 print(f"trainable adapter parameters: {masked.adapter:,} (masks of seed {cfg.seed}, ratios cached in "
-                      f"{cache.path(entry['inputs'])} from {entry['inputs']['examples']} derivation examples)")
+                      f"{derived.path})")
             if not entries:
                 print(f"trainable adapter parameters: decided by the ratio derivation on the data (importance "
                       f"{cfg.importance.name}, no matching cache in {cfg.ratios.cache_dir} yet)")

@@ -9,10 +9,14 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from partial_lora.errors import ConfigError
+
+if TYPE_CHECKING:  # the derivation package builds on the adapters, which build on this module
+    from partial_lora.ratios import DerivedCounts
 
 MODES = ("partial", "targeted", "inverted", "stochastic", "balanced", "pyramidal")
 NEEDS_DERIVATION = ("partial", "targeted", "inverted", "stochastic")
@@ -82,3 +86,29 @@ def make_mask(mode: str, layer: str, seed: int, shape: tuple[int, int], *, k_row
         keep = 1 - sparsity if mode == "balanced" else 1 - sparsity ** block_depth(layer)
         return LayerMask(_bernoulli(m, keep, generator), _bernoulli(n, keep, generator))
     raise ConfigError(f"method.mask.mode must be one of {', '.join(MODES)}, got {mode!r}.")
+
+
+def make_masks(mode: str, shapes: dict[str, tuple[int, int]], seed: int, *, counts: DerivedCounts | None = None,
+               temperature: float = 1.0, sparsity: float | None = None) -> dict[str, LayerMask]:
+    """Every layer's masks (layers by name, weights ``m x n``); modes that need derived counts (and, but for
+    ``partial``, their scores) read them from ``counts``."""
+    if mode in NEEDS_DERIVATION:
+        if counts is None:
+            raise ConfigError(f"mask mode {mode!r} needs derived counts: pass counts=derive_counts(...).")
+        problem = counts.mismatch(shapes)
+        if problem is not None:
+            raise ConfigError(f"the derived counts do not fit this model: {problem}.")
+    else:
+        counts = None  # fixed-sparsity modes draw from the seed alone
+    masks = {}
+    for name, shape in shapes.items():
+        layer_counts = None if counts is None else counts.counts[name]
+        layer_scores = None if counts is None else counts.scores[name]
+        masks[name] = make_mask(
+            mode, name, seed, shape,
+            k_row=None if layer_counts is None else layer_counts.k_row,
+            k_col=None if layer_counts is None else layer_counts.k_col,
+            row_scores=None if layer_scores is None else layer_scores.row,
+            col_scores=None if layer_scores is None else layer_scores.col,
+            temperature=temperature, sparsity=sparsity)
+    return masks

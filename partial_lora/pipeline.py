@@ -12,22 +12,17 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
-from partial_lora.adapters import (
-    adapt,
-    apply_masks,
-    count_parameters,
-    derive_masks,
-    kept_fractions,
-    residual_norms,
-    save_adapter,
-    uses_rank_allocation,
-)
+from partial_lora.adapters import (adapt, count_parameters, derivation_settings, kept_fractions, residual_norms,
+                                   uses_rank_allocation)
 from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate, validate_rank
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
 from partial_lora.dry_run import dry_run
 from partial_lora.errors import TrainingDiverged
+from partial_lora.masks import NEEDS_DERIVATION
+from partial_lora.ratios import DerivedCounts, derive_counts
 from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
                                   write_record)
 from partial_lora.training import AdaLoraBudget, ClassificationModule, FiniteLoss, RngState
@@ -41,6 +36,14 @@ def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
         return build_backbone(cfg.backbone, cfg.dataset.num_labels, datamodule.class_names()), datamodule
     backbone = build_backbone(cfg.backbone, num_labels=cfg.dataset.num_labels)
     return backbone, GlueDataModule(cfg.dataset, backbone.tokenizer, cfg.data_dir, **loader)
+
+
+def derive_for_run(cfg: DictConfig, backbone: Backbone, datamodule: SplitDataModule) -> DerivedCounts:
+    """The counts of a masked run (SPEC 4), derived on the backbone before adapters are added and cached under
+    ``ratios.cache_dir``."""
+    batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
+    settings, source = derivation_settings(cfg)
+    return derive_counts(backbone.model, batches, settings, cache_dir=cfg.ratios.cache_dir, source=source)
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:
@@ -80,16 +83,18 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
         total_steps = datamodule.steps_per_epoch() * cfg.train.epochs
         if cfg.trainer.max_steps > 0:
             total_steps = min(total_steps, cfg.trainer.max_steps)
-    model = adapt(backbone.model, cfg, total_steps)
-    mask_summary = None
+    mask_summary = derived = None
+    if cfg.method.get("mask") and cfg.method.mask.mode in NEEDS_DERIVATION:
+        derived = derive_for_run(cfg, backbone, datamodule)
+    model = adapt(backbone.model, cfg, total_steps, counts=derived)
     if cfg.method.get("mask"):
-        batches = []
-        if cfg.importance.name != "none":
-            batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples,
-                                                    cfg.ratios.batch_size)
-        masks, mask_summary = derive_masks(model, cfg, batches, backbone.head_modules)
-        apply_masks(model, masks, compact=cfg.adapter.compact)
-        mask_summary["kept_fraction"] = kept_fractions(model)
+        mask_summary = {"mode": cfg.method.mask.mode, "kept_fraction": kept_fractions(model)}
+        if derived is not None:
+            # derived_fraction: what the counts keep of the adapter's rows and columns (Balanced matches it, claim C4).
+            mask_summary |= {"cache_hit": derived.cache_hit, "evaluations": derived.evaluations,
+                             "wall_time_s": derived.wall_time_s, "baseline_accuracy": derived.baseline_accuracy,
+                             "majority_rate": derived.majority_rate, "warnings": derived.warnings,
+                             "cache_file": str(derived.path), "derived_fraction": derived.kept_fraction}
     counts = count_parameters(model, backbone.head_modules)
     module = ClassificationModule(model, num_labels=cfg.dataset.num_labels, metric=cfg.dataset.metric,
                                   optimizer=instantiate(cfg.method.optimizer))
@@ -128,9 +133,9 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
     if not trainer.is_global_zero:  # under DDP one process writes the adapter and the record
         return None
     adapter_file = None
-    if cfg.method.peft_config is not None:  # the best checkpoint's adapter, as loaded by trainer.test
-        adapter_file = save_adapter(model, output_dir / "adapter.safetensors", backbone.head_modules,
-                                    metadata={"method": cfg.method.name, "rank": str(cfg.rank)})
+    if cfg.method.peft_config is not None:  # the best checkpoint's adapter, as loaded by trainer.test, in PEFT's layout
+        model.save_pretrained(output_dir / "adapter")
+        adapter_file = output_dir / "adapter" / SAFETENSORS_WEIGHTS_NAME
 
     # AdaLoRA prunes ranks while training: the paper reports what is left at the end.
     final_counts = count_parameters(model, backbone.head_modules)

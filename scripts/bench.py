@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import statistics
 import sys
 import tempfile
@@ -34,14 +33,12 @@ from omegaconf import DictConfig, open_dict
 from torch.nn.functional import cross_entropy
 from torch.profiler import ProfilerActivity, profile
 
-from partial_lora.adapters import adapt, apply_masks, count_parameters, derive_masks
-from partial_lora.adapters.masked import base_weights
-from partial_lora.adapters.partial import batch_metric, derivation_inputs
+from partial_lora.adapters import adapt, count_parameters
+from partial_lora.adapters.targets import targeted_linears
 from partial_lora.backbones.base import in_head
 from partial_lora.config import register_resolvers
-from partial_lora.masks import LayerMask
-from partial_lora.pipeline import backbone_and_data
-from partial_lora.ratios import RatioCache
+from partial_lora.pipeline import backbone_and_data, derive_for_run
+from partial_lora.ratios import DerivedCounts, batch_metric
 from partial_lora.ratios.search import literal_evaluations
 from partial_lora.training.optim import adamw
 
@@ -103,16 +100,19 @@ def frozen_floor(model: torch.nn.Module, cfg: DictConfig) -> torch.nn.Module:
     return model
 
 
-def build(variant: str, cfg: DictConfig, masks: dict[str, LayerMask] | None, device: str):
+def build(variant: str, cfg: DictConfig, derived: DerivedCounts, device: str):
     """The model of one variant (the same random head for all: same seed) and its AdamW."""
     torch.manual_seed(cfg.seed)
     backbone, _ = backbone_and_data(cfg)
     if variant == "floor":
         model = frozen_floor(backbone.model, cfg)
     else:  # every masked method is LoRA's PEFT config plus masks
-        model = adapt(backbone.model, cfg)
-        if variant != "lora":
-            apply_masks(model, masks, compact=variant == "compact")
+        variant_cfg = cfg.copy()
+        with open_dict(variant_cfg):
+            variant_cfg.adapter.compact = variant == "compact"
+            if variant == "lora":
+                variant_cfg.method.mask = None
+        model = adapt(backbone.model, variant_cfg, counts=derived)
     model.to(device).train()
     optimizer = adamw(model, lr=1e-4, weight_decay=cfg.train.weight_decay)
     return model, backbone, optimizer
@@ -160,25 +160,26 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, head_m
     return total
 
 
-def derive(cfg: DictConfig, reuse: bool) -> tuple[dict[str, LayerMask], dict, float]:
-    """Masks of ``cfg`` (derived afresh unless ``reuse`` and cached), the derivation's summary, and the
-    time of one literal evaluation."""
+def derive(cfg: DictConfig, reuse: bool) -> tuple[DerivedCounts, float]:
+    """The counts of ``cfg`` (derived afresh, into a fresh cache, unless ``reuse``) and the time of one literal
+    evaluation."""
     torch.manual_seed(cfg.seed)  # the head the probe starts from, as a run with this seed draws it
     backbone, datamodule = backbone_and_data(cfg)
-    model = adapt(backbone.model, cfg)
-    batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
     if not reuse:
-        inputs = derivation_inputs(cfg, sum(len(batch["labels"]) for batch in batches))
-        RatioCache(cfg.ratios.cache_dir).path(inputs).unlink(missing_ok=True)
-    masks, summary = derive_masks(model, cfg, batches, backbone.head_modules)
-    return masks, summary, full_evaluation_seconds(model, batches)
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.ratios.cache_dir = tempfile.mkdtemp(prefix="bench_ratios_")
+    derived = derive_for_run(cfg, backbone, datamodule)
+    batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
+    return derived, full_evaluation_seconds(backbone.model, cfg.backbone.target_modules, batches)
 
 
-def full_evaluation_seconds(model: torch.nn.Module, batches: list[Batch], samples: int = 3) -> float:
+def full_evaluation_seconds(model: torch.nn.Module, target_modules: str, batches: list[Batch],
+                            samples: int = 3) -> float:
     """Median time of one literal evaluation (whole model, whole derivation set, no replay or early stop),
     with a few rows of ``samples`` layers spread over the model zeroed in turn."""
     accuracy = batch_metric(model.eval(), batches)
-    weights = base_weights(model)
+    weights = {name: layer.weight for name, layer in targeted_linears(model, target_modules).items()}
     names = list(weights)
     times = []
     for name in names[:: max(1, len(names) // samples)][:samples]:
@@ -194,14 +195,13 @@ def full_evaluation_seconds(model: torch.nn.Module, batches: list[Batch], sample
     return statistics.median(times)
 
 
-def literal_count(cache_file: str, step: int) -> int:
-    """Evaluations of the literal algorithm for the counts in ``cache_file`` (plus the baseline)."""
-    entry = json.loads(Path(cache_file).read_text())
+def literal_count(derived: DerivedCounts, step: int) -> int:
+    """Evaluations of the literal algorithm for the derived counts (plus the baseline)."""
     total = 1  # the baseline
-    for layer in entry["layers"].values():
-        rows, cols = layer["shape"]
-        total += literal_evaluations(rows, rows - layer["k_row"], step)
-        total += literal_evaluations(cols, cols - layer["k_col"], step)
+    for name, counts in derived.counts.items():
+        rows, cols = derived.scores[name].row.numel(), derived.scores[name].col.numel()
+        total += literal_evaluations(rows, rows - counts.k_row, step)
+        total += literal_evaluations(cols, cols - counts.k_col, step)
     return total
 
 
@@ -229,10 +229,10 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()} | rank {args.rank} | batch {args.batch_size}"
           + ("" if cfg.dataset.kind == "vision" else f" x {args.length} tokens"), flush=True)
     started = time.perf_counter()
-    masks, derivation, full_eval = derive(cfg, args.reuse_ratios)
+    derived, full_eval = derive(cfg, args.reuse_ratios)
     derivation_wall = time.perf_counter() - started
 
-    models = {variant: build(variant, cfg, masks, args.device) for variant in VARIANTS}
+    models = {variant: build(variant, cfg, derived, args.device) for variant in VARIANTS}
     tokenizer = models["floor"][1].tokenizer
     batch = training_batch(cfg, tokenizer, args.batch_size, args.length, args.device)
     times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
@@ -270,16 +270,16 @@ def main() -> None:
     print(f"adapter+AdamW bytes (d)/(b) = {state_ratio:.4f} vs trainable parameters (d)/(b) = {param_ratio:.4f}: "
           f"{relative} (goal <= 1.1)")
 
-    fast = derivation["evaluations"]
-    literal = literal_count(derivation["cache_file"], cfg.ratios.step)
-    timed = "cached: " + str(derivation["cache_file"]) if derivation["cache_hit"] else "this run"
-    print(f"\nratio derivation ({cfg.importance.name}, {len(masks)} matrices, threshold {cfg.ratios.threshold}):")
-    print(f"  fast search ({cfg.ratios.search}): {fast:,} evaluations, {derivation['wall_time_s']:.1f} s ({timed}; "
+    fast = derived.evaluations
+    literal = literal_count(derived, cfg.ratios.step)
+    timed = f"cached: {derived.path}" if derived.cache_hit else "this run"
+    print(f"\nratio derivation ({cfg.importance.name}, {len(derived.counts)} matrices, threshold {cfg.ratios.threshold}):")
+    print(f"  fast search ({cfg.ratios.search}): {fast:,} evaluations, {derived.wall_time_s:.1f} s ({timed}; "
           f"with model loading {derivation_wall:.1f} s)")
     print(f"  literal Algorithm 1: {literal:,} evaluations x {full_eval:.3f} s per full evaluation "
           f"(median of a sample of layers) = {literal * full_eval:,.0f} s (estimated)")
     print(f"  evaluations literal / fast = {literal / fast:.1f}x (goal >= 50); time literal / fast = "
-          f"{literal * full_eval / derivation['wall_time_s']:.1f}x; fast wall time goal < 120 s")
+          f"{literal * full_eval / derived.wall_time_s:.1f}x; fast wall time goal < 120 s")
 
 
 if __name__ == "__main__":

@@ -89,7 +89,7 @@ def test_random_masking_trains_only_its_chosen_entries():
         outside[layer.indices] = False
         assert torch.count_nonzero(delta.flatten()[outside]) == 0
         assert torch.count_nonzero(delta) > 0
-        assert not layer.base.weight.requires_grad
+        assert not layer.base_layer.weight.requires_grad
 
 
 def test_masks_on_an_adapter_without_low_rank_factors_fail_at_config_time(tiny_cfg):

@@ -10,11 +10,16 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from partial_lora.adapters import count_parameters, load_adapter, save_adapter
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import load_file
+
+from partial_lora.adapters import count_parameters, load_partial_lora
 from partial_lora.adapters.compact import full_factors, kept
-from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, apply_mask, factor, lora_layers
+from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, apply_mask, factor, load_masked_state, lora_layers
+from partial_lora.backbones import build_backbone
 from partial_lora.errors import PartialLoraError
 from partial_lora.masks import LayerMask
+from tests.conftest import compose_config
 from tests.test_masked_adapter import batch, masked_tiny_model
 
 
@@ -123,26 +128,49 @@ def test_counts_do_not_depend_on_the_execution():
     assert stored == count_parameters(compact, backbone.head_modules).adapter
 
 
+def test_state_dicts_hold_full_factors_whatever_the_execution():
+    _, _, dense = masked_tiny_model(compact=False, init_b=True)
+    _, _, compact = masked_tiny_model(compact=True, init_b=True)
+    dense_state, compact_state = dense.state_dict(), compact.state_dict()
+    assert dense_state.keys() == compact_state.keys()
+    assert any(key.endswith(ROW_MASK) for key in dense_state)
+    for key in dense_state:
+        assert dense_state[key].shape == compact_state[key].shape
+    loaded = masked_tiny_model(compact=True)[2]  # same masks, B zero
+    loaded.load_state_dict(compact_state)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), compact_state.values()))
+
+
 @pytest.mark.parametrize("saved_compact, loaded_compact", [(True, False), (True, True), (False, True)])
-def test_adapter_files_load_across_executions(tmp_path: Path, saved_compact, loaded_compact):
+def test_saved_adapters_reload_masked_and_trainable_across_executions(tmp_path: Path, saved_compact, loaded_compact):
     _, backbone, model = masked_tiny_model(compact=saved_compact, init_b=True)
     model.eval()
     data = batch()
     inputs = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
     expected = model(**inputs).logits
-    path = save_adapter(model, tmp_path / "adapter.safetensors", backbone.head_modules)
-    _, fresh_backbone, fresh = masked_tiny_model(seed=0, compact=loaded_compact)  # the same masks, B zero
-    load_adapter(fresh, path)
+    model.save_pretrained(tmp_path / "adapter")
+    torch.manual_seed(0)
+    base = build_backbone(compose_config("backbone=tiny_bert").backbone, num_labels=2).model
+    fresh = load_partial_lora(base, tmp_path / "adapter", compact=loaded_compact)
     assert torch.allclose(fresh.eval()(**inputs).logits, expected, atol=1e-6)
-    assert all(hasattr(layer, "partial_rows") == loaded_compact for layer in lora_layers(fresh).values())
+    layers, saved = lora_layers(fresh), lora_layers(model)
+    assert all(hasattr(layer, "partial_rows") == loaded_compact for layer in layers.values())
+    assert all(torch.equal(getattr(layers[name], ROW_MASK), getattr(saved[name], ROW_MASK)) for name in layers)
+    assert count_parameters(fresh, backbone.head_modules) == count_parameters(model, backbone.head_modules)
+    trainable = {name for name, parameter in fresh.named_parameters() if parameter.requires_grad}
+    assert any("lora_A" in name for name in trainable) and any("classifier" in name for name in trainable)
     if loaded_compact:
         assert all(kept(layer)[0].numel() == int(getattr(layer, ROW_MASK).sum())
                    for layer in lora_layers(fresh).values())
 
 
-def test_compact_layer_refuses_a_file_with_other_masks(tmp_path: Path):
-    _, backbone, model = masked_tiny_model(seed=0, compact=True)
-    path = save_adapter(model, tmp_path / "adapter.safetensors", backbone.head_modules)
-    _, _, other = masked_tiny_model(seed=1, compact=True)
-    with pytest.raises(PartialLoraError, match="other masks"):
-        load_adapter(other, path)
+def test_a_masked_model_refuses_an_adapter_with_other_masks(tmp_path: Path):
+    _, _, model = masked_tiny_model(seed=0, compact=True)
+    model.save_pretrained(tmp_path / "adapter")
+    state_dict = load_file(str(tmp_path / "adapter" / SAFETENSORS_WEIGHTS_NAME))
+    for compact in (True, False):
+        _, _, other = masked_tiny_model(seed=1, compact=compact)
+        with pytest.raises(PartialLoraError, match="other masks"):
+            load_masked_state(other, state_dict, "saved")
+    with pytest.raises(RuntimeError, match="other masks"):  # the compact layer's own check, under any loader
+        masked_tiny_model(seed=1, compact=True)[2].load_state_dict(model.state_dict())

@@ -10,7 +10,7 @@ import torch
 from omegaconf import open_dict
 from safetensors.torch import load_file
 
-from partial_lora.adapters import adapt, apply_masks, derive_masks
+from partial_lora.adapters import adapt
 from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.pipeline import run
@@ -42,8 +42,6 @@ def adapted_tiny_model(method: str):
     torch.manual_seed(0)
     backbone = build_backbone(cfg.backbone, num_labels=2)
     model = adapt(backbone.model, cfg, total_steps=100)
-    if cfg.method.mask:
-        apply_masks(model, derive_masks(model, cfg, [], backbone.head_modules)[0])
     for name, parameter in model.named_parameters():  # make every adapter change its layer's output
         if parameter.requires_grad and ("lora_B" in name or "lora_E" in name):
             torch.nn.init.normal_(parameter)

@@ -25,10 +25,10 @@ def test_counts_are_p_squared_m_n_per_layer():
     assert len(layers) == 2 * 6
     p = cfg.method.losia.rank_factor
     for layer in layers.values():
-        m, n = layer.base.weight.shape
-        assert layer.delta.numel() == p * p * m * n  # 32 and 64 wide: p * size is whole at p = 1/8
+        m, n = layer.base_layer.weight.shape
+        assert layer.delta_block.numel() == p * p * m * n  # 32 and 64 wide: p * size is whole at p = 1/8
     counts = count_parameters(model, backbone.head_modules)
-    assert counts.adapter == sum(p * p * layer.base.weight.numel() for layer in layers.values())
+    assert counts.adapter == sum(p * p * layer.base_layer.weight.numel() for layer in layers.values())
     assert counts.head == sum(parameter.numel() for parameter in model.classifier.parameters())
 
 
@@ -45,15 +45,15 @@ def test_only_the_selected_block_of_w_changes_and_outputs_match_the_dense_weight
     start = base.weight.detach().clone()
     rows, cols = torch.tensor([1, 5, 20]), torch.tensor([0, 7])
     layer = SubnetLinear(base, rows, cols, beta=0.85)
-    layer.base.requires_grad_(False)
-    assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["delta"]
-    optimizer = torch.optim.AdamW([layer.delta], lr=1e-2, weight_decay=0.1)
+    layer.base_layer.requires_grad_(False)
+    assert [name for name, p in layer.named_parameters() if p.requires_grad] == ["delta_block"]
+    optimizer = torch.optim.AdamW([layer.delta_block], lr=1e-2, weight_decay=0.1)
     for _ in range(3):
         inputs = torch.randn(4, 5, 16)
         loss = layer(inputs).square().mean()
         optimizer.zero_grad()
         loss.backward()
-        assert layer.delta.grad.shape == (3, 2) and base.weight.grad is None
+        assert layer.delta_block.grad.shape == (3, 2) and base.weight.grad is None
         optimizer.step()
     changed = (layer.weight() != start).nonzero().tolist()
     block = {(row, col) for row in rows.tolist() for col in cols.tolist()}
@@ -69,7 +69,7 @@ def test_relocalisation_folds_the_delta_into_w_and_moves_to_the_sensitive_block(
     base.requires_grad_(False)
     layer = SubnetLinear(base, torch.tensor([0, 1]), torch.tensor([0, 1]), beta=0.85)
     with torch.no_grad():
-        layer.delta.fill_(0.5)
+        layer.delta_block.fill_(0.5)
     applied = layer.weight()
     assert not layer.relocalize()  # nothing recorded yet: the subnet stays
     layer.recording = True
@@ -78,7 +78,7 @@ def test_relocalisation_folds_the_delta_into_w_and_moves_to_the_sensitive_block(
     layer(inputs)[:, 3].sum().backward()
     assert layer.relocalize()
     torch.testing.assert_close(base.weight, applied)
-    assert torch.count_nonzero(layer.delta) == 0
+    assert torch.count_nonzero(layer.delta_block) == 0
     assert 3 in layer.rows.tolist() and 6 in layer.cols.tolist()
 
 
@@ -131,7 +131,7 @@ def test_blocks_relocalise_in_turn_on_schedule_with_optimiser_state_reset(tiny_c
 
     def on_train_end(callback, trainer, pl_module):
         state = trainer.optimizers[0].state
-        adam_steps.append([{int(state[layer.delta]["step"]) for layer in group} for group in callback.groups])
+        adam_steps.append([{int(state[layer.delta_block]["step"]) for layer in group} for group in callback.groups])
         original_end(callback, trainer, pl_module)
 
     monkeypatch.setattr(SubnetRelocalization, "on_train_end", on_train_end)
@@ -165,14 +165,14 @@ def test_checkpoints_restore_the_merged_weights_and_subnets_they_were_scored_wit
     checkpoint = {}
     callback.on_save_checkpoint(None, module, checkpoint)
     layer = next(iter(subnet_layers(model).values()))
-    saved = layer.base.weight.detach().clone(), layer.rows.clone(), layer.cols.clone()
+    saved = layer.base_layer.weight.detach().clone(), layer.rows.clone(), layer.cols.clone()
     with torch.no_grad():
-        layer.delta.fill_(1.0)
+        layer.delta_block.fill_(1.0)
     layer.recording = True
-    layer(torch.randn(2, layer.base.in_features)).sum().backward()
-    assert layer.relocalize() and not torch.equal(layer.base.weight, saved[0])
+    layer(torch.randn(2, layer.base_layer.in_features)).sum().backward()
+    assert layer.relocalize() and not torch.equal(layer.base_layer.weight, saved[0])
     callback.on_load_checkpoint(None, module, checkpoint)
-    assert all(torch.equal(now, then) for now, then in zip((layer.base.weight, layer.rows, layer.cols), saved))
+    assert all(torch.equal(now, then) for now, then in zip((layer.base_layer.weight, layer.rows, layer.cols), saved))
 
 
 def test_deberta_count_on_real_shapes():

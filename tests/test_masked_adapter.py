@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 from omegaconf import open_dict
 
-from partial_lora.adapters import adapt, apply_masks, count_parameters, derive_masks, load_adapter, save_adapter
-from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, lora_layers
+from partial_lora.adapters import adapt, count_parameters, load_adapter
+from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, factor, is_compact, lora_layers
 from partial_lora.backbones import build_backbone
 from partial_lora.masks import LayerMask, make_mask
 from partial_lora.pipeline import run
@@ -24,10 +25,11 @@ def masked_tiny_model(seed: int = 0, mode: str = "balanced", compact: bool = Fal
     backbone = build_backbone(cfg.backbone, num_labels=2)
     model = adapt(backbone.model, cfg)
     if init_b:
-        for layer in lora_layers(model).values():
-            torch.nn.init.normal_(layer.lora_B[ADAPTER].weight)
-    masks, _ = derive_masks(model, cfg, [], backbone.head_modules)
-    apply_masks(model, masks, compact=cfg.adapter.compact)
+        with torch.no_grad():
+            for layer in lora_layers(model).values():
+                lora_b = torch.nn.init.normal_(factor(layer, "lora_B"))
+                if not is_compact(layer):
+                    lora_b.mul_(getattr(layer, ROW_MASK)[:, None])
     return cfg, backbone, model
 
 
@@ -80,14 +82,35 @@ def test_same_seed_same_masks_different_seed_different_masks():
     assert any(not torch.equal(first[name], other[name]) for name in first)
 
 
-def test_saved_adapter_reloads_to_the_same_outputs_and_merges(tmp_path: Path):
+def write_legacy_adapter(model: torch.nn.Module, path: Path, head_modules: list[str]) -> Path:
+    """A ``partial-lora/1`` file as runs wrote them before adapters took PEFT's layout: full-shaped factors, masks
+    and the trained head, flat keys."""
+    from safetensors.torch import save_file
+
+    from partial_lora.adapters.compact import full_factors
+    from partial_lora.backbones import in_head
+
+    tensors = {}
+    for name, layer in lora_layers(model).items():
+        lora_a, lora_b = full_factors(layer, ADAPTER) if is_compact(layer) else (factor(layer, "lora_A"),
+                                                                                 factor(layer, "lora_B"))
+        tensors |= {f"{name}.lora_A": lora_a.detach().contiguous(), f"{name}.lora_B": lora_b.detach().contiguous()}
+        if hasattr(layer, ROW_MASK):
+            tensors |= {f"{name}.row_mask": getattr(layer, ROW_MASK), f"{name}.col_mask": getattr(layer, COL_MASK)}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad and in_head(name, head_modules):
+            tensors[f"head::{name}"] = parameter.detach().contiguous()
+    save_file(tensors, str(path), metadata={"format": "partial-lora/1", "rank": "4"})
+    return path
+
+
+def test_legacy_adapter_file_loads_to_the_same_outputs_and_merges(tmp_path: Path):
     _, backbone, model = masked_tiny_model(seed=0, init_b=True)
     model.eval()
     data = batch()
     inputs = {"input_ids": data["input_ids"], "attention_mask": data["attention_mask"]}
     expected = model(**inputs).logits
-    path = save_adapter(model, tmp_path / "adapter.safetensors", backbone.head_modules, {"rank": "4"})
-    assert path.read_bytes()[:8] != b"\x80\x04\x95"  # not a pickle
+    path = write_legacy_adapter(model, tmp_path / "adapter.safetensors", backbone.head_modules)
 
     cfg = compose_config("backbone=tiny_bert", "method=lora", "rank=4")
     torch.manual_seed(0)  # same random backbone weights as the saved model's base
@@ -95,6 +118,7 @@ def test_saved_adapter_reloads_to_the_same_outputs_and_merges(tmp_path: Path):
     reloaded = adapt(fresh.model, cfg)
     assert load_adapter(reloaded, path)["rank"] == "4"
     reloaded.eval()
+    assert all(is_compact(layer) for layer in lora_layers(reloaded).values())
     assert torch.allclose(reloaded(**inputs).logits, expected, atol=1e-6)
     assert count_parameters(reloaded, fresh.head_modules).adapter == count_parameters(model, backbone.head_modules).adapter
     merged = reloaded.merge_and_unload()
@@ -119,12 +143,10 @@ def test_partial_lora_run_derives_once_then_hits_the_cache(tiny_cfg, tmp_path: P
     assert second["masks"]["cache_hit"] is True
     assert second["masks"]["cache_file"] == first["masks"]["cache_file"]
     assert second["params"]["unmasked_adapter"] == first["params"]["unmasked_adapter"]
-    assert Path(second["adapter_file"]).is_file()
+    assert Path(second["adapter_file"]).is_file() and Path(second["adapter_file"]).name == "adapter_model.safetensors"
 
 
 def test_masked_method_without_importance_fails_clearly(tiny_cfg):
-    import pytest
-
     from partial_lora.errors import ConfigError
 
     with open_dict(tiny_cfg):
@@ -155,10 +177,12 @@ def test_partial_adalora_trains_with_rank_allocation_and_keeps_masks(tiny_cfg, t
     from safetensors.torch import load_file
 
     tensors = load_file(record["adapter_file"])
-    layers = {key.rsplit(".", 1)[0] for key in tensors if key.endswith(".row_mask")}
+    layers = {key.rsplit(".", 1)[0] for key in tensors if key.endswith(f".{ROW_MASK}")}
     assert layers
-    for layer in layers:
-        row, col = tensors[f"{layer}.row_mask"], tensors[f"{layer}.col_mask"]
+    trained = 0
+    for layer in layers:  # PEFT saves AdaLoRA's P and Q as <layer>.lora_A / .lora_B, down to the rank left
+        row, col = tensors[f"{layer}.{ROW_MASK}"], tensors[f"{layer}.{COL_MASK}"]
         assert torch.count_nonzero(tensors[f"{layer}.lora_B"][~row]) == 0
         assert torch.count_nonzero(tensors[f"{layer}.lora_A"][:, ~col]) == 0
-        assert torch.count_nonzero(tensors[f"{layer}.lora_A"][:, col]) > 0
+        trained += int(torch.count_nonzero(tensors[f"{layer}.lora_A"][:, col]))
+    assert trained > 0

@@ -15,7 +15,7 @@ from partial_lora.errors import ConfigError
 from partial_lora.protocol import Protocol, compose_target, planned_multiruns, select_runs
 from partial_lora.protocol.sweep import command
 from partial_lora.protocol.targets import render_target
-from partial_lora.ratios.cache import RatioCache
+from partial_lora.ratios import DerivedCounts, RatioCache
 from partial_lora.importance import LayerScores
 from partial_lora.ratios.search import LayerCounts
 from partial_lora.results import write_record
@@ -162,11 +162,13 @@ def test_index_figures_render_from_ratio_caches(tmp_path: Path):
     layers = [f"visual.transformer.resblocks.{block}.mlp.c_fc" for block in range(2)]
     for importance in ("svd", "snip"):
         for data_seed in (0, 1):
-            inputs = {"backbone": {"name_or_path": "clip_tiny"}, "dataset": "cifar10_fewshot",
-                      "data_seed": data_seed, "importance": importance, "threshold": cfg.ratios.threshold}
+            inputs = {"settings": {"importance": importance, "threshold": cfg.ratios.threshold},
+                      "source": {"backbone": {"name": "clip_tiny"}, "dataset": "cifar10_fewshot",
+                                 "data_seed": data_seed}, "data": str(data_seed)}
             scores = {name: LayerScores(row=torch_arange(8, data_seed), col=torch_arange(4, 0)) for name in layers}
             counts = {name: LayerCounts(k_row=4, k_col=2, evaluations=3) for name in layers}
-            cache.save(inputs, 0.9, scores, counts, wall_time_s=1.0)
+            cache.save(DerivedCounts(counts=counts, scores=scores, inputs=inputs, baseline_accuracy=0.9,
+                                     wall_time_s=1.0))
     for target in ("fig12", "fig17"):
         image, caption = render_target(compose_target(target, "cpu", [f"ratios.cache_dir={tmp_path / 'ratios'}"]),
                                        tmp_path / "tables", tmp_path / "figures")

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import replace
+
 import pytest
 import torch
 
-from partial_lora.adapters import adapt
-from partial_lora.adapters.masked import base_weights
-from partial_lora.adapters.partial import batch_metric, derivation_warnings, majority_rate
 from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.importance import svd_scores
-from partial_lora.ratios import AcceptanceRule, LayerCounts, PrefixReplay, derive_counts, largest_removable
+from partial_lora.ratios import (AcceptanceRule, DerivationSettings, DerivedCounts, LayerCounts, PrefixReplay,
+                                 batch_metric, derivation_warnings, derive_counts, largest_removable, majority_rate,
+                                 search_counts)
 from partial_lora.ratios.search import literal_evaluations
 from partial_lora.ratios.probe import probed_head
 from tests.conftest import compose_config
@@ -74,9 +76,9 @@ def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
     weights = {"hidden": hidden.weight, "readout": readout.weight}
     before = {name: weight.detach().clone() for name, weight in weights.items()}
     scores = {name: svd_scores(weight.detach()) for name, weight in weights.items()}
-    base, linear = derive_counts(weights, scores, accuracy, PAPER, search="linear", progress=False)
-    _, binary = derive_counts(weights, scores, accuracy, PAPER, search="binary", progress=False)
-    _, whole = derive_counts(weights, scores, accuracy, PAPER, search="whole_first", progress=False)
+    base, linear = search_counts(weights, scores, accuracy, PAPER, search="linear", progress=False)
+    _, binary = search_counts(weights, scores, accuracy, PAPER, search="binary", progress=False)
+    _, whole = search_counts(weights, scores, accuracy, PAPER, search="whole_first", progress=False)
     assert base == 1.0
     for name in weights:
         assert torch.equal(weights[name], before[name])
@@ -88,11 +90,10 @@ def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
 
 
 def tiny_model_and_batches(count: int, size: int):
-    """A random tiny BERT under LoRA (eval mode) and ``count`` labelled random batches of ``size``."""
+    """A random tiny BERT (eval mode) and ``count`` labelled random batches of ``size``."""
     cfg = compose_config("backbone=tiny_bert")
     torch.manual_seed(0)
-    built = build_backbone(cfg.backbone, num_labels=2)
-    model = adapt(built.model, cfg).eval()
+    model = build_backbone(cfg.backbone, num_labels=2).model.eval()
     generator = torch.Generator().manual_seed(1)
     batches = [{"input_ids": torch.randint(1, 1000, (size, 8), generator=generator),
                 "attention_mask": torch.ones(size, 8, dtype=torch.long),
@@ -103,10 +104,10 @@ def tiny_model_and_batches(count: int, size: int):
 def test_prefix_replay_gives_the_full_forward_outputs_of_a_modified_layer():
     cfg, model, batches = tiny_model_and_batches(3, 4)
     logits = lambda batch: model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # noqa: E731
-    replay = PrefixReplay(model.base_model.model.get_submodule(cfg.backbone.blocks), batches, logits)
+    replay = PrefixReplay(model.get_submodule(cfg.backbone.blocks), batches, logits)
     name = "bert.encoder.layer.1.intermediate.dense"
     assert replay.block_of(name, cfg.backbone.blocks) == 1
-    weight = base_weights(model)[name]
+    weight = model.get_submodule(name).weight
     with torch.no_grad():
         original = logits(batches[0])
         weight[:20] = 0
@@ -115,7 +116,7 @@ def test_prefix_replay_gives_the_full_forward_outputs_of_a_modified_layer():
             replayed = [logits(batch) for batch in replay.batches_in_order()]
     assert not torch.allclose(original, expected[0])  # the modification matters downstream
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(expected, replayed))
-    blocks = model.base_model.model.get_submodule(cfg.backbone.blocks)
+    blocks = model.get_submodule(cfg.backbone.blocks)
     assert type(blocks[0]) is type(blocks[1])  # the real blocks are back after the context
 
 
@@ -158,28 +159,45 @@ def test_removing_everything_is_one_evaluation_for_both_axes():
         return 1.0
 
     scores = {"layer": svd_scores(weight)}
-    _, counts = derive_counts({"layer": weight}, scores, accuracy, PAPER, search="whole_first", progress=False)
+    _, counts = search_counts({"layer": weight}, scores, accuracy, PAPER, search="whole_first", progress=False)
     assert (counts["layer"].k_row, counts["layer"].k_col, counts["layer"].evaluations) == (0, 0, 1)
     assert len(evaluated) == 2 and torch.count_nonzero(evaluated[1]) == 0
 
 
-def test_adapters_are_off_while_counts_are_derived_and_on_after():
+def test_derivation_leaves_the_model_and_the_random_stream_as_it_found_them(tmp_path):
     cfg, model, batches = tiny_model_and_batches(2, 4)
-    from partial_lora.adapters.masked import lora_layers
-    from partial_lora.adapters.partial import adapters_off
+    model.train()
+    model.bert.embeddings.requires_grad_(False)
+    flags = {name: parameter.requires_grad for name, parameter in model.named_parameters()}
+    weights = {name: value.clone() for name, value in model.state_dict().items()}
+    stream = torch.get_rng_state()
+    settings = DerivationSettings(target_modules=cfg.backbone.target_modules, importance="snip", probe_head_steps=5,
+                                  blocks=cfg.backbone.blocks)
+    derived = derive_counts(model, batches, settings)
+    assert torch.equal(torch.get_rng_state(), stream)  # adapters initialised after it draw what they would have
+    assert model.training and flags == {name: p.requires_grad for name, p in model.named_parameters()}
+    assert all(torch.equal(weights[name], value) for name, value in model.state_dict().items())
+    assert len(derived.counts) == 12 and derived.evaluations > 1 and not derived.cache_hit
+    # The counts object round-trips through JSON.
+    path = derived.save(tmp_path / "counts.json")
+    assert DerivedCounts.load(path).to_json() == derived.to_json()
 
-    layers = list(lora_layers(model).values())
-    logits = lambda: model(**{k: v for k, v in batches[0].items() if k != "labels"}).logits  # noqa: E731
-    with torch.no_grad():
-        for layer in layers:  # a non-zero adapter, so that switching it off shows
-            torch.nn.init.normal_(layer.lora_B["default"].weight)
-        with_adapters = logits()
-        with adapters_off(model):
-            assert all(layer.disable_adapters for layer in layers)
-            without = logits()
-        assert torch.equal(logits(), with_adapters) and not torch.allclose(without, with_adapters)
-    assert all(not layer.disable_adapters for layer in layers)
-    assert all(p.requires_grad for layer in layers for p in layer.lora_A.parameters())
+
+def test_the_cache_key_follows_every_setting_that_can_change_the_counts(tmp_path):
+    cfg, model, batches = tiny_model_and_batches(2, 4)
+    settings = DerivationSettings(target_modules=cfg.backbone.target_modules, importance="svd")
+    first = derive_counts(model, batches, settings, cache_dir=tmp_path, source={"model": "tiny"})
+    again = derive_counts(model, batches, replace(settings, blocks=cfg.backbone.blocks, progress=True),
+                          cache_dir=tmp_path, source={"model": "tiny"})
+    assert again.cache_hit and again.path == first.path  # replay and progress: same counts
+    assert again.to_json() == first.to_json()
+    for changed in (replace(settings, threshold=0.8), replace(settings, top_k=2), replace(settings, search="linear"),
+                    replace(settings, rule="above_chance")):
+        assert not derive_counts(model, batches, changed, cache_dir=tmp_path, source={"model": "tiny"}).cache_hit
+    other_data = [dict(batch, labels=1 - batch["labels"]) for batch in batches]
+    assert not derive_counts(model, other_data, settings, cache_dir=tmp_path, source={"model": "tiny"}).cache_hit
+    with pytest.raises(ConfigError, match="source"):
+        derive_counts(model, batches, settings, cache_dir=tmp_path)
 
 
 def test_above_chance_rule_keeps_a_layer_that_the_paper_rule_empties():
@@ -206,8 +224,8 @@ def test_above_chance_rule_keeps_a_layer_that_the_paper_rule_empties():
     scores = {"layer": svd_scores(layer.weight.detach())}
     weights = {"layer": layer.weight}
     for search in ("linear", "binary"):
-        _, paper = derive_counts(weights, scores, accuracy, AcceptanceRule("paper", 0.75), search, progress=False)
-        _, above = derive_counts(weights, scores, accuracy, AcceptanceRule("above_chance", 0.75, chance=chance),
+        _, paper = search_counts(weights, scores, accuracy, AcceptanceRule("paper", 0.75), search, progress=False)
+        _, above = search_counts(weights, scores, accuracy, AcceptanceRule("above_chance", 0.75, chance=chance),
                                  search, progress=False)
         assert (paper["layer"].k_row, paper["layer"].k_col) == (0, 0)
         assert (above["layer"].k_row, above["layer"].k_col) == (1, 1)
@@ -241,10 +259,11 @@ def test_loss_rule_counts_on_a_small_model_and_early_stopped_loss_decides_like_t
         assert full > 0
         for target in torch.linspace(full * 0.5, full * 1.5, 21).tolist():
             assert (loss("bert.encoder.layer.1.output.dense", target) <= target) == (full <= target)
-    weights = {name: w for name, w in base_weights(model).items() if ".1." in name}
+    weights = {name: model.get_submodule(name).weight for name, _ in model.named_modules()
+               if re.fullmatch(cfg.backbone.target_modules, name) and ".1." in name}
     scores = {name: svd_scores(w.detach()) for name, w in weights.items()}
     rule = AcceptanceRule("loss", 0.9, max_loss_increase=0.05)
-    _, linear = derive_counts(weights, scores, batch_metric(model, batches, metric="loss"), rule, "linear",
+    _, linear = search_counts(weights, scores, batch_metric(model, batches, metric="loss"), rule, "linear",
                               step=8, progress=False)
     assert all(0 <= c.k_row <= weights[n].shape[0] and 0 <= c.k_col <= weights[n].shape[1]
                for n, c in linear.items())

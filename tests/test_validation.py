@@ -16,17 +16,17 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from partial_lora.adapters import adapt, load_adapter, save_adapter
+from partial_lora.adapters import adapt, load_adapter
 from partial_lora.backbones import build_backbone
 from partial_lora.config import validate
 from partial_lora.data import VisionDataModule
 from partial_lora.errors import ConfigError, DataError, PartialLoraError
 from partial_lora.importance import LayerScores
 from partial_lora.pipeline import run
-from partial_lora.ratios import RatioCache
+from partial_lora.ratios import DerivedCounts, LayerCounts, RatioCache
 from partial_lora.ratios.cache import load_entries
-from partial_lora.ratios.search import LayerCounts
 from tests.conftest import TINY_ANY_LR, compose_config, run_py
+from tests.test_masked_adapter import write_legacy_adapter
 
 
 def test_an_unknown_group_option_lists_the_choices(tmp_path: Path):
@@ -250,15 +250,16 @@ def test_a_corrupt_npz_is_refused(tmp_path: Path, damage, message):
 
 def cache_entry(tmp_path: Path) -> tuple[RatioCache, dict, dict[str, tuple[int, int]]]:
     cache, shapes = RatioCache(tmp_path), {"layer.0": (4, 6)}
-    inputs = {"importance": "svd", "backbone": {"name_or_path": "a"}}
+    inputs = {"settings": {"importance": "svd"}, "source": {"backbone": "a"}, "data": "0"}
     scores = {"layer.0": LayerScores(row=torch.arange(4.0), col=torch.arange(6.0))}
-    cache.save(inputs, 0.9, scores, {"layer.0": LayerCounts(k_row=2, k_col=3, evaluations=5)}, 1.0)
+    cache.save(DerivedCounts(counts={"layer.0": LayerCounts(k_row=2, k_col=3, evaluations=5)}, scores=scores,
+                             inputs=inputs, baseline_accuracy=0.9, wall_time_s=1.0))
     return cache, inputs, shapes
 
 
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "it is unreadable (JSONDecodeError"),
-    ("list", "it is not a cache entry (no layers, inputs or backbone)"),
+    ("list", "it is not a cache entry (no layers, inputs or settings)"),
     ("no checksum", "it has no checksum"),
     ("tamper", "its checksum does not match its contents"),
     ("other inputs", "it was derived for other inputs"),
@@ -281,7 +282,7 @@ def test_a_damaged_or_foreign_ratio_cache_is_reported_and_derived_again(tmp_path
         entry["layers"]["layer.0"]["k_row"] = 4
         path.write_text(json.dumps(entry))
     elif damage == "other inputs":
-        entry["inputs"]["backbone"]["name_or_path"] = "b"
+        entry["inputs"]["source"]["backbone"] = "b"
         path.write_text(json.dumps(entry))
     else:
         shapes = {"layer.1": (4, 6)} if damage == "other layers" else {"layer.0": (8, 6)}
@@ -301,7 +302,7 @@ def test_figures_skip_ratio_caches_that_are_not_intact_entries(tmp_path: Path, c
     with caplog.at_level(logging.WARNING):
         assert [entry["path"] for entry in load_entries(tmp_path)] == [str(cache.path(inputs))]
         load_entries(tmp_path)
-    reasons = {"list.json": "it is not a cache entry (no layers, inputs or backbone).",
+    reasons = {"list.json": "it is not a cache entry (no layers, inputs or settings).",
                "no_checksum.json": "it has no checksum.", "truncated.json": "it is unreadable (JSONDecodeError"}
     for name, reason in reasons.items():
         reports = [message for message in caplog.messages if str(tmp_path / name) in message]
@@ -318,12 +319,12 @@ def tiny_lora(backbone: str, rank: int = 4) -> tuple[torch.nn.Module, list[str]]
 @pytest.mark.parametrize("damage, message", [
     ("truncate", "is not a complete safetensors file (Error while deserializing header"),
     ("pickle", "is not a complete safetensors file"),
-    ("other backbone", "does not fit this model: the model has no bert.encoder.layer.0."),
-    ("other rank", "lora_A has shape (4, 32), the model's is (8, 32)"),
+    ("other backbone", "does not fit this model: the model has no base_model.model.bert.encoder.layer.0."),
+    ("other rank", "lora_A.weight has shape (4, 32), the model's is (8, 32)"),
 ])
 def test_a_damaged_or_foreign_adapter_file_is_refused(tmp_path: Path, damage, message):
     model, heads = tiny_lora("tiny_bert")
-    path = save_adapter(model, tmp_path / "adapter.safetensors", heads)
+    path = write_legacy_adapter(model, tmp_path / "adapter.safetensors", heads)
     target, _ = tiny_lora("tiny_bert")
     if damage == "truncate":
         path.write_bytes(path.read_bytes()[:-100])

@@ -1,9 +1,18 @@
 """Adapters: turn a backbone into the model a method trains, and count what it trains."""
 
-from partial_lora.adapters.build import ParameterCounts, adapt, count_parameters, uses_rank_allocation
-from partial_lora.adapters.masked import apply_masks, kept_fractions, load_adapter, save_adapter
-from partial_lora.adapters.partial import derive_masks
+from partial_lora.adapters.build import (ParameterCounts, adapt, count_parameters, derivation_settings, mask_settings,
+                                         uses_rank_allocation)
+from partial_lora.adapters.masked import apply_masks, kept_fractions, load_adapter
+from partial_lora.adapters.partial import (
+    PartialAdaLoraConfig,
+    PartialLoraConfig,
+    get_partial_lora_model,
+    load_partial_lora,
+    partial_config,
+)
 from partial_lora.adapters.residuals import residual_norms
+from partial_lora.adapters.targets import merge_and_unload
 
-__all__ = ["ParameterCounts", "adapt", "apply_masks", "count_parameters", "derive_masks", "kept_fractions",
-           "load_adapter", "residual_norms", "save_adapter", "uses_rank_allocation"]
+__all__ = ["ParameterCounts", "PartialAdaLoraConfig", "PartialLoraConfig", "adapt", "apply_masks", "count_parameters",
+           "derivation_settings", "get_partial_lora_model", "mask_settings", "kept_fractions", "load_adapter", "load_partial_lora", "merge_and_unload",
+           "partial_config", "residual_norms", "uses_rank_allocation"]

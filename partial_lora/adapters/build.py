@@ -8,17 +8,24 @@ the paper's parameter counts are adapters only.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from peft import get_peft_model
 
 from partial_lora.adapters.losia import apply_losia
-from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, factor, lora_layers
+from partial_lora.adapters.compact import COL_MASK, ROW_MASK
+from partial_lora.adapters.masked import factor, lora_layers
+from partial_lora.adapters.partial import get_partial_lora_model, partial_config
 from partial_lora.adapters.sparse_delta import apply_random_masking
+from partial_lora.adapters.targets import ADAPTER
 from partial_lora.backbones.base import in_head
 from partial_lora.masks import LayerMask
+
+if TYPE_CHECKING:  # the derivation package builds on the adapters
+    from partial_lora.ratios import DerivationSettings, DerivedCounts
 
 
 @dataclass(frozen=True)
@@ -36,8 +43,10 @@ def uses_rank_allocation(method: DictConfig) -> bool:
     return method.peft_config is not None and "total_step" in method.peft_config
 
 
-def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = None) -> torch.nn.Module:
-    """Wrap ``model`` with the method's PEFT adapter (head trainable too), a random sparse delta
+def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = None,
+          counts: DerivedCounts | None = None) -> torch.nn.Module:
+    """Wrap ``model`` with the method's PEFT adapter (head trainable too), masked for masked methods (by
+    :func:`get_partial_lora_model`, from ``counts`` where the mask mode needs them), a random sparse delta
     (``random_masking``), LoSiA's subnets (``losia``), or unfreeze it all for ``full_ft``.
 
     AdaLoRA's warm-up and final phases are configured as fractions of ``total_steps``.
@@ -60,8 +69,36 @@ def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = Non
     if uses_rank_allocation(method):
         schedule = {"total_step": total_steps, "tinit": int(method.schedule.tinit * total_steps),
                     "tfinal": int(method.schedule.tfinal * total_steps)}
-    peft_config = instantiate(method.peft_config, modules_to_save=head_modules, **schedule)
-    return get_peft_model(model, peft_config)
+    # Plain Python values (not OmegaConf containers): PEFT writes the config to adapter_config.json.
+    peft_config = instantiate(method.peft_config, modules_to_save=head_modules, _convert_="all", **schedule)
+    if not method.get("mask"):
+        return get_peft_model(model, peft_config)
+    return get_partial_lora_model(model, partial_config(peft_config, counts=counts, compact=cfg.adapter.compact,
+                                                        **mask_settings(cfg)))
+
+
+def mask_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The masked method's mask settings (fields of ``MaskSettings`` but the counts and the execution)."""
+    mask = cfg.method.mask
+    return {"mode": mask.mode, "seed": cfg.seed, "temperature": mask.get("temperature", 1.0),
+            "sparsity": mask.get("sparsity")}
+
+
+def derivation_settings(cfg: DictConfig) -> tuple[DerivationSettings, dict[str, Any]]:
+    """A masked run's derivation settings (``ratios``, ``importance``, ``backbone``) and the description of its
+    backbone and data that names its cache entries (Figures 12-15 and 17 group caches by it)."""
+    from partial_lora.ratios import DerivationSettings  # the derivation package builds on the adapters
+
+    ratios = cfg.ratios
+    settings = DerivationSettings(
+        target_modules=cfg.backbone.target_modules, importance=cfg.importance.name, threshold=ratios.threshold,
+        rule=ratios.rule, max_loss_increase=ratios.max_loss_increase, search=ratios.search, step=ratios.step,
+        top_k=cfg.importance.get("top_k"), flow=cfg.importance.flow, head_modules=tuple(cfg.backbone.head_modules),
+        probe_head_steps=0 if cfg.backbone.get("zero_shot_head") else ratios.probe_head_steps,
+        blocks=cfg.backbone.get("blocks") if ratios.replay_prefix else None, progress=ratios.progress)
+    source = {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True) | {"name_or_path": cfg.backbone.name},
+              "dataset": cfg.dataset.name, "data_seed": cfg.data_seed}
+    return settings, source
 
 
 def _alive_rank(model: torch.nn.Module, layer: torch.nn.Module) -> int:

@@ -33,7 +33,8 @@ from peft.tuners.lora.layer import LoraVariant
 
 from partial_lora.errors import PartialLoraError
 
-ROWS, COLS = "partial_rows", "partial_cols"
+ROWS, COLS = "partial_rows", "partial_cols"  # kept indices (compact layers)
+ROW_MASK, COL_MASK = "partial_row_mask", "partial_col_mask"  # the masks (every masked layer; saved with the adapter)
 
 
 def kept(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,6 +115,44 @@ def make_compact(layer: LoraLayer, adapter: str, row: torch.Tensor, col: torch.T
     layer.lora_A[adapter] = _linear(lora_a[:, cols], lora_a.requires_grad)
     layer.lora_B[adapter] = _linear(lora_b[rows], lora_b.requires_grad)
     layer.lora_variant[adapter] = CompactLora()
+    layer.register_state_dict_post_hook(_full_factors_out)
+    layer.register_load_state_dict_pre_hook(_kept_factors_in)
+
+
+# State dicts hold the full-shaped factors (zeros outside the masks), as a dense LoRA layer of the same rank does:
+# PEFT's save_pretrained then writes an adapter that any PEFT install loads as plain LoRA, and checkpoints and files
+# load into compact and dense layers alike. The hooks are module-level functions reading everything from ``layer``,
+# so copies of a model keep working.
+def _factor_keys(layer: LoraLayer, prefix: str) -> dict[str, str]:
+    return {adapter: (f"{prefix}lora_A.{adapter}.weight", f"{prefix}lora_B.{adapter}.weight")
+            for adapter, variant in layer.lora_variant.items() if isinstance(variant, CompactLora)}
+
+
+def _full_factors_out(layer: LoraLayer, state_dict: dict[str, Any], prefix: str, local_metadata: Any) -> None:
+    for adapter, (key_a, key_b) in _factor_keys(layer, prefix).items():
+        lora_a, lora_b = full_factors(layer, adapter)
+        state_dict[key_a], state_dict[key_b] = lora_a, lora_b
+
+
+def _kept_factors_in(layer: LoraLayer, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
+                     missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
+    for mask_name in (ROW_MASK, COL_MASK):
+        held = state_dict.get(prefix + mask_name)
+        if held is not None and not torch.equal(held.to(torch.bool).cpu(), getattr(layer, mask_name).cpu()):
+            error_msgs.append(f"{prefix}: the state dict holds other masks than this compact layer's.")
+            return
+    rows, cols = kept(layer)
+    for adapter, (key_a, key_b) in _factor_keys(layer, prefix).items():
+        for key, axis, indices, full in ((key_a, 1, cols, layer.in_features), (key_b, 0, rows, layer.out_features)):
+            value = state_dict.get(key)
+            if value is None or value.shape[axis] != full:  # absent, or already the kept part
+                continue
+            outside = torch.ones(full, dtype=torch.bool)
+            outside[indices.cpu()] = False
+            if torch.count_nonzero(value.index_select(axis, outside.nonzero().flatten().to(value.device))):
+                error_msgs.append(f"{key}: non-zero entries outside the masks, which a compact layer would drop.")
+                continue
+            state_dict[key] = value.index_select(axis, indices.to(value.device))
 
 
 def full_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,7 +29,7 @@ import math
 import torch
 from torch.nn.functional import linear
 
-from partial_lora.adapters.targets import targeted_linears, wrap_linears
+from partial_lora.adapters.targets import ADAPTER, WeightDelta, targeted_linears, wrap_linears
 from partial_lora.errors import ConfigError
 from partial_lora.masks import layer_generator
 
@@ -53,33 +53,49 @@ def greedy_subnet(score: torch.Tensor, k_row: int, k_col: int) -> tuple[torch.Te
     return rows.sort().values, cols.sort().values
 
 
-class SubnetLinear(torch.nn.Module):
-    """A frozen linear layer whose ``rows x cols`` sub-block trains through ``delta`` (LoSiA-Pro's form)."""
+class SubnetLinear(WeightDelta):
+    """A frozen linear layer whose ``rows x cols`` sub-block trains through ``delta`` (LoSiA-Pro's form).
 
-    def __init__(self, base: torch.nn.Linear, rows: torch.Tensor, cols: torch.Tensor, beta: float) -> None:
-        super().__init__()
-        self.base = base
-        self.register_buffer("rows", rows.to(base.weight.device))
-        self.register_buffer("cols", cols.to(base.weight.device))
-        self.delta = torch.nn.Parameter(torch.zeros(len(rows), len(cols), dtype=base.weight.dtype,
-                                                    device=base.weight.device))
+    Re-localisation folds ``delta`` into the base weight, as LoSiA does; what was folded is also kept in
+    ``folded`` (sparse: only the entries some subnet trained), so that :meth:`get_delta_weight` is the change
+    from the pretrained weight over the whole run (Figures 7-10), not just the current subnet's.
+    """
+
+    def __init__(self, base_layer: torch.nn.Linear, rows: torch.Tensor, cols: torch.Tensor, beta: float) -> None:
+        super().__init__(base_layer)
+        weight = base_layer.weight
+        self.register_buffer("rows", rows.to(weight.device))
+        self.register_buffer("cols", cols.to(weight.device))
+        self.delta_block = torch.nn.Parameter(torch.zeros(len(rows), len(cols), dtype=weight.dtype,
+                                                          device=weight.device))
+        self.folded = torch.sparse_coo_tensor(torch.empty(2, 0, dtype=torch.long), torch.empty(0), weight.shape,
+                                              device=weight.device, check_invariants=True).coalesce()
         self.beta = beta
         self.recording = False
         self.sensitivity: torch.Tensor | None = None  # I: EMA of |W dW - (W dW)^2 / 2|
         self.uncertainty: torch.Tensor | None = None  # U: EMA of |sensitivity - I|
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        outputs = self.base(inputs).index_add(-1, self.rows, linear(inputs.index_select(-1, self.cols), self.delta))
+    def add_to(self, outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        outputs = outputs.index_add(-1, self.rows, linear(inputs.index_select(-1, self.cols), self.delta_block))
         if self.recording and outputs.requires_grad:
             recorded = inputs.detach()
             outputs.register_hook(lambda grad: self._record(grad, recorded))
         return outputs
 
+    def delta(self) -> torch.Tensor:
+        """The current subnet's delta, in place in an m x n zero matrix."""
+        weight = self.base_layer.weight
+        return weight.new_zeros(weight.shape, dtype=self.delta_block.dtype).index_put(
+            (self.rows[:, None], self.cols), self.delta_block)
+
+    def get_delta_weight(self, adapter: str = ADAPTER) -> torch.Tensor:
+        return self.folded.to_dense().to(self.delta_block.dtype) + self.delta()
+
     @torch.no_grad()
     def weight(self) -> torch.Tensor:
         """The weight this layer applies: ``W`` with the trained delta in its sub-block."""
-        return self.base.weight.index_put((self.rows[:, None], self.cols), self.delta.to(self.base.weight.dtype),
-                                          accumulate=True)
+        return self.base_layer.weight if self.merged else self.base_layer.weight + self.delta().to(
+            self.base_layer.weight.dtype)
 
     @torch.no_grad()
     def _record(self, output_grad: torch.Tensor, inputs: torch.Tensor) -> None:
@@ -99,8 +115,12 @@ class SubnetLinear(torch.nn.Module):
         changes) when no sensitivity has been recorded since the last re-localisation."""
         if self.sensitivity is None:
             return False
-        self.base.weight.copy_(self.weight())
-        self.delta.zero_()
+        self.base_layer.weight.copy_(self.weight())
+        block = torch.sparse_coo_tensor(torch.cartesian_prod(self.rows, self.cols).T,
+                                        self.delta_block.detach().flatten().float(), self.folded.shape,
+                                        check_invariants=True)
+        self.folded = (self.folded + block).coalesce()
+        self.delta_block.zero_()
         rows, cols = greedy_subnet(self.sensitivity * self.uncertainty, len(self.rows), len(self.cols))
         self.rows.copy_(rows)
         self.cols.copy_(cols)

@@ -3,8 +3,8 @@
 PEFT has no structured masks on its factors, so they are added here: ``u_row`` masks rows of ``B``
 (m x d) and ``u_col`` masks columns of ``A`` (d x n). Masked entries are zeroed once and their gradients
 are masked on every backward pass, so Adam's moments for them stay zero and decoupled weight decay of a
-zero is zero: they stay exactly 0 throughout training. The masks live as buffers on the layer, which
-is what the parameter count, saving and loading read.
+zero is zero: they stay exactly 0 throughout training. The masks live as (saved) buffers on the layer,
+which is what the parameter count, saving and loading read.
 
 This dense layer is the reference (``adapter.compact=false``); by default the masked LoRA layers run
 compact (``partial_lora.adapters.compact``), holding the kept rows and columns only.
@@ -18,23 +18,21 @@ from pathlib import Path
 
 import torch
 from peft.tuners.lora import LoraLayer
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
-from partial_lora.adapters.compact import ROWS, full_factors, kept, make_compact
-from partial_lora.backbones.base import in_head
+from partial_lora.adapters.compact import COL_MASK, ROW_MASK, ROWS, make_compact
+from partial_lora.adapters.targets import ADAPTER
 from partial_lora.errors import PartialLoraError
 from partial_lora.masks import LayerMask
 
-ROW_MASK, COL_MASK = "partial_row_mask", "partial_col_mask"
-ADAPTER = "default"
-FORMAT = "partial-lora/1"
+LEGACY_FORMAT = "partial-lora/1"  # the single-file adapters runs wrote before PEFT's layout
+PEFT_PREFIX = "base_model.model."
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoraLayer]:
     """PEFT LoRA layers by the name of the base model module they wrap (``base_model.model.`` removed)."""
-    prefix = "base_model.model."
-    return {name.removeprefix(prefix): module for name, module in model.named_modules()
+    return {name.removeprefix(PEFT_PREFIX): module for name, module in model.named_modules()
             if isinstance(module, LoraLayer) and ADAPTER in module.lora_A}
 
 
@@ -59,8 +57,8 @@ def apply_mask(layer: LoraLayer, mask: LayerMask, compact: bool = True) -> None:
     lora_a, lora_b = factor(layer, "lora_A"), factor(layer, "lora_B")
     row = mask.row.to(device=lora_b.device)
     col = mask.col.to(device=lora_a.device)
-    layer.register_buffer(ROW_MASK, row, persistent=False)
-    layer.register_buffer(COL_MASK, col, persistent=False)
+    layer.register_buffer(ROW_MASK, row)
+    layer.register_buffer(COL_MASK, col)
     with torch.no_grad():
         lora_b.mul_(row[:, None].to(lora_b.dtype))
         lora_a.mul_(col[None, :].to(lora_a.dtype))
@@ -97,101 +95,82 @@ def kept_fractions(model: torch.nn.Module) -> dict[str, dict[str, float]]:
             for name, layer in masked_layers(model)}
 
 
-def save_adapter(model: torch.nn.Module, path: str | Path, head_modules: list[str],
-                 metadata: dict[str, str] | None = None) -> Path:
-    """Write A, B, masks and the trained head to one safetensors file (no pickle).
+def masks_in(state_dict: dict[str, torch.Tensor]) -> dict[str, LayerMask]:
+    """The masks an adapter state dict holds (PEFT's checkpoint keys), by layer name."""
+    suffix = f".{ROW_MASK}"
+    return {key.removeprefix(PEFT_PREFIX).removesuffix(suffix): LayerMask(
+        value.to(torch.bool), state_dict[key.removesuffix(ROW_MASK) + COL_MASK].to(torch.bool))
+        for key, value in state_dict.items() if key.endswith(suffix)}
 
-    Compact layers are written full-shaped (zeros outside the masks), so one format serves both.
+
+def _mismatch(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> str | None:
+    """Why an adapter state dict does not fit ``model`` (names or shapes: another backbone, rank or method), or
+    ``None``. Compared with PEFT's own adapter state dict of ``model`` (full-shaped factors, compact or not)."""
+    expected = {key: value.shape for key, value in get_peft_model_state_dict(model).items()
+                if not key.endswith((ROW_MASK, COL_MASK))}
+    layers = lora_layers(model)
+    for name, mask in masks_in(state_dict).items():
+        if name in layers:
+            expected[PEFT_PREFIX + name + "." + ROW_MASK] = torch.Size([layers[name].out_features])
+            expected[PEFT_PREFIX + name + "." + COL_MASK] = torch.Size([layers[name].in_features])
+    unmatched = sorted(set(expected) ^ set(state_dict))
+    if unmatched:
+        side = "the file lacks" if unmatched[0] in expected else "the model has no"
+        return f"{side} {unmatched[0]} ({len(unmatched)} names differ)"
+    for key, shape in expected.items():
+        if state_dict[key].shape != shape:
+            return f"{key} has shape {tuple(state_dict[key].shape)}, the model's is {tuple(shape)}"
+    return None
+
+
+def load_masked_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], origin: str,
+                      compact: bool = True) -> None:
+    """Load an adapter state dict in PEFT's checkpoint layout (as ``save_pretrained`` writes it, masks included)
+    into a PEFT LoRA / AdaLoRA ``model`` of the same backbone, rank and layers, with PEFT's loader.
+
+    Everything is checked before the model changes. Masks in ``state_dict`` turn plain LoRA layers into masked
+    ones (compact or dense per ``compact``); layers already masked keep their execution and must carry the same
+    masks.
     """
-    tensors = {}
+    problem = _mismatch(model, state_dict)
+    if problem is not None:
+        raise PartialLoraError(f"adapter {origin} does not fit this model: {problem}; build the model with the "
+                               "backbone, method and rank it was saved from.")
+    masks = masks_in(state_dict)
+    for name, layer in masked_layers(model):
+        if not (name in masks and torch.equal(masks[name].row, getattr(layer, ROW_MASK).cpu())
+                and torch.equal(masks[name].col, getattr(layer, COL_MASK).cpu())):
+            raise PartialLoraError(f"adapter {origin} holds other masks than the masked layer {name}.")
+    set_peft_model_state_dict(model, state_dict, adapter_name=ADAPTER)
     for name, layer in lora_layers(model).items():
-        full = full_factors(layer, ADAPTER) if is_compact(layer) else (factor(layer, "lora_A"), factor(layer, "lora_B"))
-        for factor_name, value in zip(("lora_A", "lora_B"), full):
-            tensors[f"{name}.{factor_name}"] = value.detach().cpu().contiguous()
-        if hasattr(layer, ROW_MASK):
-            tensors[f"{name}.row_mask"] = getattr(layer, ROW_MASK).cpu()
-            tensors[f"{name}.col_mask"] = getattr(layer, COL_MASK).cpu()
-    for name, parameter in model.named_parameters():
-        if parameter.requires_grad and in_head(name, head_modules):
-            tensors[f"head::{name}"] = parameter.detach().cpu().contiguous()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(path), metadata={"format": FORMAT, **(metadata or {})})
-    return path
+        if name in masks and not hasattr(layer, ROW_MASK):
+            apply_mask(layer, masks[name], compact)
 
 
-def _kept_part(layer: LoraLayer, factor_name: str, full: torch.Tensor) -> torch.Tensor:
-    rows, cols = kept(layer)
-    return full[:, cols.cpu()] if factor_name == "lora_A" else full[rows.cpu()]
+def load_adapter(model: torch.nn.Module, path: str | Path, compact: bool = True) -> dict[str, str]:
+    """Load a single-file adapter (``partial-lora/1``, written by runs before adapters took PEFT's layout) into a
+    model built with the same backbone, method and rank; returns the file's metadata.
 
-
-def _read_adapter(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file (never unpickled); a truncated or foreign file is refused."""
+    The file holds full-shaped ``{layer}.lora_A`` / ``{layer}.lora_B``, optional ``{layer}.row_mask`` /
+    ``{layer}.col_mask``, and ``head::{parameter}`` entries; they are renamed to PEFT's checkpoint keys and
+    loaded by :func:`load_masked_state`.
+    """
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as error:
         raise PartialLoraError(f"adapter file {path} is not a complete safetensors file ({error}); refusing it.") from error
-    if metadata.get("format") != FORMAT:
-        raise PartialLoraError(f"adapter file {path} has format {metadata.get('format')!r}, not {FORMAT!r} "
-                               "(written by save_adapter); refusing it.")
-    return tensors, metadata
-
-
-def _adapter_mismatch(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> str | None:
-    """Why ``tensors`` do not fit ``model`` (names or shapes, e.g. another backbone or rank), or ``None``."""
-    expected = {}
-    for name, layer in lora_layers(model).items():
-        # Files hold full-shaped factors whatever the execution: compare with the compact layer's full shape.
-        lora_a, lora_b = full_factors(layer, ADAPTER) if is_compact(layer) else (factor(layer, "lora_A"),
-                                                                                 factor(layer, "lora_B"))
-        expected |= {f"{name}.lora_A": lora_a.shape, f"{name}.lora_B": lora_b.shape}
-        if f"{name}.row_mask" in tensors:
-            expected |= {f"{name}.row_mask": lora_b.shape[:1], f"{name}.col_mask": lora_a.shape[1:]}
-    parameters = dict(model.named_parameters())
-    for key in tensors:
-        if key.startswith("head::") and key.removeprefix("head::") in parameters:
-            expected[key] = parameters[key.removeprefix("head::")].shape
-    unmatched = sorted(set(expected) ^ set(tensors))
-    if unmatched:
-        side = "the file lacks" if unmatched[0] in expected else "the model has no"
-        return f"{side} {unmatched[0]} ({len(unmatched)} names differ)"
-    for key, shape in expected.items():
-        if tensors[key].shape != shape:
-            return f"{key} has shape {tuple(tensors[key].shape)}, the model's is {tuple(shape)}"
-    return None
-
-
-def load_adapter(model: torch.nn.Module, path: str | Path, compact: bool = True) -> dict[str, str]:
-    """Load a file written by :func:`save_adapter` into a model built with the same backbone and rank.
-
-    Everything is checked before the model changes: a file from another backbone, rank or method is refused.
-    A masked file turns plain LoRA layers into masked ones (compact or dense per ``compact``); layers
-    already masked keep their execution and must carry the file's masks.
-    """
-    tensors, metadata = _read_adapter(path)
-    problem = _adapter_mismatch(model, tensors)
-    if problem is not None:
-        raise PartialLoraError(f"adapter file {path} does not fit this model: {problem}; build the model with the "
-                               "backbone, method and rank it was saved from.")
-    layers = lora_layers(model)
-    masks = {name: LayerMask(tensors[f"{name}.row_mask"], tensors[f"{name}.col_mask"])
-             for name in layers if f"{name}.row_mask" in tensors}
-    for name, layer in layers.items():
-        mask = masks.get(name)
-        if is_compact(layer) and not (mask is not None and torch.equal(mask.row, getattr(layer, ROW_MASK).cpu())
-                                      and torch.equal(mask.col, getattr(layer, COL_MASK).cpu())):
-            raise PartialLoraError(f"adapter file {path} holds other masks than the compact layer {name}.")
-    parameters = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, layer in layers.items():
-            for factor_name in ("lora_A", "lora_B"):
-                source = tensors[f"{name}.{factor_name}"]
-                factor(layer, factor_name).copy_(_kept_part(layer, factor_name, source) if is_compact(layer) else source)
-            if name in masks and not is_compact(layer):
-                apply_mask(layer, masks[name], compact and not hasattr(layer, ROW_MASK))
-        for key, value in tensors.items():
-            if key.startswith("head::"):
-                parameters[key.removeprefix("head::")].copy_(value)
+    if metadata.get("format") != LEGACY_FORMAT:
+        raise PartialLoraError(f"adapter file {path} has format {metadata.get('format')!r}, not {LEGACY_FORMAT!r}; "
+                               "refusing it.")
+    renamed = {"row_mask": ROW_MASK, "col_mask": COL_MASK, "lora_A": "lora_A.weight", "lora_B": "lora_B.weight"}
+    state_dict = {}
+    for key, value in tensors.items():
+        if key.startswith("head::"):
+            state_dict[key.removeprefix("head::").replace(f".modules_to_save.{ADAPTER}", "")] = value
+        else:
+            name, _, kind = key.rpartition(".")
+            state_dict[f"{PEFT_PREFIX}{name}.{renamed[kind]}"] = value
+    load_masked_state(model, state_dict, f"file {path}", compact)
     return metadata

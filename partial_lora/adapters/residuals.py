@@ -5,26 +5,24 @@ from __future__ import annotations
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from partial_lora.adapters.masked import ADAPTER
-from partial_lora.adapters.sparse_delta import SparseDeltaLinear
+from partial_lora.adapters.targets import ADAPTER, WeightDelta
 
 
 @torch.no_grad()
 def residual_norms(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Frobenius norms of dW and of the pretrained W, per adapted layer (by module name).
 
-    dW is PEFT's ``get_delta_weight`` (for DoRA the low-rank part, before its magnitude rescaling) or
-    the sparse delta of random masking; fully fine-tuned models keep no copy of W and report none.
+    dW is the layer's ``get_delta_weight``, the one interface of PEFT's layers and of those written here (for
+    DoRA the low-rank part, before its magnitude rescaling; for LoSiA every subnet trained so far). Fully
+    fine-tuned models keep no copy of W and report none.
     """
     norms = {}
     for name, module in model.named_modules():
-        if isinstance(module, BaseTunerLayer) and hasattr(module, "get_delta_weight") and ADAPTER in getattr(
-                module, "r", {}):
-            delta, weight = module.get_delta_weight(ADAPTER), module.get_base_layer().weight
-        elif isinstance(module, SparseDeltaLinear):
-            delta, weight = module.delta(), module.base.weight
-        else:
+        adapted = isinstance(module, WeightDelta) or (isinstance(module, BaseTunerLayer) and ADAPTER in getattr(
+            module, "r", {}) and hasattr(module, "get_delta_weight"))
+        if not adapted:
             continue
+        delta, weight = module.get_delta_weight(ADAPTER), module.get_base_layer().weight
         norms[name.removeprefix("base_model.model.")] = {"delta": float(delta.float().norm()),
                                                          "weight": float(weight.float().norm())}
     return norms

@@ -13,27 +13,27 @@ from __future__ import annotations
 import torch
 from torch.nn.functional import linear
 
-from partial_lora.adapters.targets import targeted_linears, wrap_linears
+from partial_lora.adapters.targets import WeightDelta, targeted_linears, wrap_linears
 from partial_lora.errors import ConfigError
 from partial_lora.masks import layer_generator
 
 
-class SparseDeltaLinear(torch.nn.Module):
+class SparseDeltaLinear(WeightDelta):
     """``y = W x + b + D x`` where ``D`` is zero except at ``indices`` (flat positions in ``W``)."""
 
-    def __init__(self, base: torch.nn.Linear, indices: torch.Tensor) -> None:
-        super().__init__()
-        self.base = base
+    def __init__(self, base_layer: torch.nn.Linear, indices: torch.Tensor) -> None:
+        super().__init__(base_layer)
         self.register_buffer("indices", indices)
-        self.values = torch.nn.Parameter(torch.zeros(indices.numel(), dtype=base.weight.dtype,
-                                                     device=base.weight.device))
+        self.values = torch.nn.Parameter(torch.zeros(indices.numel(), dtype=base_layer.weight.dtype,
+                                                     device=base_layer.weight.device))
 
     def delta(self) -> torch.Tensor:
-        flat = torch.zeros(self.base.weight.numel(), dtype=self.values.dtype, device=self.values.device)
-        return flat.index_put((self.indices,), self.values).view_as(self.base.weight)
+        weight = self.base_layer.weight
+        flat = torch.zeros(weight.numel(), dtype=self.values.dtype, device=self.values.device)
+        return flat.index_put((self.indices,), self.values).view_as(weight)
 
-    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return self.base(inputs) + linear(inputs, self.delta())
+    def add_to(self, outputs: torch.Tensor, inputs: torch.Tensor) -> torch.Tensor:
+        return outputs + linear(inputs, self.delta())
 
 
 def apply_random_masking(model: torch.nn.Module, target_modules: str, trainable_fraction: float,

@@ -20,11 +20,10 @@ from torch.nn.functional import cross_entropy
 from partial_lora.backbones.base import in_head
 
 
-def trainable_head(model: torch.nn.Module, head_modules: list[str]) -> torch.nn.Linear:
-    """The last trainable linear layer under the backbone's head modules (PEFT's active copy)."""
+def head_linear(model: torch.nn.Module, head_modules: list[str]) -> torch.nn.Linear:
+    """The last linear layer under the backbone's head modules (the head: counts are derived before adapters)."""
     found = [module for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear) and module.weight.requires_grad
-             and in_head(name, head_modules)]
+             if isinstance(module, torch.nn.Linear) and in_head(name, head_modules)]
     if not found:
         raise ValueError(f"no trainable linear layer under head modules {head_modules}")
     return found[-1]
@@ -43,7 +42,7 @@ def _pooled(features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Ten
 @contextmanager
 def probed_head(model: torch.nn.Module, head_modules: list[str], batches: list[dict[str, torch.Tensor]],
                 run_batch: Callable[[Any], Any], steps: int, lr: float = 1e-2) -> Iterator[None]:
-    head = trainable_head(model, head_modules)
+    head = head_linear(model, head_modules)
     features: list[torch.Tensor] = []
     handle = head.register_forward_pre_hook(lambda module, args: features.append(args[0].detach()))
     try:

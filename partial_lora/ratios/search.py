@@ -130,7 +130,7 @@ class AcceptanceRule:
 
 
 @torch.no_grad()
-def derive_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores],
+def search_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores],
                   evaluate: Callable[[str | None, float | None], float], rule: AcceptanceRule,
                   search: str = "binary", step: int = 1, progress: bool = True
                   ) -> tuple[float, dict[str, LayerCounts]]:

@@ -107,8 +107,8 @@ class SubnetRelocalization(L.Callback):
     linearly over the next ``period`` steps, on top of the run's cosine schedule. Each layer has its own
     parameter group for this (``partial_lora.training.optim.adamw_per_tensor``).
 
-    Checkpoints keep the merged weights and subnet indices of every layer (under ``"losia"``) next to the
-    trainable deltas, so that testing the best checkpoint restores the weights it was scored with.
+    Checkpoints keep the merged weights, subnet indices and folded changes of every layer (under ``"losia"``)
+    next to the trainable deltas, so that testing the best checkpoint restores the weights it was scored with.
     """
 
     def __init__(self, period: int, blocks: str | None) -> None:
@@ -117,7 +117,7 @@ class SubnetRelocalization(L.Callback):
         self.period, self.blocks = period, blocks or ""
         self.layers: dict[str, SubnetLinear] = {}
         self.groups: list[list[SubnetLinear]] = []
-        self.relocalized_at: dict[int, int] = {}  # id(layer.delta) -> global step of its last re-localisation
+        self.relocalized_at: dict[int, int] = {}  # id(layer.delta_block) -> global step of its last re-localisation
         self.trainer: L.Trainer | None = None
         self._hooks: list[Any] = []
 
@@ -148,8 +148,8 @@ class SubnetRelocalization(L.Callback):
         optimizer = trainer.optimizers[0]
         for layer in self.groups[self.recording_group(step - 1)]:
             if layer.relocalize():
-                optimizer.state.pop(layer.delta, None)
-                self.relocalized_at[id(layer.delta)] = step
+                optimizer.state.pop(layer.delta_block, None)
+                self.relocalized_at[id(layer.delta_block)] = step
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         for layer in self.layers.values():
@@ -181,14 +181,17 @@ class SubnetRelocalization(L.Callback):
                 group["lr"] = group.pop("unwarmed_lr")
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint["losia"] = {name: {"weight": layer.base.weight.detach().clone(), "rows": layer.rows.clone(),
-                                      "cols": layer.cols.clone()}
+        checkpoint["losia"] = {name: {"weight": layer.base_layer.weight.detach().clone(), "rows": layer.rows.clone(),
+                                      "cols": layer.cols.clone(), "folded_indices": layer.folded.indices().clone(),
+                                      "folded_values": layer.folded.values().clone()}
                                for name, layer in self.layers.items()}
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         with torch.no_grad():
             for name, state in checkpoint.get("losia", {}).items():
                 layer = self.layers[name]
-                layer.base.weight.copy_(state["weight"])
+                layer.base_layer.weight.copy_(state["weight"])
                 layer.rows.copy_(state["rows"])
                 layer.cols.copy_(state["cols"])
+                layer.folded = torch.sparse_coo_tensor(state["folded_indices"], state["folded_values"],
+                                                       layer.folded.shape, check_invariants=True).coalesce()

@@ -1,0 +1,232 @@
+"""From a pretrained model and a few labelled batches to per-layer kept counts (paper Sec. 4, SPEC 3-4).
+
+Importance scores of every targeted weight, then Algorithm 1 on the derivation set, optionally cached on disk.
+Plain Python settings (:class:`DerivationSettings`), any model whose call returns ``.logits`` (a
+``transformers`` sequence classifier, the CLIP classifier here); the model is the one before adapters are
+added, and is left as it was found.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.functional import cross_entropy
+
+from partial_lora.adapters.targets import targeted_linears
+from partial_lora.errors import ConfigError, DataError
+from partial_lora.importance import compute_importance
+from partial_lora.ratios.cache import RatioCache
+from partial_lora.ratios.counts import DerivedCounts
+from partial_lora.ratios.probe import probed_head
+from partial_lora.ratios.replay import PrefixReplay
+from partial_lora.ratios.search import AcceptanceRule, LayerCounts, search_counts
+
+Batch = dict[str, torch.Tensor]
+log = logging.getLogger(__name__)
+# A derivation is flagged when the pretrained model is this close to the majority-class rate (accuracy
+# points / 100), or when its counts keep less than this share of the adapter's rows and columns.
+NEAR_CHANCE = 0.05
+NEARLY_EMPTY = 0.01
+# Metadata of settings that change how fast the counts are found, never which: left out of the cache key.
+SAME_COUNTS = {"same_counts": True}
+
+
+@dataclass(frozen=True)
+class DerivationSettings:
+    """What the counts depend on besides the model and the data. Every field is part of the cache key unless it
+    is marked ``SAME_COUNTS``, so a new setting cannot silently reuse counts derived without it."""
+
+    target_modules: str | tuple[str, ...]  # PEFT's meaning: a regex fully matching module names, or name suffixes
+    importance: str = "svd"               # svd | snip | imp (SPEC 3)
+    threshold: float = 0.9                # tau of the acceptance rule
+    rule: str = "paper"                   # paper | above_chance | loss (see partial_lora.ratios.search)
+    max_loss_increase: float = 0.1        # rule=loss: the mean cross-entropy may rise by this fraction at most
+    search: str = "binary"                # binary | whole_first | linear (see partial_lora.ratios.search)
+    step: int = 1                         # indices per evaluation of the linear search
+    top_k: int | None = None              # svd: singular directions used (None: all)
+    flow: str = "isolated"                # isolated | continuous (App. H)
+    probe_head_steps: int = 0             # fit the head as a linear probe first (random heads sit at chance)
+    head_modules: tuple[str, ...] = ("classifier",)  # the classifier head (probed, never scored)
+    blocks: str | None = field(default=None, metadata=SAME_COUNTS)  # the model's block list: replay its prefix
+    progress: bool = field(default=False, metadata=SAME_COUNTS)
+
+    def __post_init__(self) -> None:
+        # Lists from callers (or Hydra) become tuples: the settings are hashable and compare by value.
+        for name in ("target_modules", "head_modules"):
+            if isinstance(getattr(self, name), list):
+                object.__setattr__(self, name, tuple(getattr(self, name)))
+
+    def key(self) -> dict[str, Any]:
+        """The settings that can change the counts."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("same_counts")}
+
+
+def fingerprint(batches: list[Batch]) -> str:
+    """Digest of the derivation batches' tensors: the data sample, tokenisation and order, whatever produced them."""
+    hasher = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            tensor = batch[name].detach().cpu().contiguous()
+            hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def derivation_inputs(settings: DerivationSettings, source: dict[str, Any] | None,
+                      batches: list[Batch] | None = None) -> dict[str, Any]:
+    """What counts are derived from, as the cache keys and records them: the settings that can change them, the
+    model's description and the batches' fingerprint (left out without ``batches``: a dry run has no data)."""
+    inputs = {"settings": settings.key(), "source": source}
+    if batches is not None:
+        inputs["data"] = fingerprint(batches)
+    # As JSON holds them (tuples become lists), so that inputs read back from a cache compare equal.
+    return json.loads(json.dumps(inputs, default=str))
+
+
+def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
+    return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
+
+
+def batch_metric(model: torch.nn.Module, batches: list[Batch], blocks_path: str | None = None,
+                 metric: str = "accuracy") -> Callable[[str | None, float | None], float]:
+    """Accuracy (or mean cross-entropy, ``metric="loss"``) of ``model`` (in eval mode) on the derivation set,
+    as Algorithm 1 measures it.
+
+    Given a ``target``, evaluation may stop early and return a bound on the same side of it: accuracy once
+    the examples left cannot change the comparison, the loss once its running sum (which only grows) is
+    already above the target.
+
+    With ``blocks_path`` (the model's sequence of blocks), the blocks before the searched layer's are
+    replayed from a recording instead of recomputed.
+    """
+    if metric not in ("accuracy", "loss"):
+        raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+    replay = None
+    if blocks_path:
+        replay = PrefixReplay(model.get_submodule(blocks_path), batches, lambda batch: _logits(model, batch))
+
+    total = sum(len(batch["labels"]) for batch in batches)
+
+    @torch.inference_mode()
+    def evaluate(layer: str | None, target: float | None = None) -> float:
+        summed = seen = 0.0
+        start = 0 if replay is None or layer is None else replay.block_of(layer, blocks_path)
+        with nullcontext() if replay is None else replay.starting_at(start):
+            for batch in (batches if replay is None else replay.batches_in_order()):
+                logits = _logits(model, batch)
+                seen += len(batch["labels"])
+                if metric == "loss":
+                    summed += float(cross_entropy(logits.float(), batch["labels"], reduction="sum"))
+                    if target is not None and summed / total > target:
+                        return summed / total
+                    continue
+                summed += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+                if target is not None:
+                    # Stop once the comparison with the target is settled, whatever the rest holds.
+                    if (summed + total - seen) / total < target:
+                        return (summed + total - seen) / total
+                    if summed / total >= target:
+                        return summed / total
+        return summed / total
+
+    return evaluate
+
+
+def majority_rate(batches: list[Batch]) -> float:
+    """Share of the derivation set in its most frequent class: what predicting one class scores."""
+    labels = torch.cat([batch["labels"] for batch in batches])
+    return float(torch.bincount(labels).max()) / len(labels)
+
+
+def derivation_warnings(baseline_accuracy: float, chance: float, counts: dict[str, LayerCounts],
+                        shapes: dict[str, tuple[int, int]]) -> list[str]:
+    """What makes derived counts suspect, one sentence each, also logged: a pretrained model barely above
+    predicting one class (so any rule on accuracy tests little), or counts that keep almost nothing."""
+    warnings = []
+    if baseline_accuracy - chance < NEAR_CHANCE:
+        warnings.append(f"the pretrained model's derivation accuracy {baseline_accuracy:.3f} is within "
+                        f"{NEAR_CHANCE:.2f} of the majority-class rate {chance:.3f}: the counts test little")
+    kept = sum(c.k_row + c.k_col for c in counts.values())
+    full = sum(sum(shapes[name]) for name in counts)
+    if kept < NEARLY_EMPTY * full:
+        warnings.append(f"the derived counts keep {kept} of {full} rows and columns ({kept / full:.2%}), under "
+                        f"{NEARLY_EMPTY:.0%} of the adapter")
+    for warning in warnings:
+        log.warning("ratio derivation: %s.", warning)
+    return warnings
+
+
+@contextmanager
+def _scoring(model: torch.nn.Module) -> Iterator[None]:
+    """Eval mode and frozen weights (importance asks for gradients of the scored weights only); both restored."""
+    was_training = model.training
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    model.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        model.train(was_training)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name in trainable)
+
+
+def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: DerivationSettings, *,
+                  cache_dir: str | Path | None = None, source: dict[str, Any] | None = None) -> DerivedCounts:
+    """Kept counts of every layer ``settings.target_modules`` selects, by paper Algorithm 1.
+
+    ``batches`` are the labelled derivation set (dicts of model inputs plus ``labels``). With ``cache_dir``,
+    counts are read from / written to the cache, keyed by the settings, ``source`` (a JSON-able description of
+    the model, e.g. its name and config: required with a cache, since weights are not hashed) and a fingerprint
+    of the batches. The model's weights, head, mode and ``requires_grad`` flags are as they were afterwards.
+    """
+    if not batches:
+        raise DataError("the derivation set is empty: raise ratios.max_examples or dataset.derivation_fraction.")
+    if cache_dir is not None and source is None:
+        raise ConfigError("a ratio cache needs `source`, a description of the model that the counts belong to.")
+    weights = {name: layer.weight for name, layer in targeted_linears(model, settings.target_modules).items()}
+    inputs = derivation_inputs(settings, source, batches)
+    cache = None if cache_dir is None else RatioCache(cache_dir)
+    shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
+    if cache is not None:
+        cached = cache.load(inputs, shapes)
+        if cached is not None:
+            for warning in cached.warnings:
+                log.warning("%s (ratio cache %s)", warning, cached.path)
+            return cached
+    started = time.perf_counter()
+
+    def loss_batches():
+        for batch in batches:
+            yield lambda batch=batch: cross_entropy(_logits(model, batch), batch["labels"])
+
+    rule = AcceptanceRule(settings.rule, settings.threshold, chance=majority_rate(batches),
+                          max_loss_increase=settings.max_loss_increase)
+    with _scoring(model):
+        head = nullcontext()
+        if settings.probe_head_steps:
+            head = probed_head(model, list(settings.head_modules), batches, lambda batch: _logits(model, batch),
+                               steps=settings.probe_head_steps)
+        with head:
+            scores = compute_importance(weights, settings.importance, top_k=settings.top_k, flow=settings.flow,
+                                        loss_batches=loss_batches())
+            evaluate = batch_metric(model, batches, settings.blocks, rule.metric)
+            baseline, counts = search_counts(weights, scores, evaluate, rule, search=settings.search,
+                                             step=settings.step, progress=settings.progress)
+            # The baseline's accuracy is what the warnings compare with chance, whatever the rule measured.
+            accuracy = baseline if rule.metric == "accuracy" else batch_metric(model, batches)(None, None)
+    derived = DerivedCounts(counts=counts, scores=scores, inputs=inputs, baseline=baseline,
+                            baseline_accuracy=accuracy, majority_rate=rule.chance,
+                            warnings=derivation_warnings(accuracy, rule.chance, counts, shapes),
+                            wall_time_s=time.perf_counter() - started)
+    if cache is not None:
+        cache.save(derived)
+    return derived
