@@ -16,7 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from partial_lora.errors import PartialLoraError  # noqa: E402
+from partial_lora.errors import RUNS_FAILED_EXIT, PartialLoraError  # noqa: E402
 from partial_lora.protocol.claims import ClaimPlan, compose_claims, evaluate_claims, render_report, run_claims  # noqa: E402
 
 
@@ -39,7 +39,7 @@ def main() -> None:
         sys.exit(2)
     if failures:
         print(f"claims: {failures} multirun command(s) exited non-zero; their failed runs are left out.", file=sys.stderr)
-        sys.exit(1)
+        sys.exit(RUNS_FAILED_EXIT)
 
 
 if __name__ == "__main__":

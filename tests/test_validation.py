@@ -250,7 +250,7 @@ def test_a_corrupt_npz_is_refused(tmp_path: Path, damage, message):
 
 def cache_entry(tmp_path: Path) -> tuple[RatioCache, dict, dict[str, tuple[int, int]]]:
     cache, shapes = RatioCache(tmp_path), {"layer.0": (4, 6)}
-    inputs = {"settings": {"importance": "svd"}, "source": {"backbone": "a"}, "data": "0"}
+    inputs = {"settings": {"importance": "svd"}, "source": {"backbone": {"name": "a"}}, "data": "0"}
     scores = {"layer.0": LayerScores(row=torch.arange(4.0), col=torch.arange(6.0))}
     cache.save(DerivedCounts(counts={"layer.0": LayerCounts(k_row=2, k_col=3, evaluations=5)}, scores=scores,
                              inputs=inputs, baseline_accuracy=0.9, wall_time_s=1.0))

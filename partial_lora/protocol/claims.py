@@ -377,7 +377,7 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
             params = (f"{_count(row['params_treatment'])} / {_count(row['params_control'])} "
                       f"({row['param_reduction']:.0%})")
         margin = {"noninferior": f"-{row['margin']:g}", "equivalent": f"±{row['margin']:g}"}.get(row["test"], "0")
-        lrs = "-" if row["lr_treatment"] is None else f"{row['lr_treatment']:g} / {row['lr_control']:g}"
+        lrs = "-" if pd.isna(row["lr_treatment"]) else f"{row['lr_treatment']:g} / {row['lr_control']:g}"
         mean = lambda key: "-" if not np.isfinite(row.get(key, np.nan)) else f"{row[key]:.2f}"  # noqa: E731
         lines.append(f"| {row['claim']} | {row['dataset']} | {row['treatment']} vs {row['control']} | {lrs} | "
                      f"{row['runs']}/{row['planned_runs']} | {mean('mean_treatment')} | {mean('mean_control')} | "
