@@ -8,7 +8,10 @@ them alike), the step's peak memory above its starting level (CUDA's allocator p
 torch profiler's allocation events), and the adapter's parameter + AdamW-state bytes. Then the ratio
 derivation: wall time and evaluations of the fast search against the literal Algorithm 1, whose
 evaluation count follows from the derived counts (``literal_evaluations``) and whose time is that
-count times the time of one full evaluation measured on a sample of layers.
+count times the time of one full evaluation measured on a sample of layers; the configured search against a
+reference search (binary: O(log m) evaluations per layer), time and layer-by-layer counts, derived afresh in
+the same run. Last, the cost curves: derivation time against the derivation set's size, and training-step
+time of LoRA and compact Partial-LoRA against the rank.
 
     python scripts/bench.py                                    # MiniLM, SST-2, CPU (make bench)
     python scripts/bench.py --backbone tiny_bert --steps 3     # a quick check
@@ -160,18 +163,33 @@ def state_bytes(model: torch.nn.Module, optimizer: torch.optim.Optimizer, head_m
     return total
 
 
+def with_ratios(cfg: DictConfig, **settings) -> DictConfig:
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.ratios.update(settings)
+    return cfg
+
+
 def derive(cfg: DictConfig, reuse: bool) -> tuple[DerivedCounts, float]:
     """The counts of ``cfg`` (derived afresh, into a fresh cache, unless ``reuse``) and the time of one literal
     evaluation."""
     torch.manual_seed(cfg.seed)  # the head the probe starts from, as a run with this seed draws it
     backbone, datamodule = backbone_and_data(cfg)
     if not reuse:
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.ratios.cache_dir = tempfile.mkdtemp(prefix="bench_ratios_")
+        cfg = with_ratios(cfg, cache_dir=tempfile.mkdtemp(prefix="bench_ratios_"))
     derived = derive_for_run(cfg, backbone, datamodule)
     batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
     return derived, full_evaluation_seconds(backbone.model, cfg.backbone.target_modules, batches)
+
+
+def count_differences(derived: DerivedCounts, reference: DerivedCounts) -> list[str]:
+    """One line per layer whose kept rows or columns differ between two derivations."""
+    lines = []
+    for name, counts in derived.counts.items():
+        other = reference.counts[name]
+        if (counts.k_row, counts.k_col) != (other.k_row, other.k_col):
+            lines.append(f"    {name}: rows {other.k_row} -> {counts.k_row}, columns {other.k_col} -> {counts.k_col}")
+    return lines
 
 
 def full_evaluation_seconds(model: torch.nn.Module, target_modules: str, batches: list[Batch],
@@ -205,6 +223,51 @@ def literal_count(derived: DerivedCounts, step: int) -> int:
     return total
 
 
+def median_step_times(models: dict[str, tuple], batch: Batch, warmup: int, steps: int, device: str) -> dict[str, float]:
+    """Median training-step time of each model; the models take turns, step by step, so that load on a shared
+    machine hits them alike."""
+    times: dict[str, list[float]] = {variant: [] for variant in models}
+    for round_index in range(warmup + steps):
+        for variant, (model, _, optimizer) in models.items():
+            synchronize(device)
+            begin = time.perf_counter()
+            train_step(model, optimizer, batch)
+            synchronize(device)
+            if round_index >= warmup:
+                times[variant].append(time.perf_counter() - begin)
+    return {variant: statistics.median(values) for variant, values in times.items()}
+
+
+def rank_curve(cfg: DictConfig, derived: DerivedCounts, batch: Batch, ranks: list[int], args: argparse.Namespace) -> None:
+    """Training-step time of PEFT LoRA and compact Partial-LoRA (the derived counts) against the rank."""
+    print(f"\ntraining step against rank (batch {args.batch_size}, median of {args.steps} steps):")
+    print(f"  {'rank':>5} {'LoRA ms':>9} {'compact ms':>11} {'compact / LoRA':>15}")
+    for rank in ranks:
+        ranked = cfg.copy()
+        with open_dict(ranked):
+            ranked.rank = rank
+        models = {variant: build(variant, ranked, derived, args.device) for variant in ("lora", "compact")}
+        step = median_step_times(models, batch, args.warmup, args.steps, args.device)
+        print(f"  {rank:>5} {1000 * step['lora']:>9.1f} {1000 * step['compact']:>11.1f} "
+              f"{step['compact'] / step['lora']:>15.3f}", flush=True)
+        del models
+        gc.collect()
+
+
+def size_curve(cfg: DictConfig, sizes: list[int], measured: DerivedCounts) -> None:
+    """Derivation time and evaluations against the derivation set's size (``measured`` is the run at the
+    configured size, reused rather than derived twice)."""
+    print(f"\nratio derivation against derivation-set size ({cfg.ratios.search} search, fresh cache each):")
+    print(f"  {'examples':>8} {'evaluations':>12} {'seconds':>8} {'kept rows+cols':>15}")
+    for size in sizes:
+        if size == cfg.ratios.max_examples:
+            derived = measured
+        else:
+            derived, _ = derive(with_ratios(cfg, max_examples=size), reuse=False)
+        print(f"  {size:>8} {derived.evaluations:>12,} {derived.wall_time_s:>8.1f} {derived.kept_fraction:>15.2%}",
+              flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="minilm")
@@ -216,6 +279,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="timed steps per variant")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--reuse-ratios", action="store_true", help="take cached counts instead of timing a derivation")
+    parser.add_argument("--reference-search", default="binary",
+                        help="derive again with this search and compare time and counts ('none': skip)")
+    parser.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256, 512],
+                        help="derivation-set sizes of the cost curve (none: skip)")
+    parser.add_argument("--ranks", type=int, nargs="*", default=[1, 4, 16, 64],
+                        help="ranks of the step-time curve (none: skip)")
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. backbone.pretrained=null")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
@@ -235,20 +304,12 @@ def main() -> None:
     models = {variant: build(variant, cfg, derived, args.device) for variant in VARIANTS}
     tokenizer = models["floor"][1].tokenizer
     batch = training_batch(cfg, tokenizer, args.batch_size, args.length, args.device)
-    times: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
-    for round_index in range(args.warmup + args.steps):
-        for variant, (model, _, optimizer) in models.items():
-            synchronize(args.device)
-            begin = time.perf_counter()
-            train_step(model, optimizer, batch)
-            synchronize(args.device)
-            if round_index >= args.warmup:
-                times[variant].append(time.perf_counter() - begin)
+    steps = median_step_times(models, batch, args.warmup, args.steps, args.device)
     rows = {}
     for variant, (model, backbone, optimizer) in models.items():
         gc.collect()
         rows[variant] = {
-            "step": statistics.median(times[variant]),
+            "step": steps[variant],
             "peak": peak_step_bytes(lambda: train_step(model, optimizer, batch), args.device),
             "state": None if variant == "floor" else state_bytes(model, optimizer, backbone.head_modules),
             "params": None if variant == "floor" else count_parameters(model, backbone.head_modules).adapter,
@@ -279,7 +340,22 @@ def main() -> None:
     print(f"  literal Algorithm 1: {literal:,} evaluations x {full_eval:.3f} s per full evaluation "
           f"(median of a sample of layers) = {literal * full_eval:,.0f} s (estimated)")
     print(f"  evaluations literal / fast = {literal / fast:.1f}x (goal >= 50); time literal / fast = "
-          f"{literal * full_eval / derived.wall_time_s:.1f}x; fast wall time goal < 120 s")
+          f"{literal * full_eval / derived.wall_time_s:.1f}x; fast wall time goal < 60 s")
+    if args.reference_search != "none" and not args.reuse_ratios:
+        reference, _ = derive(with_ratios(cfg, search=args.reference_search), reuse=False)
+        print(f"  reference search ({args.reference_search}): {reference.evaluations:,} evaluations, "
+              f"{reference.wall_time_s:.1f} s; time {args.reference_search} / {cfg.ratios.search} = "
+              f"{reference.wall_time_s / derived.wall_time_s:.1f}x (goal >= 5)")
+        differences = count_differences(derived, reference)
+        print(f"  layers whose counts differ ({args.reference_search} -> {cfg.ratios.search}): {len(differences)} "
+              f"of {len(derived.counts)}; kept rows+cols {reference.kept_fraction:.2%} -> {derived.kept_fraction:.2%}")
+        print("\n".join(differences))
+    if args.sizes and not args.reuse_ratios:
+        size_curve(cfg, args.sizes, derived)
+    if args.ranks:
+        del models
+        gc.collect()
+        rank_curve(cfg, derived, batch, args.ranks, args)
 
 
 if __name__ == "__main__":

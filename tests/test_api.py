@@ -41,9 +41,8 @@ def sentences(count: int = 10) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def minilm_counts() -> DerivedCounts:
-    # whole_first: a tenth of the binary search's evaluations on this model, whose layers mostly all go.
     settings = DerivationSettings(target_modules=TARGETS, importance="svd", threshold=0.9, probe_head_steps=100,
-                                  search="whole_first", blocks="bert.encoder.layer")
+                                  blocks="bert.encoder.layer")
     return derive_counts(minilm(), [sentences()], settings)
 
 

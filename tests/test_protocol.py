@@ -231,6 +231,20 @@ def test_targets_sharing_a_setting_share_its_runs():
     assert config_hash(dense) in hashes and config_hash({k: v for k, v in dense.items() if k != "adapter"}) in hashes
 
 
+def test_derivation_settings_identify_only_runs_that_derive_counts():
+    """A new derivation default re-derives masked runs but keeps LoRA's (and Balanced's) finished records."""
+    from partial_lora.results import config_hash
+
+    def run_id(method: str, *overrides: str) -> str:
+        cfg = compose_target("table6", "cpu", [f"method={method}", "seed=1", "output_dir=x", *overrides])
+        return config_hash(OmegaConf.to_container(cfg, resolve=True))
+
+    for method in ("lora", "balanced", "adalora"):
+        assert run_id(method) == run_id(method, "ratios.rule=loss", "ratios.threshold=0.5")
+    for method in ("partial_lora", "targeted_lora", "partial_adalora"):
+        assert run_id(method) != run_id(method, "ratios.rule=loss")
+
+
 def test_a_relaunched_target_skips_its_finished_runs(glue_dir: Path, tmp_path: Path, monkeypatch, capsys):
     """`make table1` twice: the second sweep finds every record and trains nothing."""
     from partial_lora.protocol import launch

@@ -50,7 +50,7 @@ class DerivationSettings:
     threshold: float = 0.9                # tau of the acceptance rule
     rule: str = "paper"                   # paper | above_chance | loss (see partial_lora.ratios.search)
     max_loss_increase: float = 0.1        # rule=loss: the mean cross-entropy may rise by this fraction at most
-    search: str = "binary"                # binary | whole_first | linear (see partial_lora.ratios.search)
+    search: str = "whole_first"           # whole_first | binary | linear (see partial_lora.ratios.search)
     step: int = 1                         # indices per evaluation of the linear search
     top_k: int | None = None              # svd: singular directions used (None: all)
     flow: str = "isolated"                # isolated | continuous (App. H)

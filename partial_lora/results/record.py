@@ -12,6 +12,8 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
+from partial_lora.masks import NEEDS_DERIVATION
+
 log = logging.getLogger(__name__)
 
 # Settings (dotted paths) that change where a run reads or writes, how verbosely it reports, or which table
@@ -63,15 +65,24 @@ def portable_path(path: str | os.PathLike) -> str:
     return str(absolute.relative_to(Path.cwd())) if absolute.is_relative_to(Path.cwd()) else str(path)
 
 
+def derives_counts(config: dict[str, Any]) -> bool:
+    """Whether a run of ``config`` derives per-layer counts (Algorithm 1) before training."""
+    mask = (config.get("method") or {}).get("mask")
+    return isinstance(mask, dict) and mask.get("mode") in NEEDS_DERIVATION
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """Stable short hash of what a run computes: two runs with the same hash are the same experiment.
 
     Of the scale only its name counts: its domain lists say what targets sweep, and growing them must
     not orphan finished runs; its training settings are already in the dataset and train keys. The
     default training strategy (``strategy=none``) changes nothing, so it leaves the hash as it was before
-    strategies existed."""
+    strategies existed. The ratio derivation's settings count only for runs that derive counts: LoRA's id does
+    not change when the derivation's defaults do."""
     for dotted in NON_SEMANTIC_KEYS:
         config = _without(config, dotted)
+    if not derives_counts(config):
+        config = _without(config, "ratios")
     if isinstance(config.get("scale"), dict):
         config = config | {"scale": config["scale"].get("name")}
     if isinstance(config.get("strategy"), dict) and config["strategy"].get("name") == "none":
