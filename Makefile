@@ -43,7 +43,7 @@ tables: $(PYTHON)
 # The paper's claims as paired comparisons with verdicts: runs what is missing, then renders
 # results/claims/claims_<scale>.{md,png} (conf/experiment/claims.yaml).
 claims: $(PYTHON)
-	$(PYTHON) scripts/claims.py --scale $(strip $(SCALE)) --launcher $(strip $(LAUNCHER))
+	$(PYTHON) scripts/reproduce.py claims --scale $(strip $(SCALE)) --launcher $(strip $(LAUNCHER))
 
 # Masked adapters vs LoRA vs the frozen floor, and ratio derivation speed (MiniLM, SST-2, CPU): scripts/bench.py.
 bench: $(PYTHON)

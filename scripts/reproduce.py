@@ -1,10 +1,12 @@
-"""Run the sweep a table or figure target names (skipping finished runs), then render it.
+"""Run the sweep a table or figure target names (skipping finished runs), then render it; ``claims`` runs what
+the paper's claims need, pilots first, and renders their verdicts (results/claims/claims_<scale>.{md,png}).
 
     python scripts/reproduce.py table6 --scale cpu                 # sweep, then render
     python scripts/reproduce.py table6 fig4 --scale cpu --render-only
     python scripts/reproduce.py fig2 --scale cpu --domains language --launcher parallel
     python scripts/reproduce.py table5 --scale paper --launcher slurm -- trainer=gpu
     python scripts/reproduce.py table6 --scale cpu --dry-run        # the multirun commands, nothing run
+    python scripts/reproduce.py claims --scale cpu --launcher parallel
 
 Arguments after ``--`` are passed to every run (Hydra overrides).
 """
@@ -20,12 +22,29 @@ sys.path.insert(0, str(ROOT))
 
 from partial_lora.errors import RUNS_FAILED_EXIT, PartialLoraError  # noqa: E402
 from partial_lora.protocol import compose_target, launch, planned_multiruns  # noqa: E402
+from partial_lora.protocol.claims import ClaimPlan, compose_claims, evaluate_claims, render_report, run_claims  # noqa: E402
 from partial_lora.protocol.targets import render_target  # noqa: E402
+
+
+def claims(arguments: argparse.Namespace, extra: list[str]) -> int:
+    """The claims target: its runs (planned anew after each multirun, since pilots decide learning rates), then
+    the report. Returns how many multiruns exited non-zero."""
+    plan = ClaimPlan(compose_claims(arguments.scale, extra), arguments.scale, extra)
+    if arguments.dry_run:  # what the records present let us plan: later stages wait on the pilots' results
+        for argv in plan.commands(arguments.launcher):
+            print("+", " ".join(argv[1:]))
+        return 0
+    failures = 0 if arguments.render_only else run_claims(plan, arguments.launcher)
+    plan.reload()
+    for path in render_report(plan, evaluate_claims(plan)):
+        print(f"claims: wrote {path}")
+    return failures
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("targets", nargs="+", help="experiment configs with a sweep: table1..table6, fig2..fig17")
+    parser.add_argument("targets", nargs="+", help="experiment configs with a sweep: table1..table6, fig2..fig17, "
+                        "claims")
     parser.add_argument("--scale", default="paper", help="conf/scale preset: paper or cpu")
     parser.add_argument("--launcher", default="local", help="hydra/launcher preset: local, parallel or slurm")
     parser.add_argument("--domains", nargs="*", help="only these domains of the targets (language, vision, llm)")
@@ -38,6 +57,9 @@ def main() -> None:
     with_failures = 0
     try:
         for target in arguments.targets:
+            if target == "claims":
+                with_failures += claims(arguments, extra)
+                continue
             cfg = compose_target(target, arguments.scale, extra)
             if not arguments.render_only:
                 with_failures += launch(target, arguments.scale, planned_multiruns(cfg, arguments.domains),

@@ -5,8 +5,8 @@ Commands run as typed, from a fresh folder, in the forms that train nothing: ``p
 ``dry_run=true`` appended (the adapted model on the meta device), ``scripts/reproduce.py`` with ``--dry-run``
 (its multirun commands), other scripts as they are. A ``make`` line runs as ``make -n`` (make's own dry run:
 the target exists and its recipe expands), and the recipe's ``run.py`` and ``reproduce.py`` commands then run
-as above; its other commands (the test suite, this one; the benchmark and the claims sweep, which train for
-minutes to hours and have no dry form) are only expanded.
+as above (so ``make claims`` prints the claims sweep's planned multiruns); its other commands (the test suite,
+this one; the benchmark, which trains for minutes and has no dry form) are only expanded.
 """
 
 from __future__ import annotations
