@@ -170,16 +170,17 @@ def with_ratios(cfg: DictConfig, **settings) -> DictConfig:
     return cfg
 
 
-def derive(cfg: DictConfig, reuse: bool) -> tuple[DerivedCounts, float]:
-    """The counts of ``cfg`` (derived afresh, into a fresh cache, unless ``reuse``) and the time of one literal
-    evaluation."""
+def derive(cfg: DictConfig, reuse: bool) -> tuple[DerivedCounts, float, int]:
+    """The counts of ``cfg`` (derived afresh, into a fresh cache, unless ``reuse``), the time of one literal
+    evaluation and the derivation set's size."""
     torch.manual_seed(cfg.seed)  # the head the probe starts from, as a run with this seed draws it
     backbone, datamodule = backbone_and_data(cfg)
     if not reuse:
         cfg = with_ratios(cfg, cache_dir=tempfile.mkdtemp(prefix="bench_ratios_"))
     derived = derive_for_run(cfg, backbone, datamodule)
     batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
-    return derived, full_evaluation_seconds(backbone.model, cfg.backbone.target_modules, batches)
+    examples = sum(len(batch["labels"]) for batch in batches)
+    return derived, full_evaluation_seconds(backbone.model, cfg.backbone.target_modules, batches), examples
 
 
 def count_differences(derived: DerivedCounts, reference: DerivedCounts) -> list[str]:
@@ -263,7 +264,7 @@ def size_curve(cfg: DictConfig, sizes: list[int], measured: DerivedCounts) -> No
         if size == cfg.ratios.max_examples:
             derived = measured
         else:
-            derived, _ = derive(with_ratios(cfg, max_examples=size), reuse=False)
+            derived, _, _ = derive(with_ratios(cfg, max_examples=size), reuse=False)
         print(f"  {size:>8} {derived.evaluations:>12,} {derived.wall_time_s:>8.1f} {derived.kept_fraction:>15.2%}",
               flush=True)
 
@@ -298,7 +299,7 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()} | rank {args.rank} | batch {args.batch_size}"
           + ("" if cfg.dataset.kind == "vision" else f" x {args.length} tokens"), flush=True)
     started = time.perf_counter()
-    derived, full_eval = derive(cfg, args.reuse_ratios)
+    derived, full_eval, examples = derive(cfg, args.reuse_ratios)
     derivation_wall = time.perf_counter() - started
 
     models = {variant: build(variant, cfg, derived, args.device) for variant in VARIANTS}
@@ -334,7 +335,9 @@ def main() -> None:
     fast = derived.evaluations
     literal = literal_count(derived, cfg.ratios.step)
     timed = f"cached: {derived.path}" if derived.cache_hit else "this run"
-    print(f"\nratio derivation ({cfg.importance.name}, {len(derived.counts)} matrices, threshold {cfg.ratios.threshold}):")
+    print(f"\nratio derivation ({cfg.importance.name}, {len(derived.counts)} matrices, rule {cfg.ratios.rule}, threshold "
+          f"{cfg.ratios.threshold}, {examples} examples): baseline accuracy {derived.baseline_accuracy:.3f}, "
+          f"majority rate {derived.majority_rate:.3f}, kept rows+cols {derived.kept_fraction:.2%}")
     print(f"  fast search ({cfg.ratios.search}): {fast:,} evaluations, {derived.wall_time_s:.1f} s ({timed}; "
           f"with model loading {derivation_wall:.1f} s)")
     print(f"  literal Algorithm 1: {literal:,} evaluations x {full_eval:.3f} s per full evaluation "
@@ -342,7 +345,7 @@ def main() -> None:
     print(f"  evaluations literal / fast = {literal / fast:.1f}x (goal >= 50); time literal / fast = "
           f"{literal * full_eval / derived.wall_time_s:.1f}x; fast wall time goal < 60 s")
     if args.reference_search != "none" and not args.reuse_ratios:
-        reference, _ = derive(with_ratios(cfg, search=args.reference_search), reuse=False)
+        reference, _, _ = derive(with_ratios(cfg, search=args.reference_search), reuse=False)
         print(f"  reference search ({args.reference_search}): {reference.evaluations:,} evaluations, "
               f"{reference.wall_time_s:.1f} s; time {args.reference_search} / {cfg.ratios.search} = "
               f"{reference.wall_time_s / derived.wall_time_s:.1f}x (goal >= 5)")
