@@ -142,15 +142,14 @@ def validate(cfg: DictConfig) -> None:
 
 def _written_folders(cfg: DictConfig) -> dict[str, str]:
     """The folders this run writes to, by setting: a dry run writes only the ratio cache it derives."""
-    from partial_lora.masks import NEEDS_DERIVATION
+    from partial_lora.masks import derives_counts
 
     folders = {}
     if not cfg.dry_run:
         folders = {"results_dir": cfg.results_dir, "checkpoint.dir": cfg.checkpoint.dir, "output_dir": cfg.output_dir}
         if cfg.logger and cfg.logger.get("save_dir"):
             folders["logger.save_dir"] = cfg.logger.save_dir
-    mask = cfg.method.get("mask")
-    if mask and mask.mode in NEEDS_DERIVATION:
+    if derives_counts(cfg):
         folders["ratios.cache_dir"] = cfg.ratios.cache_dir
     return folders
 
@@ -200,7 +199,7 @@ def validate_rank(cfg: DictConfig, model: torch.nn.Module) -> None:
 
 def _validate_method(cfg: DictConfig) -> None:
     """Can this backbone host this method: matching modality, layers to adapt, factors to mask, scores?"""
-    from partial_lora.masks import NEEDS_DERIVATION  # imports torch: not at the top, run.py loads this module first
+    from partial_lora.masks import derives_counts  # imports torch: not at the top, run.py loads this module first
 
     method, backbone = cfg.method, cfg.backbone
     image_data, image_backbone = cfg.dataset.kind == "vision", backbone.get("kind", "text") == "clip"
@@ -215,6 +214,6 @@ def _validate_method(cfg: DictConfig) -> None:
     _require(not mask or (method.peft_config is not None and method.peft_config._target_ in LOW_RANK_CONFIGS),
              f"method {method.name} puts row/column masks on low-rank factors, which only LoRA and AdaLoRA adapters "
              "have (peft.LoraConfig or peft.AdaLoraConfig).")
-    _require(not mask or mask.mode not in NEEDS_DERIVATION or cfg.importance.name != "none",
+    _require(not derives_counts(cfg) or cfg.importance.name != "none",
              f"method={method.name} derives its masks from importance scores, which importance=none does not give: "
              "set importance=svd (the default), snip or imp.")

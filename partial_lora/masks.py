@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -20,6 +21,12 @@ if TYPE_CHECKING:  # the derivation package builds on the adapters, which build 
 
 MODES = ("partial", "targeted", "inverted", "stochastic", "balanced", "pyramidal")
 NEEDS_DERIVATION = ("partial", "targeted", "inverted", "stochastic")
+
+
+def derives_counts(config: Mapping[str, Any]) -> bool:
+    """Whether a run of ``config`` (a resolved dict or a DictConfig) derives per-layer counts before training."""
+    mask = (config.get("method") or {}).get("mask")
+    return isinstance(mask, Mapping) and mask.get("mode") in NEEDS_DERIVATION
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 

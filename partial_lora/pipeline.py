@@ -21,7 +21,7 @@ from partial_lora.config import validate, validate_rank
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
 from partial_lora.dry_run import dry_run
 from partial_lora.errors import TrainingDiverged
-from partial_lora.masks import NEEDS_DERIVATION
+from partial_lora.masks import derives_counts
 from partial_lora.ratios import DerivedCounts, derive_counts
 from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
                                   write_record)
@@ -84,7 +84,7 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
         if cfg.trainer.max_steps > 0:
             total_steps = min(total_steps, cfg.trainer.max_steps)
     mask_summary = derived = None
-    if cfg.method.get("mask") and cfg.method.mask.mode in NEEDS_DERIVATION:
+    if derives_counts(cfg):
         derived = derive_for_run(cfg, backbone, datamodule)
     model = adapt(backbone.model, cfg, total_steps, counts=derived)
     if cfg.method.get("mask"):

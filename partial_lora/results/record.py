@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from partial_lora.masks import NEEDS_DERIVATION
+from partial_lora.masks import derives_counts
 
 log = logging.getLogger(__name__)
 
@@ -63,12 +63,6 @@ def portable_path(path: str | os.PathLike) -> str:
     """``path`` relative to the working directory when it lies below it (Hydra's outputs do), else as given."""
     absolute = Path(path).resolve()
     return str(absolute.relative_to(Path.cwd())) if absolute.is_relative_to(Path.cwd()) else str(path)
-
-
-def derives_counts(config: dict[str, Any]) -> bool:
-    """Whether a run of ``config`` derives per-layer counts (Algorithm 1) before training."""
-    mask = (config.get("method") or {}).get("mask")
-    return isinstance(mask, dict) and mask.get("mode") in NEEDS_DERIVATION
 
 
 def config_hash(config: dict[str, Any]) -> str:
