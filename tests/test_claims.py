@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from partial_lora.errors import ConfigError
 from partial_lora.protocol.claims import (CONTRADICTED, INCONCLUSIVE, MISSING, SUPPORTED, Claim, ClaimPlan, Interval,
-                                          compose_claims, evaluate_claims, paired_interval, render_report, verdict)
+                                          PlannedRun, compose_claims, evaluate_claims, paired_interval, render_report,
+                                          verdict)
 from partial_lora.results import write_record
 
 
@@ -62,25 +63,46 @@ def fake_records(plan: ClaimPlan, store: Path, test_of) -> int:
             for arm in (claim.treatment, claim.control):
                 for dataset in plan.datasets_of(claim):
                     runs += plan.pilot_runs(plan.lr_source(arm), dataset)
-            for treatment, control, _ in plan.claim_runs(claim) or []:
+            for treatment, control, _ in plan.claim_runs(claim):
                 runs += [treatment, control]
         new = {plan.run_id(run.dataset, run.seed, run.lr, run.overrides): run for run in runs
                if plan.record(run) is None}
         if not new:
             return written
         for run in new.values():
-            overrides = [f"dataset={run.dataset}", f"seed={run.seed}", f"lr={run.lr}", *run.overrides, *plan.extra]
-            cfg = compose_claims(plan.scale, overrides)
-            cfg.output_dir = None
-            config = OmegaConf.to_container(cfg, resolve=True)
-            score = test_of(run.arm, run.dataset, run.seed, run.lr, run.overrides)
-            params = {"lora": 1000, "adalora": 1200, "partial_adalora": 300}.get(run.arm, 200)
-            record = {"status": "finished", "config": config, "backbone": "minilm", "dataset": run.dataset,
-                      "method": cfg.method.name, "rank": 8, "seed": run.seed, "lr": run.lr, "best_val": score,
-                      "test": score, "params": {"adapter": params, "unmasked_adapter": 1000},
-                      "masks": {"derived_fraction": 0.2}}
-            write_record(record, store, f"{run.arm}_{run.dataset}_{run.seed}_{written}")
+            fake_record(plan, store, run, test_of(run.arm, run.dataset, run.seed, run.lr, run.overrides), written)
             written += 1
+
+
+def fake_record(plan: ClaimPlan, store: Path, run: PlannedRun, score: float, index: int) -> None:
+    """A finished record of ``run`` under the id run.py would give it."""
+    overrides = [f"dataset={run.dataset}", f"seed={run.seed}", f"lr={run.lr}", *run.overrides, *plan.extra]
+    cfg = compose_claims(plan.scale, overrides)
+    cfg.output_dir = None
+    params = {"lora": 1000, "adalora": 1200, "partial_adalora": 300}.get(run.arm, 200)
+    record = {"status": "finished", "config": OmegaConf.to_container(cfg, resolve=True), "backbone": "minilm",
+              "dataset": run.dataset, "method": cfg.method.name, "rank": 8, "seed": run.seed, "lr": run.lr,
+              "best_val": score, "test": score, "params": {"adapter": params, "unmasked_adapter": 1000},
+              "masks": {"derived_fraction": 0.2}}
+    write_record(record, store, f"{run.arm}_{run.dataset}_{run.seed}_{index}")
+
+
+def test_one_datasets_unfinished_pilot_does_not_hold_back_another_datasets_claim_runs(tmp_path: Path):
+    store = tmp_path / "runs"
+    extra = [*SMALL, f"results_dir={store}"]
+    plan = ClaimPlan(compose_claims("cpu", extra), "cpu", extra)
+    c6 = next(claim for claim in plan.claims if claim.id == "C6")
+    assert plan.claim_runs(c6) == []
+    for index, run in enumerate(plan.pilot_runs("adalora", "sst2") + plan.pilot_runs("partial_adalora", "sst2")):
+        fake_record(plan, store, run, 80.0 + index, index)  # 3e-3 wins both pilots
+    plan.reload()
+    runs = plan.claim_runs(c6)
+    assert {(t.dataset, t.arm, c.arm, t.lr, c.lr) for t, c, _ in runs} == {("sst2", "partial_adalora", "adalora",
+                                                                           0.003, 0.003)}
+    assert [t.seed for t, _, _ in runs] == [0, 1]
+    pending = [" ".join(argv) for argv in plan.commands()]
+    assert any("dataset=sst2 seed=0,1 lr=0.003 method=adalora" in argv for argv in pending)
+    assert any("dataset=mrpc seed=100 lr=0.001,0.003 method=adalora" in argv for argv in pending)
 
 
 def test_report_renders_verdicts_from_records_alone(tmp_path: Path):

@@ -230,15 +230,16 @@ class ClaimPlan:
                 return round(1 - record["masks"]["derived_fraction"], 4)
         return None
 
-    def claim_runs(self, claim: Claim) -> list[tuple[PlannedRun, PlannedRun, tuple[str, ...]]] | None:
-        """(treatment, control, variant) pairs of planned runs, or ``None`` while a pilot is unfinished."""
+    def claim_runs(self, claim: Claim) -> list[tuple[PlannedRun, PlannedRun, tuple[str, ...]]]:
+        """(treatment, control, variant) pairs of planned runs, for each dataset whose pilots (and matched
+        sparsities) are decided: one dataset's unfinished pilot does not hold back another's claim runs."""
         pairs = []
         for dataset in self.datasets_of(claim):
             lrs = {arm: self.chosen_lr(arm, dataset) for arm in (claim.treatment, claim.control)}
             overrides = {arm: self.arm_overrides(arm, dataset) for arm in lrs}
             if any(lr is None for lr in lrs.values()) or any(
                     self.arms[arm].get("match_sparsity") and not overrides[arm] for arm in lrs):
-                return None
+                continue
             for variant in self.variants(claim):
                 for seed in self.seeds:
                     treatment, control = (PlannedRun(arm, dataset, seed, lrs[arm], tuple(overrides[arm]) + variant)
@@ -261,7 +262,7 @@ class ClaimPlan:
                         # In turn, not in parallel: the first run derives the ratios, the next reads the cache.
                         commands.setdefault(("pilot", source, dataset), self._multirun(
                             dataset, [self.pilot["seed"]], list(self.pilot["lrs"]), overrides, "local"))
-            for treatment, control, _ in self.claim_runs(claim) or []:
+            for treatment, control, _ in self.claim_runs(claim):
                 for run in (treatment, control):
                     if self.record(run) is None:
                         commands.setdefault((run.dataset, run.lr, run.overrides), self._multirun(
@@ -300,7 +301,7 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
         for dataset in plan.datasets_of(claim):
             row = {"claim": claim.id, "text": claim.text, "dataset": dataset, "test": claim.test,
                    "treatment": claim.treatment, "control": claim.control, "margin": claim.margin}
-            chosen = [(t, c, v) for t, c, v in (pairs or []) if t.dataset == dataset]
+            chosen = [(t, c, v) for t, c, v in pairs if t.dataset == dataset]
             found = [(plan.record(t), plan.record(c), v) for t, c, v in chosen]
             found = [(t, c, v) for t, c, v in found if t is not None and c is not None]
             row |= {"lr_treatment": chosen[0][0].lr if chosen else None,
