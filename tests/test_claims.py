@@ -83,7 +83,7 @@ def fake_record(plan: ClaimPlan, store: Path, run: PlannedRun, score: float, ind
     record = {"status": "finished", "config": OmegaConf.to_container(cfg, resolve=True), "backbone": "minilm",
               "dataset": run.dataset, "method": cfg.method.name, "rank": 8, "seed": run.seed, "lr": run.lr,
               "best_val": score, "test": score, "params": {"adapter": params, "unmasked_adapter": 1000},
-              "masks": {"derived_fraction": 0.2}}
+              "masks": {"derived_fraction": 0.2}, "wall_time_s": 90.0}
     write_record(record, store, f"{run.arm}_{run.dataset}_{run.seed}_{index}")
 
 
@@ -135,6 +135,7 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     report, image = render_report(plan, evaluate_claims(plan), tmp_path / "claims")
     text = report.read_text()
     assert "| C1 | sst2 | partial vs lora | 0.001 / 0.001 | 4/4 |" in text and "**supported**" in text
+    assert "| all | 60 | 1.50 | 90 |" in text  # every record once, though C1's runs serve C2-C7 too
     assert image.stat().st_size > 0
 
 

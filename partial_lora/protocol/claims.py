@@ -247,6 +247,21 @@ class ClaimPlan:
                     pairs.append((treatment, control, variant))
         return pairs
 
+    def planned_records(self) -> dict[str, dict[str, Any]]:
+        """The finished records the plan uses, pilots included, by run id (a run shared by claims once)."""
+        runs = []
+        for claim in self.claims:
+            for arm in (claim.treatment, claim.control):
+                for dataset in self.datasets_of(claim):
+                    runs += self.pilot_runs(self.lr_source(arm), dataset)
+            runs += [run for pair in self.claim_runs(claim) for run in pair[:2]]
+        found = {}
+        for run in runs:
+            record = self.record(run)
+            if record is not None:
+                found[record["run_id"]] = record
+        return found
+
     # launching --------------------------------------------------------------------------------------------
     def commands(self, launcher: str = "local") -> list[list[str]]:
         """The multirun commands still to run that the records present let us plan, claim by claim: the
@@ -355,6 +370,22 @@ def _shrinking_lines(row: pd.Series) -> list[str]:
     return lines
 
 
+def _compute_lines(plan: ClaimPlan) -> list[str]:
+    """What the records behind the report cost: their count and summed run wall time (what one worker would
+    take to run them all in turn; concurrent workers on shared cores make each run slower), per dataset."""
+    frame = pd.DataFrame(plan.planned_records().values())
+    lines = ["", "## Compute", "",
+             "The finished runs this report uses (pilots included, a run shared by claims counted once) and the sum "
+             "of their wall times as recorded, including each masked run's ratio derivation when it was not cached.",
+             "", "| dataset | runs | summed wall time (h) | median per run (s) |", "|---|---|---|---|"]
+    if frame.empty:
+        return lines
+    for dataset, group in [*frame.groupby("dataset"), ("all", frame)]:
+        lines.append(f"| {dataset} | {len(group)} | {group['wall_time_s'].sum() / 3600:.2f} | "
+                     f"{group['wall_time_s'].median():.0f} |")
+    return lines
+
+
 def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path = "results/claims") -> list[Path]:
     """Write ``claims_<scale>.md`` (verdict table, per-claim detail, pilot choices) and ``claims_<scale>.png``."""
     from partial_lora.results import figures
@@ -420,6 +451,7 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
             lines.append(f"| {dataset} | {record['importance']} | {masks.get('baseline_accuracy', math.nan):.3f} | "
                          f"{masks.get('majority_rate', math.nan):.3f} | {masks['derived_fraction']:.2%} | "
                          f"{'; '.join(masks.get('warnings') or []) or '-'} |")
+    lines += _compute_lines(plan)
     image = directory / f"{stem}.png"
     lines += ["", f"![claims]({image.name})", ""]
     report = directory / f"{stem}.md"

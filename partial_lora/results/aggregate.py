@@ -7,6 +7,7 @@ method's setting, never by seed or learning rate, which are what the protocol se
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pandas as pd
@@ -15,7 +16,8 @@ from partial_lora.results.record import config_hash
 from partial_lora.results.store import read_records
 
 GROUP_KEYS = ["backbone", "dataset", "method", "importance", "rank"]
-COLUMNS = ["scale", *GROUP_KEYS, "seed", "lr", "val", "test", "params", "unmasked_params", "path"]
+COLUMNS = ["scale", *GROUP_KEYS, "seed", "lr", "val", "test", "params", "unmasked_params", "path",
+           "wall_time_s"]
 
 
 def load_records(directory: str | Path) -> pd.DataFrame:
@@ -33,6 +35,7 @@ def load_records(directory: str | Path) -> pd.DataFrame:
             "rank": record["rank"], "seed": record["seed"], "lr": record["lr"], "val": record["best_val"],
             "test": record["test"], "params": record["params"]["adapter"],
             "unmasked_params": record["params"]["unmasked_adapter"], "path": str(path),
+            "wall_time_s": record.get("wall_time_s", math.nan),
             "residual_norms": record.get("residual_norms"), "masks": record.get("masks"),
             "run_id": config_hash(config),
             **pd.json_normalize(config, sep=".").add_prefix("config.").iloc[0].to_dict(),
