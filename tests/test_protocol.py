@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from partial_lora.errors import ConfigError
-from partial_lora.protocol import Protocol, compose_target, planned_multiruns, select_runs
+from partial_lora.protocol import Protocol, compose_target, planned_multiruns, select_runs, training_budget
 from partial_lora.protocol.sweep import command
 from partial_lora.protocol.targets import render_target
 from partial_lora.ratios import DerivedCounts, RatioCache
@@ -89,7 +89,7 @@ def test_unknown_target_and_domain_are_refused():
 def fake_record(cfg, method: str, dataset: str, seed: int, lr: float, val: float, test: float, params: int,
                 importance: str = "none") -> dict:
     config = OmegaConf.to_container(cfg, resolve=False)
-    config |= {"seed": seed, "lr": lr, "backbone": {"name": "minilm"}, "dataset": {"name": dataset},
+    config |= {"seed": seed, "lr": lr, "backbone": {"name": "minilm"}, "dataset": config["dataset"] | {"name": dataset},
                "method": {"name": method}, "importance": {"name": importance}}
     return {"status": "finished", "config": config, "backbone": "minilm", "dataset": dataset, "method": method,
             "rank": 8, "seed": seed, "lr": lr, "best_val": val, "test": test,
@@ -116,13 +116,19 @@ def table6(tmp_path: Path):
     other["config"]["scale"]["name"] = "paper"
     write_record(other, runs, "paper_scale")
     write_record(fake_record(cfg, "balanced", "sst2", 0, 1e-3, 99, 99, 1), runs, "balanced")
+    # Nor a plan's setting trained on another budget (claim C7's larger training sets): its top score stays out.
+    larger = fake_record(cfg, "lora", "sst2", 0, 1e-3, 99, 99, 331_776)
+    larger["config"]["dataset"]["train_size"] = 6000
+    write_record(larger, runs, "lora_6000_examples")
     return cfg, tmp_path
 
 
 def test_selection_keeps_only_the_plans_runs(table6):
     cfg, tmp_path = table6
-    records = select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu")
+    records = select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu", training_budget(cfg))
     assert len(records) == 12 and set(records["method"]) == {"lora", "partial_lora"}
+    assert training_budget(cfg)["dataset.train_size"] == 2000 and "train.num_workers" not in training_budget(cfg)
+    assert len(select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu")) == 13  # budget unchecked
 
 
 def test_table_shows_top_k_mean_next_to_the_paper(table6):
@@ -255,7 +261,7 @@ def test_a_relaunched_target_skips_its_finished_runs(glue_dir: Path, tmp_path: P
                f"ratios.cache_dir={tmp_path / 'ratios'}", "dataset.val_size=8", "dataset.max_length=16",
                "train.batch_size=8", "train.epochs=1", "logger=none", "trainer.enable_progress_bar=false",
                f"hydra.sweep.dir={tmp_path / 'multirun'}"]
-    cfg = compose_target("table1", "cpu", shrink + per_run[:4])
+    cfg = compose_target("table1", "cpu", shrink + per_run[:-1])  # as reproduce.py composes it (Hydra's own keys aside)
     planned = planned_multiruns(cfg)
     launch("table1", "cpu", planned, extra=shrink + per_run)
     records = sorted(path.name for path in (tmp_path / "runs").glob("*.json"))

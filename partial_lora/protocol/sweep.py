@@ -23,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from partial_lora.config import register_resolvers
 from partial_lora.errors import RUNS_FAILED_EXIT, ConfigError
+from partial_lora.results.record import NON_SEMANTIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
 # Config groups are selected by file name and recorded by their ``name`` field.
@@ -137,14 +138,30 @@ def _normalised(value: Any) -> str:
     return json.dumps(value)
 
 
-def select_runs(records: pd.DataFrame, planned: list[dict[str, list[Any]]], scale: str) -> pd.DataFrame:
+def training_budget(cfg: DictConfig) -> dict[str, Any]:
+    """The settings that fix how much a run trains at this scale: the ``dataset`` and ``train`` keys the scale
+    preset sets (``conf/scale/<name>.yaml``) and every ``train`` key that changes what a run computes, as
+    ``cfg`` resolves them."""
+    preset = OmegaConf.load(ROOT / "conf" / "scale" / f"{cfg.scale.name}.yaml")
+    keys = {f"dataset.{key}" for key in preset.get("dataset") or {}}
+    keys |= {f"train.{key}" for key in (*(preset.get("train") or {}), *cfg.train)}
+    return {key: OmegaConf.select(cfg, key) for key in sorted(keys - set(NON_SEMANTIC_KEYS))}
+
+
+def select_runs(records: pd.DataFrame, planned: list[dict[str, list[Any]]], scale: str,
+                budget: dict[str, Any] | None = None) -> pd.DataFrame:
     """The records a target's plan produced at ``scale``: each matches one planned multirun on every
-    swept and fixed setting."""
+    swept and fixed setting and, when given, on the ``budget`` (:func:`training_budget`), so that a run
+    trained on another budget at the same settings (claim C7's larger training sets) stays out."""
     if records.empty:
         return records
     chosen = pd.Series(False, index=records.index)
+    within_budget = pd.Series(True, index=records.index)
+    for key, value in (budget or {}).items():
+        column = f"config.{key}"
+        within_budget &= records[column].map(_normalised) == _normalised(value) if column in records else False
     for settings in planned:
-        match = records["scale"] == scale
+        match = (records["scale"] == scale) & within_budget
         for key, values in settings.items():
             column = record_column(key)
             if column not in records:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora.protocol.sweep import Protocol, planned_multiruns, record_column, select_runs
+from partial_lora.protocol.sweep import Protocol, planned_multiruns, record_column, select_runs, training_budget
 from partial_lora.ratios.cache import load_entries
 from partial_lora.results import figures
 from partial_lora.results.aggregate import load_records, protocol_summary
@@ -70,7 +70,7 @@ def render_target(cfg: DictConfig, tables_dir: str | Path = "results/tables",
         note = f"Scale `{scale}`; ratio caches: {', '.join(Path(path).name for path in caches['path'])}."
         return _save_figure(figure, Path(figures_dir), stem, sweep.title, note)
 
-    records = select_runs(load_records(cfg.results_dir), planned, scale)
+    records = select_runs(load_records(cfg.results_dir), planned, scale, training_budget(cfg))
     if records.empty:
         print(f"{sweep.name}: no finished run records at scale {scale} under {cfg.results_dir}; run the target first.")
         return written
