@@ -27,6 +27,8 @@ def derives_counts(config: Mapping[str, Any]) -> bool:
     """Whether a run of ``config`` (a resolved dict or a DictConfig) derives per-layer counts before training."""
     mask = (config.get("method") or {}).get("mask")
     return isinstance(mask, Mapping) and mask.get("mode") in NEEDS_DERIVATION
+
+
 _BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 

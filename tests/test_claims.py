@@ -58,14 +58,7 @@ def fake_records(plan: ClaimPlan, store: Path, test_of) -> int:
     written = 0
     while True:
         plan.reload()
-        runs = []
-        for claim in plan.claims:
-            for arm in (claim.treatment, claim.control):
-                for dataset in plan.datasets_of(claim):
-                    runs += plan.pilot_runs(plan.lr_source(arm), dataset)
-            for treatment, control, _ in plan.claim_runs(claim):
-                runs += [treatment, control]
-        new = {plan.run_id(run.dataset, run.seed, run.lr, run.overrides): run for run in runs
+        new = {plan.run_id(run.dataset, run.seed, run.lr, run.overrides): run for run in plan.planned_runs()
                if plan.record(run) is None}
         if not new:
             return written

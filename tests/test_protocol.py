@@ -89,8 +89,9 @@ def test_unknown_target_and_domain_are_refused():
 def fake_record(cfg, method: str, dataset: str, seed: int, lr: float, val: float, test: float, params: int,
                 importance: str = "none") -> dict:
     config = OmegaConf.to_container(cfg, resolve=False)
-    config |= {"seed": seed, "lr": lr, "backbone": {"name": "minilm"}, "dataset": config["dataset"] | {"name": dataset},
-               "method": {"name": method}, "importance": {"name": importance}}
+    config |= {"seed": seed, "lr": lr, "backbone": {"name": "minilm"},
+               "dataset": config["dataset"] | {"name": dataset}, "method": {"name": method},
+               "importance": {"name": importance}}
     return {"status": "finished", "config": config, "backbone": "minilm", "dataset": dataset, "method": method,
             "rank": 8, "seed": seed, "lr": lr, "best_val": val, "test": test,
             "params": {"adapter": params, "unmasked_adapter": 331_776},
@@ -261,7 +262,7 @@ def test_a_relaunched_target_skips_its_finished_runs(glue_dir: Path, tmp_path: P
                f"ratios.cache_dir={tmp_path / 'ratios'}", "dataset.val_size=8", "dataset.max_length=16",
                "train.batch_size=8", "train.epochs=1", "logger=none", "trainer.enable_progress_bar=false",
                f"hydra.sweep.dir={tmp_path / 'multirun'}"]
-    cfg = compose_target("table1", "cpu", shrink + per_run[:-1])  # as reproduce.py composes it (Hydra's own keys aside)
+    cfg = compose_target("table1", "cpu", shrink + per_run[:-1])  # as reproduce.py composes it, Hydra's keys aside
     planned = planned_multiruns(cfg)
     launch("table1", "cpu", planned, extra=shrink + per_run)
     records = sorted(path.name for path in (tmp_path / "runs").glob("*.json"))

@@ -247,20 +247,20 @@ class ClaimPlan:
                     pairs.append((treatment, control, variant))
         return pairs
 
-    def planned_records(self) -> dict[str, dict[str, Any]]:
-        """The finished records the plan uses, pilots included, by run id (a run shared by claims once)."""
+    def planned_runs(self) -> list[PlannedRun]:
+        """Every run the records present let the plan name: each arm's pilots, then each claim's runs."""
         runs = []
         for claim in self.claims:
             for arm in (claim.treatment, claim.control):
                 for dataset in self.datasets_of(claim):
                     runs += self.pilot_runs(self.lr_source(arm), dataset)
-            runs += [run for pair in self.claim_runs(claim) for run in pair[:2]]
-        found = {}
-        for run in runs:
-            record = self.record(run)
-            if record is not None:
-                found[record["run_id"]] = record
-        return found
+            runs += [run for treatment, control, _ in self.claim_runs(claim) for run in (treatment, control)]
+        return runs
+
+    def planned_records(self) -> dict[str, dict[str, Any]]:
+        """The finished records the plan uses, pilots included, by run id (a run shared by claims once)."""
+        records = (self.record(run) for run in self.planned_runs())
+        return {record["run_id"]: record for record in records if record is not None}
 
     # launching --------------------------------------------------------------------------------------------
     def commands(self, launcher: str = "local") -> list[list[str]]:

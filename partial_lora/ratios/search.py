@@ -16,8 +16,8 @@ first failure.
 
 Why ``whole_first`` is the default: on MiniLM/SST-2 (SVD, paper rule, 256 examples; ``make bench``) most
 matrices can go entirely, which costs ``binary`` some 18 passing evaluations each and ``whole_first`` one:
-55 evaluations in 28.7 s against 638 in 319.3 s, measured in one run. The counts differ only in layers where accuracy is not
-monotone (``make bench`` lists them); ``binary`` and ``linear`` stay as references.
+55 evaluations in 28.7 s against 638 in 319.3 s, measured in one run. The counts differ only in layers where
+accuracy is not monotone (``make bench`` lists them); ``binary`` and ``linear`` stay as references.
 """
 
 from __future__ import annotations
