@@ -97,7 +97,7 @@ SETTINGS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("dataset.test_size", _at_least(1, none=True), "an integer >= 1 or null (all)"),
     ("dataset.max_length", _at_least(1), "an integer >= 1"),
     ("method.mask.temperature", _positive, "a number > 0"),
-    ("method.mask.sparsity", _share(False, True), "a number in [0, 1)"),
+    ("method.mask.sparsity", _share(False, False), "a number in [0, 1] (1: every row and column masked)"),
     ("method.losia.rank_factor", _share(True, False), "a number in (0, 1]"),
     ("method.losia.beta", _share(False, True), "a number in [0, 1)"),
     ("method.losia.period", _at_least(1), "an integer >= 1"),

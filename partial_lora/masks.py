@@ -90,8 +90,8 @@ def make_mask(mode: str, layer: str, seed: int, shape: tuple[int, int], *, k_row
         return LayerMask(_softmax_draw(row_scores, k_row, temperature, generator),
                          _softmax_draw(col_scores, k_col, temperature, generator))
     if mode in ("balanced", "pyramidal"):
-        if sparsity is None or not 0 <= sparsity < 1:
-            raise ConfigError(f"method.mask.sparsity must lie in [0, 1) for {mode} masks, got {sparsity!r}.")
+        if sparsity is None or not 0 <= sparsity <= 1:
+            raise ConfigError(f"method.mask.sparsity must lie in [0, 1] for {mode} masks, got {sparsity!r}.")
         keep = 1 - sparsity if mode == "balanced" else 1 - sparsity ** block_depth(layer)
         return LayerMask(_bernoulli(m, keep, generator), _bernoulli(n, keep, generator))
     raise ConfigError(f"method.mask.mode must be one of {', '.join(MODES)}, got {mode!r}.")

@@ -106,15 +106,16 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     def test_of(arm, dataset, seed, lr, overrides):
         noise = 0.1 * seed  # the same in both arms: a paired comparison removes it
         base = {"lora": 80.0, "partial": 79.9, "targeted": 79.8, "inverted": 79.85, "balanced": 75.0,
-                "partial_snip": 79.9, "partial_imp": 70.0 + seed, "adalora": 80.0, "partial_adalora": 79.9}[arm]
+                "partial_snip": 79.9, "partial_imp": 70.0 + seed, "adalora": 80.0, "partial_adalora": 79.9,
+                "head_only": 79.0}[arm]
         if "dataset.train_size=16000" in overrides and arm == "lora":
             base -= 0.05
         return base + noise + (1.0 if lr == 0.001 else 0.0)  # 1e-3 wins every pilot
 
     written = fake_records(plan, store, test_of)
-    # pilots: partial, lora, adalora, partial_adalora x 2 datasets x 2 lrs; claims: 9 arms x 2 datasets x 2 seeds,
+    # pilots: partial, lora, adalora, partial_adalora x 2 datasets x 2 lrs; claims: 10 arms x 2 datasets x 2 seeds,
     # plus C7's two larger sizes x 2 arms x 2 seeds on SST-2
-    assert written == 16 + 36 + 8
+    assert written == 16 + 40 + 8
     plan.reload()
     verdicts = evaluate_claims(plan).set_index(["claim", "dataset"])
     assert plan.chosen_lr("lora", "sst2") == 0.001 and plan.chosen_lr("targeted", "mrpc") == 0.001
@@ -125,10 +126,11 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     assert verdicts.loc[("C5b", "sst2"), "verdict"] == CONTRADICTED  # IMP ~9 points below SVD
     assert verdicts.loc[("C6", "mrpc"), "verdict"] == SUPPORTED
     assert verdicts.loc[("C7", "sst2"), "verdict"] == SUPPORTED  # LoRA's lead: 0.1 at 2,000 examples, 0.05 at 16,000
+    assert verdicts.loc[("C8", "mrpc"), "verdict"] == SUPPORTED  # the masked adapter adds 0.9 to the head alone
     report, image = render_report(plan, evaluate_claims(plan), tmp_path / "claims")
     text = report.read_text()
     assert "| C1 | sst2 | partial vs lora | 0.001 / 0.001 | 4/4 |" in text and "**supported**" in text
-    assert "| all | 60 | 1.50 | 90 |" in text  # every record once, though C1's runs serve C2-C7 too
+    assert "| all | 64 | 1.60 | 90 |" in text  # every record once, though C1's runs serve C2-C8 too
     assert image.stat().st_size > 0
 
 

@@ -186,3 +186,24 @@ def test_partial_adalora_trains_with_rank_allocation_and_keeps_masks(tiny_cfg, t
         assert torch.count_nonzero(tensors[f"{layer}.lora_A"][:, ~col]) == 0
         trained += int(torch.count_nonzero(tensors[f"{layer}.lora_A"][:, col]))
     assert trained > 0
+
+
+@pytest.mark.parametrize("compact", [False, True])
+def test_head_only_trains_the_head_and_no_adapter_entry(tiny_cfg, compact):
+    with open_dict(tiny_cfg):
+        tiny_cfg.method = compose_config("method=head_only").method
+        tiny_cfg.adapter.compact = compact
+    record = run(tiny_cfg)
+    assert record["steps"] > 0 and record["params"]["adapter"] == 0 and record["params"]["head"] > 0
+    from safetensors.torch import load_file
+
+    tensors = load_file(record["adapter_file"])
+    factors = [tensor for key, tensor in tensors.items() if key.endswith((".lora_A", ".lora_B", ".lora_A.weight",
+                                                                          ".lora_B.weight"))]
+    assert all(torch.count_nonzero(tensor) == 0 for tensor in factors if tensor.shape[0] and tensor.shape[1])
+    import lightning as L
+
+    L.seed_everything(tiny_cfg.seed)  # the run's head before training: same seed, same draw
+    initial = build_backbone(tiny_cfg.backbone, num_labels=2).model.classifier.weight
+    trained = [tensor for key, tensor in tensors.items() if key.endswith("classifier.weight")]
+    assert len(trained) == 1 and trained[0].shape == initial.shape and not torch.allclose(trained[0], initial)

@@ -52,6 +52,8 @@ def test_balanced_and_pyramidal_rates():
     deep = make_mask("pyramidal", "encoder.layer.3.query", 0, SHAPE, sparsity=0.5)  # depth 4: keep 1 - 0.5**4
     assert abs(deep.col.float().mean() - (1 - 0.5 ** 4)) < 0.06
     assert block_depth("base_model.model.bert.encoder.layer.11.output.dense") == 12
+    empty = make_mask("balanced", "encoder.layer.3.query", 0, SHAPE, sparsity=1.0)  # head_only: nothing kept
+    assert not empty.row.any() and not empty.col.any()
 
 
 def test_bad_mask_settings_are_refused():
@@ -60,4 +62,4 @@ def test_bad_mask_settings_are_refused():
     with pytest.raises(ConfigError, match="temperature"):
         draw("stochastic", temperature=0.0)
     with pytest.raises(ConfigError, match="sparsity"):
-        make_mask("balanced", "layer.0.x", 0, SHAPE, sparsity=1.0)
+        make_mask("balanced", "layer.0.x", 0, SHAPE, sparsity=1.5)
