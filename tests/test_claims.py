@@ -130,6 +130,7 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     report, image = render_report(plan, evaluate_claims(plan), tmp_path / "claims")
     text = report.read_text()
     assert "| C1 | sst2 | partial vs lora | 0.001 / 0.001 | 4/4 |" in text and "**supported**" in text
+    assert "dataset.train_size=16000: lora's lead +0.05 [+0.05, +0.05], 2 seeds (by seed 0: +0.05, 1: +0.05)" in text
     assert "| all | 64 | 1.60 | 90 |" in text  # every record once, though C1's runs serve C2-C8 too
     assert image.stat().st_size > 0
 

@@ -328,8 +328,9 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
                 lead = {(t["seed"], v): c["test"] - t["test"] for t, c, v in found}
                 seeds = [seed for seed in plan.seeds if (seed, first) in lead and (seed, last) in lead]
                 differences = [lead[seed, first] - lead[seed, last] for seed in seeds]
-                row["by_variant"] = {" ".join(v): paired_interval([c["test"] - t["test"] for t, c, w in found
-                                                                   if w == v]) for v in variants}
+                # per seed too: one diverged run widens an interval; the report shows which seed it was
+                row["leads"] = {" ".join(v): {t["seed"]: c["test"] - t["test"] for t, c, w in found if w == v}
+                                for v in variants}
             else:
                 differences = [t["test"] - c["test"] for t, c, _ in found]
             interval = paired_interval(differences)
@@ -364,9 +365,11 @@ def _count(value: float) -> str:
 
 def _shrinking_lines(row: pd.Series) -> list[str]:
     lines = []
-    for variant, interval in row["by_variant"].items():
-        lines.append(f"  - {variant}: LoRA's lead {_points(interval.mean)} "
-                     f"[{_points(interval.low)}, {_points(interval.high)}], {interval.n} seeds")
+    for variant, leads in row["leads"].items():
+        interval = paired_interval(list(leads.values()))
+        per_seed = ", ".join(f"{seed}: {_points(lead)}" for seed, lead in leads.items())
+        lines.append(f"  - {variant}: {row['control']}'s lead {_points(interval.mean)} "
+                     f"[{_points(interval.low)}, {_points(interval.high)}], {interval.n} seeds (by seed {per_seed})")
     return lines
 
 
@@ -419,7 +422,7 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
     for claim in plan.claims:
         lines.append(f"- **{claim.id}** ({claim.test}): {claim.text}.")
         for row in verdicts[verdicts["claim"] == claim.id].to_dict("records"):
-            if claim.test == "shrinking" and isinstance(row.get("by_variant"), dict):
+            if claim.test == "shrinking" and isinstance(row.get("leads"), dict):
                 lines += _shrinking_lines(pd.Series(row))
     lines += ["", "## Learning rates (pilot)", "",
               f"Each piloted arm trained once per learning rate at seed {plan.pilot['seed']} (not a claim seed); "
