@@ -72,7 +72,7 @@ def fake_record(plan: ClaimPlan, store: Path, run: PlannedRun, score: float, ind
     overrides = [f"dataset={run.dataset}", f"seed={run.seed}", f"lr={run.lr}", *run.overrides, *plan.extra]
     cfg = compose_claims(plan.scale, overrides)
     cfg.output_dir = None
-    params = {"lora": 1000, "adalora": 1200, "partial_adalora": 300}.get(run.arm, 200)
+    params = {"lora": 1000, "adalora": 1200, "partial_adalora": 300, "head_only": 0}.get(run.arm, 200)
     record = {"status": "finished", "config": OmegaConf.to_container(cfg, resolve=True), "backbone": "minilm",
               "dataset": run.dataset, "method": cfg.method.name, "rank": 8, "seed": run.seed, "lr": run.lr,
               "best_val": score, "test": score, "params": {"adapter": params, "unmasked_adapter": 1000},
@@ -131,6 +131,7 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     text = report.read_text()
     assert "| C1 | sst2 | partial vs lora | 0.001 / 0.001 | 4/4 |" in text and "**supported**" in text
     assert "dataset.train_size=16000: lora's lead +0.05 [+0.05, +0.05], 2 seeds (by seed 0: +0.05, 1: +0.05)" in text
+    assert "| 0 | 200 / 0 | **supported** |" in text  # C8: no reduction against a control without an adapter
     assert "| all | 64 | 1.60 | 90 |" in text  # every record once, though C1's runs serve C2-C8 too
     assert image.stat().st_size > 0
 

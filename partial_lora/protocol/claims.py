@@ -340,7 +340,8 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
                 treatment_params = np.mean([t["params"] for t, _, _ in found])
                 control_params = np.mean([c["params"] for _, c, _ in found])
                 row |= {"params_treatment": treatment_params, "params_control": control_params,
-                        "param_reduction": 1 - treatment_params / control_params}
+                        # none against a control that trains no adapter (head_only)
+                        "param_reduction": 1 - treatment_params / control_params if control_params else np.nan}
                 if claim.min_param_reduction is not None and outcome != MISSING:
                     if row["param_reduction"] < claim.min_param_reduction:
                         outcome = CONTRADICTED
@@ -409,8 +410,9 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
     for row in verdicts.to_dict("records"):
         params = "-"
         if np.isfinite(row.get("params_treatment", np.nan)):
-            params = (f"{_count(row['params_treatment'])} / {_count(row['params_control'])} "
-                      f"({row['param_reduction']:.0%})")
+            params = f"{_count(row['params_treatment'])} / {_count(row['params_control'])}"
+            if np.isfinite(row["param_reduction"]):
+                params += f" ({row['param_reduction']:.0%})"
         margin = {"noninferior": f"-{row['margin']:g}", "equivalent": f"±{row['margin']:g}"}.get(row["test"], "0")
         lrs = "-" if pd.isna(row["lr_treatment"]) else f"{row['lr_treatment']:g} / {row['lr_control']:g}"
         mean = lambda key: "-" if not np.isfinite(row.get(key, np.nan)) else f"{row[key]:.2f}"  # noqa: E731
