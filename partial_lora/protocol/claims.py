@@ -325,12 +325,11 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
             if claim.test == "shrinking":
                 variants = plan.variants(claim)
                 first, last = variants[0], variants[-1]
-                lead = {(t["seed"], v): c["test"] - t["test"] for t, c, v in found}
-                seeds = [seed for seed in plan.seeds if (seed, first) in lead and (seed, last) in lead]
-                differences = [lead[seed, first] - lead[seed, last] for seed in seeds]
-                # per seed too: one diverged run widens an interval; the report shows which seed it was
-                row["leads"] = {" ".join(v): {t["seed"]: c["test"] - t["test"] for t, c, w in found if w == v}
-                                for v in variants}
+                # kept per seed: one diverged run widens an interval, and the report shows which seed it was
+                leads = {v: {t["seed"]: c["test"] - t["test"] for t, c, w in found if w == v} for v in variants}
+                seeds = [seed for seed in plan.seeds if seed in leads[first] and seed in leads[last]]
+                differences = [leads[first][seed] - leads[last][seed] for seed in seeds]
+                row["leads"] = {" ".join(v): by_seed for v, by_seed in leads.items()}
             else:
                 differences = [t["test"] - c["test"] for t, c, _ in found]
             interval = paired_interval(differences)
