@@ -121,6 +121,10 @@ def table6(tmp_path: Path):
     larger = fake_record(cfg, "lora", "sst2", 0, 1e-3, 99, 99, 331_776)
     larger["config"]["dataset"]["train_size"] = 6000
     write_record(larger, runs, "lora_6000_examples")
+    # A run on the whole split (train_size null) turns the column into floats: 2000.0 must still match 2000.
+    whole_split = fake_record(cfg, "lora", "sst2", 0, 1e-3, 99, 99, 331_776)
+    whole_split["config"]["dataset"]["train_size"] = None
+    write_record(whole_split, runs, "lora_whole_split")
     return cfg, tmp_path
 
 
@@ -129,7 +133,7 @@ def test_selection_keeps_only_the_plans_runs(table6):
     records = select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu", training_budget(cfg))
     assert len(records) == 12 and set(records["method"]) == {"lora", "partial_lora"}
     assert training_budget(cfg)["dataset.train_size"] == 2000 and "train.num_workers" not in training_budget(cfg)
-    assert len(select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu")) == 13  # budget unchecked
+    assert len(select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu")) == 14  # budget unchecked
 
 
 def test_table_shows_top_k_mean_next_to_the_paper(table6):

@@ -135,6 +135,8 @@ def record_column(key: str) -> str:
 def _normalised(value: Any) -> str:
     if value is None or (isinstance(value, float) and pd.isna(value)):
         return "null"
+    if isinstance(value, float) and value.is_integer():  # pandas holds ints as floats in a column with nulls
+        value = int(value)
     return json.dumps(value)
 
 
