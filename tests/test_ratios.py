@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -10,12 +12,13 @@ import torch
 
 from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
-from partial_lora.importance import svd_scores
+from partial_lora.importance import LayerScores, svd_scores
 from partial_lora.ratios import (AcceptanceRule, DerivationSettings, DerivedCounts, LayerCounts, PrefixReplay,
-                                 batch_metric, derivation_warnings, derive_counts, largest_removable, majority_rate,
-                                 search_counts)
+                                 RatioCache, batch_metric, derivation_inputs, derivation_warnings, derive_counts,
+                                 largest_removable, majority_rate, search_counts)
 from partial_lora.ratios.search import literal_evaluations
 from partial_lora.ratios.probe import probed_head
+from partial_lora.ratios.stability import kept_shares, stability_summary
 from tests.conftest import compose_config
 
 
@@ -198,6 +201,47 @@ def test_the_cache_key_follows_every_setting_that_can_change_the_counts(tmp_path
     assert not derive_counts(model, other_data, settings, cache_dir=tmp_path, source={"model": "tiny"}).cache_hit
     with pytest.raises(ConfigError, match="source"):
         derive_counts(model, batches, settings, cache_dir=tmp_path)
+
+
+def test_a_run_started_beside_a_deriving_one_waits_and_reads_its_entry(tmp_path):
+    """Two runs of one setting must train on one set of counts: while another process derives (holds the
+    entry's lock), a run waits, then reads what that process saved instead of deriving its own."""
+    cfg, model, batches = tiny_model_and_batches(2, 4)
+    settings = DerivationSettings(target_modules=cfg.backbone.target_modules, importance="svd")
+    source = {"model": "tiny"}
+    inputs = derivation_inputs(settings, source, batches)
+    cache = RatioCache(tmp_path)
+    result = {}
+    with cache.deriving(inputs):
+        waiting = threading.Thread(target=lambda: result.update(derived=derive_counts(
+            model, batches, settings, cache_dir=tmp_path, source=source)))
+        waiting.start()
+        time.sleep(0.5)
+        assert "derived" not in result  # still waiting for the lock
+        # What the other process saves: counts no derivation of this model gives (nothing kept anywhere).
+        other = derive_counts(model, batches, settings)
+        other.counts, other.inputs = {name: LayerCounts(0, 0, 1) for name in other.counts}, inputs
+        cache.save(other)
+    waiting.join(timeout=60)
+    assert result["derived"].cache_hit and result["derived"].to_json() == other.to_json()
+
+
+def test_stability_compares_which_matrices_derivations_keep_and_how_they_rank():
+    def derived(kept: dict[str, tuple[int, int]]) -> DerivedCounts:  # every matrix 4 x 6
+        return DerivedCounts(counts={name: LayerCounts(row, col, 1) for name, (row, col) in kept.items()},
+                             scores={name: LayerScores(torch.ones(4), torch.ones(6)) for name in kept}, inputs={})
+
+    same = derived({"q": (2, 3), "k": (0, 0), "v": (1, 1)})
+    assert kept_shares(same) == {"q": 0.5, "k": 0.0, "v": 0.2}
+    summary = stability_summary({0: same, 1: derived({"q": (2, 3), "k": (0, 0), "v": (1, 1)}),
+                                 2: derived({"q": (0, 0), "k": (4, 6), "v": (1, 0)})})
+    assert summary["non_empty"] == {0: 2, 1: 2, 2: 2} and (summary["kept_by_all"], summary["kept_by_any"]) == (1, 3)
+    assert summary["jaccard_mean"] == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
+    assert summary["kept_fraction_sd"] > 0 and summary["spearman_mean"] == pytest.approx((1 - 1 - 1) / 3)
+    with pytest.raises(ValueError, match="at least two"):
+        stability_summary({0: same})
+    with pytest.raises(ValueError, match="different layers"):
+        stability_summary({0: same, 1: derived({"q": (1, 1)})})
 
 
 def test_above_chance_rule_keeps_a_layer_that_the_paper_rule_empties():

@@ -1,7 +1,11 @@
 """On-disk cache of derived counts, keyed by everything they depend on (not the training seed).
 
 One JSON file (a :class:`DerivedCounts` document) per key, so no derivation is repeated across the seeds of
-a sweep or across mask modes sharing an importance measure. The key is a digest of the derivation's inputs:
+a sweep or across mask modes sharing an importance measure. Runs launched side by side derive one key in turn
+(:meth:`RatioCache.deriving`): the first derives and saves, the others wait and read its entry. Without it
+each derived on its own, and derivations of the same inputs need not agree: two runs started together on one
+commit derived SNIP counts keeping 0.29% and 0.31% of SST-2's adapter, and trained on them, while the cache
+kept only the last writer's. The key is a digest of the derivation's inputs:
 its settings (every field of :class:`DerivationSettings` that can change the counts), the caller's
 description of the model, and a fingerprint of the derivation batches.
 
@@ -13,11 +17,14 @@ reported and derived again; figures skip it (reported once).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from partial_lora.ratios.counts import DerivedCounts, damage, digest
 from partial_lora.results.record import read_json, valid_files
+from partial_lora.results.store import LOCKS, file_lock
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +72,12 @@ class RatioCache:
             if self.path(entry["inputs"]) == path and (derived := self.load(entry["inputs"], shapes)) is not None:
                 found.append(derived)
         return found
+
+    @contextmanager
+    def deriving(self, inputs: dict[str, Any]) -> Iterator[None]:
+        """Hold the entry's lock (``.locks/`` beside the entries) for a load-or-derive-and-save block."""
+        with file_lock(self.directory / LOCKS / f"{self.path(inputs).stem}.lock", wait=True):
+            yield
 
     def save(self, derived: DerivedCounts) -> Path:
         return derived.save(self.path(derived.inputs))

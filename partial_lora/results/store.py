@@ -41,6 +41,24 @@ STATUSES = ("finished", "failed")
 FINISHED_FIELDS = ("backbone", "dataset", "method", "rank", "seed", "lr", "best_val", "test", "params")
 
 
+@contextmanager
+def file_lock(path: Path, wait: bool) -> Iterator[bool]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block. Yields ``True`` once held;
+    with ``wait=False``, ``False`` at once when another process holds it. The kernel releases it if we die."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Read-only suffices for flock: anyone who can read the lock file (the group sharing the store) can lock.
+    descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(descriptor)  # closing releases the lock
+
+
 def record_problem(record: Any) -> str | None:
     """Why ``record`` (a parsed JSON file) is not a run record the store can use, or ``None`` when it is."""
     if not isinstance(record, dict):
@@ -99,18 +117,8 @@ class RunSlot:
     @contextmanager
     def claim(self) -> Iterator[bool]:
         """Hold this run's lock for the block; yields ``False`` when another process holds it."""
-        self.lock_file.parent.mkdir(parents=True, exist_ok=True)
-        # Read-only suffices for flock: anyone who can read the lock file (the group sharing the store) can lock.
-        descriptor = os.open(self.lock_file, os.O_RDONLY | os.O_CREAT, 0o666)
-        try:
-            try:
-                fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            os.close(descriptor)  # closing releases the lock
+        with file_lock(self.lock_file, wait=False) as held:
+            yield held
 
     def resume_from(self) -> Path | None:
         """``last.ckpt`` when it is a complete checkpoint, else ``None``: the run starts over.
