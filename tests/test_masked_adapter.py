@@ -137,13 +137,17 @@ def test_partial_lora_run_derives_once_then_hits_the_cache(tiny_cfg, tmp_path: P
     layer = next(iter(cache["layers"].values()))
     assert {"k_row", "k_col", "top_rows", "top_cols", "row_scores", "kept_fraction_row"} <= set(layer)
     assert len(layer["top_rows"]) == layer["k_row"]
-    with open_dict(tiny_cfg):
-        tiny_cfg.seed = 1
+    with open_dict(tiny_cfg):  # another mask mode on the same counts: read, not derived
+        tiny_cfg.method = compose_config("method=targeted_lora").method
     second = run(tiny_cfg)
     assert second["masks"]["cache_hit"] is True
     assert second["masks"]["cache_file"] == first["masks"]["cache_file"]
     assert second["params"]["unmasked_adapter"] == first["params"]["unmasked_adapter"]
     assert Path(second["adapter_file"]).is_file() and Path(second["adapter_file"]).name == "adapter_model.safetensors"
+    with open_dict(tiny_cfg):  # the probe starts from the seed's random head: another seed derives its own
+        tiny_cfg.seed = 1
+    third = run(tiny_cfg)
+    assert third["masks"]["cache_hit"] is False and third["masks"]["cache_file"] != first["masks"]["cache_file"]
 
 
 def test_masked_method_without_importance_fails_clearly(tiny_cfg):

@@ -35,7 +35,7 @@ def provenance(cfg: DictConfig, runs: int) -> str:
 
 def _caches(cfg: DictConfig, planned: list[dict]) -> pd.DataFrame:
     """The newest cache entry per (backbone, dataset, importance, data seed) that the plan asks for, at
-    the configured threshold."""
+    the configured threshold and, where counts depend on the seed (a probed head), the configured seed."""
     wanted = set()
     for settings in planned:
         for backbone in settings["backbone"]:
@@ -45,7 +45,7 @@ def _caches(cfg: DictConfig, planned: list[dict]) -> pd.DataFrame:
                         wanted.add((backbone, dataset, importance, data_seed))
     entries = [entry for entry in load_entries(cfg.ratios.cache_dir)
                if (entry["backbone"], entry["dataset"], entry["importance"], entry["data_seed"]) in wanted
-               and entry["threshold"] == cfg.ratios.threshold]
+               and entry["threshold"] == cfg.ratios.threshold and entry.get("seed", cfg.seed) == cfg.seed]
     frame = pd.DataFrame(entries)
     if frame.empty:
         return frame

@@ -1,11 +1,10 @@
-"""On-disk cache of derived counts, keyed by everything they depend on (not the training seed).
+"""On-disk cache of derived counts, keyed by everything they depend on.
 
-One JSON file (a :class:`DerivedCounts` document) per key, so no derivation is repeated across the seeds of
-a sweep or across mask modes sharing an importance measure. Runs launched side by side derive one key in turn
+One JSON file (a :class:`DerivedCounts` document) per key, so no derivation is repeated across the mask modes
+sharing an importance measure, across relaunches, or (with a zero-shot head, which no seed changes) across the
+seeds of a sweep. Runs launched side by side derive one key in turn
 (:meth:`RatioCache.deriving`): the first derives and saves, the others wait and read its entry. Without it
-each derived on its own, and derivations of the same inputs need not agree: two runs started together on one
-commit derived SNIP counts keeping 0.29% and 0.31% of SST-2's adapter, and trained on them, while the cache
-kept only the last writer's. The key is a digest of the derivation's inputs:
+both derive, and the cache keeps the last writer's entry. The key is a digest of the derivation's inputs:
 its settings (every field of :class:`DerivationSettings` that can change the counts), the caller's
 description of the model, and a fingerprint of the derivation batches.
 
