@@ -238,6 +238,10 @@ def test_stability_compares_which_matrices_derivations_keep_and_how_they_rank():
     assert summary["non_empty"] == {0: 2, 1: 2, 2: 2} and (summary["kept_by_all"], summary["kept_by_any"]) == (1, 3)
     assert summary["jaccard_mean"] == pytest.approx((1 + 1 / 3 + 1 / 3) / 3)
     assert summary["kept_fraction_sd"] > 0 and summary["spearman_mean"] == pytest.approx((1 - 1 - 1) / 3)
+    empty = derived({"q": (0, 0), "k": (0, 0), "v": (0, 0)})  # no ranking: out of the correlation only
+    summary = stability_summary({0: same, 1: empty, 2: derived({"q": (1, 1), "k": (0, 0), "v": (2, 2)})})
+    assert (summary["spearman_pairs"], summary["pairs"]) == (1, 3) and summary["spearman_mean"] == pytest.approx(0.5)
+    assert summary["jaccard_mean"] == pytest.approx((0 + 1 + 0) / 3)
     with pytest.raises(ValueError, match="at least two"):
         stability_summary({0: same})
     with pytest.raises(ValueError, match="different layers"):
