@@ -39,40 +39,47 @@ def derive(scale: str, dataset: str, importance: str, setting: str, cache_dir: s
     return cfg, derive_for_run(cfg, backbone, datamodule), sum(len(batch["labels"]) for batch in batches)
 
 
+def compare(args: argparse.Namespace, dataset: str, importance: str, vary: str, cache_dir: str) -> str:
+    """One table row: the derivations at each value of ``vary`` and how far they agree."""
+    derivations = {}
+    for value in args.values:
+        cfg, derivations[value], examples = derive(args.scale, dataset, importance, f"{vary}={value}", cache_dir,
+                                                   args.override)
+        print(f"{dataset} {importance} {vary}={value}: kept {derivations[value].kept_fraction:.2%} "
+              f"(cache hit: {derivations[value].cache_hit})", flush=True)
+    summary = stability_summary(derivations)
+    return (f"| {dataset} | {importance} | {examples} | {cfg.ratios.rule} "
+            f"| {', '.join(f'{d.kept_fraction:.2%}' for d in derivations.values())} "
+            f"| {summary['kept_fraction_mean']:.2%} ({summary['kept_fraction_sd']:.2%}) "
+            f"| {', '.join(map(str, summary['non_empty'].values()))} of {summary['matrices']} "
+            f"| {summary['kept_by_all']} / {summary['kept_by_any']} | {summary['jaccard_mean']:.2f} "
+            f"| {summary['spearman_mean']:.2f}; {summary['spearman_pairs']} of {summary['pairs']} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="cpu")
     parser.add_argument("--datasets", nargs="+", default=["sst2", "mrpc"])
-    parser.add_argument("--vary", choices=["data_seed", "seed"], default="data_seed")
+    parser.add_argument("--vary", nargs="+", choices=["data_seed", "seed"], default=["data_seed", "seed"],
+                        help="one table per setting varied")
     parser.add_argument("--values", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--importance", nargs="+", default=["svd"])
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides for every derivation")
     parser.add_argument("--out", help="also write the Markdown here")
     args = parser.parse_args()
     register_resolvers()
-    lines = [f"# Derived counts across `{args.vary}` (scale `{args.scale}`)", "",
-             f"`{args.vary}` = {', '.join(map(str, args.values))}; overrides: {' '.join(args.override) or 'none'}. "
-             "Written by `scripts/derivation_stability.py`.", "",
-             "| dataset | importance | examples | rule | kept % by value | kept % mean (sd) "
-             "| non-empty matrices by value | kept by all / any | Jaccard (non-empty) | Spearman (kept shares; pairs) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"# How derived counts move with the derivation sample and the seed (scale `{args.scale}`)", "",
+             f"Values {', '.join(map(str, args.values))} of each varied setting, the others at their defaults; "
+             f"overrides: {' '.join(args.override) or 'none'}. Written by `scripts/derivation_stability.py`."]
     with tempfile.TemporaryDirectory(prefix="stability_") as cache_dir:
-        for dataset in args.datasets:
-            for importance in args.importance:
-                derivations = {}
-                for value in args.values:
-                    cfg, derivations[value], examples = derive(args.scale, dataset, importance,
-                                                               f"{args.vary}={value}", cache_dir, args.override)
-                    print(f"{dataset} {importance} {args.vary}={value}: kept {derivations[value].kept_fraction:.2%}"
-                          f", {derivations[value].wall_time_s:.0f} s", flush=True)
-                summary = stability_summary(derivations)
-                lines.append(
-                    f"| {dataset} | {importance} | {examples} | {cfg.ratios.rule} "
-                    f"| {', '.join(f'{d.kept_fraction:.2%}' for d in derivations.values())} "
-                    f"| {summary['kept_fraction_mean']:.2%} ({summary['kept_fraction_sd']:.2%}) "
-                    f"| {', '.join(map(str, summary['non_empty'].values()))} of {summary['matrices']} "
-                    f"| {summary['kept_by_all']} / {summary['kept_by_any']} | {summary['jaccard_mean']:.2f} "
-                    f"| {summary['spearman_mean']:.2f}; {summary['spearman_pairs']} of {summary['pairs']} |")
+        for vary in args.vary:
+            lines += ["", f"## `{vary}` varied", "",
+                      "| dataset | importance | examples | rule | kept % by value | kept % mean (sd) "
+                      "| non-empty matrices by value | kept by all / any | Jaccard (non-empty) "
+                      "| Spearman (kept shares; pairs) |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for dataset in args.datasets:
+                for importance in args.importance:
+                    lines.append(compare(args, dataset, importance, vary, cache_dir))
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:
