@@ -107,7 +107,11 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
     # before AdaLoraBudget, which reads the gradients it completes.
     extra = [instantiate(callback) for callback in (cfg.strategy.callback, cfg.method.get("callback")) if callback]
     callbacks = [checkpoint, latest, RngState(), FiniteLoss(), *extra] + ([AdaLoraBudget()] if rank_allocation else [])
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger)
+    # A step limit inside the first epoch would end training before any validation, with no best checkpoint
+    # to test: validate at the limit instead.
+    within_first_epoch = 0 < cfg.trainer.max_steps < datamodule.steps_per_epoch()
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
+                                     **({"val_check_interval": cfg.trainer.max_steps} if within_first_epoch else {}))
     if logger:
         logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
     resume = slot.resume_from()

@@ -143,6 +143,15 @@ def test_a_diverging_run_writes_a_failed_record_with_its_step(tiny_cfg, tmp_path
     assert saved["status"] == "failed" and saved["step"] == record["step"] and "best_val" not in saved
 
 
+def test_a_step_limit_inside_the_first_epoch_validates_at_the_limit_and_tests(tiny_cfg):
+    """``trainer.max_steps=1`` as typed: training stops before the epoch ends, yet the run is validated, its
+    checkpoint tested and recorded (before, testing the best checkpoint failed: none had been saved)."""
+    with open_dict(tiny_cfg):
+        tiny_cfg.trainer.max_steps = 1
+    record = run(tiny_cfg)
+    assert record["status"] == "finished" and record["steps"] == 1 and 0 <= record["best_val"] <= 100
+
+
 def records(directory: Path) -> list[dict]:
     return [json.loads(path.read_text()) for path in sorted(directory.glob("*.json"))]
 
