@@ -256,6 +256,21 @@ def test_derivation_settings_identify_only_runs_that_derive_counts():
         assert run_id(method) != run_id(method, "ratios.rule=loss")
 
 
+def test_the_seed_names_a_derivation_only_where_the_head_starts_random():
+    """A probed head starts from the seed's random init, so its counts are derived per seed; CLIP's zero-shot
+    head is the same for every seed, so one derivation serves them all."""
+    from partial_lora.adapters.build import derivation_settings
+
+    def source(*overrides: str) -> dict:
+        cfg = compose_target("table6", "cpu", ["method=partial_lora", "importance=svd", *overrides])
+        return derivation_settings(cfg)[1]
+
+    assert source("seed=3")["seed"] == 3 and source("seed=3") != source("seed=4")
+    assert "seed" not in source("backbone=clip_tiny", "dataset=cifar10_fewshot", "seed=3")
+    assert source("backbone=clip_tiny", "dataset=cifar10_fewshot", "seed=3") == source(
+        "backbone=clip_tiny", "dataset=cifar10_fewshot", "seed=4")
+
+
 def test_a_relaunched_target_skips_its_finished_runs(glue_dir: Path, tmp_path: Path, monkeypatch, capsys):
     """`make table1` twice: the second sweep finds every record and trains nothing."""
     from partial_lora.protocol import launch
