@@ -192,26 +192,24 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
         raise DataError("the derivation set is empty: raise ratios.max_examples or dataset.derivation_fraction.")
     if cache_dir is not None and source is None:
         raise ConfigError("a ratio cache needs `source`, a description of the model that the counts belong to.")
+    weights = {name: layer.weight for name, layer in targeted_linears(model, settings.target_modules).items()}
     inputs = derivation_inputs(settings, source, batches)
     if cache_dir is None:
-        return _derive(model, batches, settings, inputs)
+        return _derive(model, batches, settings, inputs, weights)
     cache = RatioCache(cache_dir)
-    shapes = {name: tuple(layer.weight.shape)
-              for name, layer in targeted_linears(model, settings.target_modules).items()}
     with cache.deriving(inputs):  # runs started together: one derives, the others read its entry
-        cached = cache.load(inputs, shapes)
+        cached = cache.load(inputs, {name: tuple(weight.shape) for name, weight in weights.items()})
         if cached is not None:
             for warning in cached.warnings:
                 log.warning("%s (ratio cache %s)", warning, cached.path)
             return cached
-        derived = _derive(model, batches, settings, inputs)
+        derived = _derive(model, batches, settings, inputs, weights)
         cache.save(derived)
     return derived
 
 
-def _derive(model: torch.nn.Module, batches: list[Batch], settings: DerivationSettings,
-            inputs: dict[str, Any]) -> DerivedCounts:
-    weights = {name: layer.weight for name, layer in targeted_linears(model, settings.target_modules).items()}
+def _derive(model: torch.nn.Module, batches: list[Batch], settings: DerivationSettings, inputs: dict[str, Any],
+            weights: dict[str, torch.Tensor]) -> DerivedCounts:
     shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
     started = time.perf_counter()
 
