@@ -3,9 +3,8 @@
 head (where the linear probe starts). Everything else stays as the scale sets it. Derivations go to a temporary
 cache, so the committed ratio caches stay those the runs used.
 
-    python scripts/derivation_stability.py --scale cpu                         # SST-2 and MRPC, data seeds 0-4
-    python scripts/derivation_stability.py --vary seed --importance svd snip   # the probe's starting head
-    python scripts/derivation_stability.py --datasets mrpc --override ratios.max_examples=512
+    python scripts/derivation_stability.py --scale cpu --out results/claims/derivation_stability_cpu.md
+    python scripts/derivation_stability.py --scale cpu --datasets sst2 --vary data_seed --override ratios.max_examples=512 --out results/claims/derivation_stability_cpu_512.md
 """
 
 from __future__ import annotations
