@@ -185,8 +185,14 @@ def test_a_killed_sweep_relaunched_finishes_every_run_once(longer_glue_dir: Path
              f"hydra.sweep.dir={tmp_path / 'sweep'}"]
     process = launch(sweep, cwd=tmp_path)
     # Killed while the second run trains, after its first checkpoint: one finished, one half-finished, one to go.
-    kill_when(process, lambda: len(records(tmp_path / "runs")) == 1
-              and any((tmp_path / "checkpoints").glob("*/last.ckpt")))
+    # The first run's own checkpoint outlives its record for a moment (the record is written first), so only
+    # a checkpoint of a run without a record counts.
+    def second_run_checkpointed() -> bool:
+        finished = {record["run_id"] for record in records(tmp_path / "runs")}
+        checkpointed = {path.parent.name for path in (tmp_path / "checkpoints").glob("*/last.ckpt")}
+        return len(finished) == 1 and bool(checkpointed - finished)
+
+    kill_when(process, second_run_checkpointed)
     (first,) = records(tmp_path / "runs")
 
     output = finish(launch(sweep, cwd=tmp_path))
