@@ -135,6 +135,14 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     assert "| all | 64 | 1.60 | 90 |" in text  # every record once, though C1's runs serve C2-C8 too
     assert image.stat().st_size > 0
 
+    # The same records against a plan of three seeds: every claim lacks seed 2, so none has a verdict yet,
+    # though C1's effect over the two seeds present is still reported.
+    more_seeds = [*extra, "claims.seeds=[0,1,2]"]
+    unfinished = evaluate_claims(ClaimPlan(compose_claims("cpu", more_seeds), "cpu", more_seeds))
+    assert set(unfinished["verdict"]) == {MISSING}
+    c1 = unfinished.set_index(["claim", "dataset"]).loc[("C1", "sst2")]
+    assert (c1["runs"], c1["planned_runs"], c1["pairs"]) == (4, 6, 2) and c1["effect"] == pytest.approx(-0.1)
+
 
 def test_planned_run_ids_are_the_ids_run_py_gives(tmp_path: Path, glue_dir: Path, monkeypatch):
     """A run launched as the sweep launches it is found by the plan (and so skipped on relaunch)."""

@@ -27,6 +27,8 @@ Verdicts, for an interval ``[low, high]`` and margin ``m``:
 
 and inconclusive otherwise (at this scale the interval spans the margin). A claim that also requires a
 parameter reduction (``min_param_reduction``) is contradicted when the measured reduction falls short.
+Until every planned seed has both arms, a claim gets no verdict ("missing runs"), though its partial effect
+is shown: a sweep still running must not read as evidence, and its first seeds are no random sample.
 """
 
 from __future__ import annotations
@@ -334,7 +336,7 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
                 differences = [t["test"] - c["test"] for t, c, _ in found]
             interval = paired_interval(differences)
             row |= {"effect": interval.mean, "low": interval.low, "high": interval.high, "pairs": interval.n}
-            outcome = verdict(claim.test, interval, claim.margin)
+            outcome = verdict(claim.test, interval, claim.margin) if interval.n >= len(plan.seeds) else MISSING
             if found:
                 treatment_params = np.mean([t["params"] for t, _, _ in found])
                 control_params = np.mean([c["params"] for _, c, _ in found])
@@ -401,7 +403,8 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
              f"Backbone `{domain.backbone}`; datasets {', '.join(plan.datasets)}; seeds {plan.seeds} for both arms of "
              f"every claim (paired by seed); effect = treatment - control in metric points (x100), mean of the "
              f"per-seed differences with a 95% Student-t interval. Verdicts: supported / contradicted when the "
-             f"interval clears the claim's margin, inconclusive when it spans it (see "
+             f"interval clears the claim's margin, inconclusive when it spans it, missing runs until every seed has both "
+             f"arms (see "
              f"`partial_lora/protocol/claims.py`). Rendered from the run records alone.", "",
              "| claim | dataset | treatment vs control | lr (T / C) | runs | treatment | control | effect [95% CI] "
              "| margin | params T / C (reduction) | verdict |",
