@@ -79,6 +79,19 @@ def test_cpu_scale_runs_minilm_on_local_glue_with_a_reduced_protocol():
     assert cfg.backbone.pooling == "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
 
 
+def test_cpu_scale_budgets_mrpc_apart_and_a_command_line_size_still_wins():
+    """MRPC learns nothing measurable on the default 2,000 examples x 2 epochs: the preset gives it its whole train
+    split for 3 epochs, and SST-2 keeps the default; claim C7's sizes, given on the command line, override both."""
+    budget = {name: (cfg.dataset.train_size, cfg.train.epochs) for name in ("sst2", "mrpc", "cifar10_fewshot")
+              for cfg in [compose_target("table6", "cpu", [f"dataset={name}"])]}
+    assert budget == {"sst2": (2000, 2), "mrpc": (None, 3), "cifar10_fewshot": (2000, 2)}
+    larger = compose_target("table6", "cpu", ["dataset=mrpc", "dataset.train_size=500"])
+    assert (larger.dataset.train_size, larger.train.epochs) == (500, 3)
+    cfg = compose_target("table6", "cpu")
+    assert training_budget(cfg, "mrpc")["dataset.train_size"] is None and training_budget(cfg, "mrpc")["train.epochs"] == 3
+    assert training_budget(cfg, "sst2")["dataset.train_size"] == 2000 == training_budget(cfg)["dataset.train_size"]
+
+
 def test_unknown_target_and_domain_are_refused():
     with pytest.raises(ConfigError, match="no experiment config"):
         compose_target("table99", "cpu")
@@ -92,6 +105,9 @@ def fake_record(cfg, method: str, dataset: str, seed: int, lr: float, val: float
     config |= {"seed": seed, "lr": lr, "backbone": {"name": "minilm"},
                "dataset": config["dataset"] | {"name": dataset}, "method": {"name": method},
                "importance": {"name": importance}}
+    for key, value in training_budget(cfg, dataset).items():  # as run.py resolves the preset for this dataset
+        section, name = key.split(".")
+        config[section][name] = value
     return {"status": "finished", "config": config, "backbone": "minilm", "dataset": dataset, "method": method,
             "rank": 8, "seed": seed, "lr": lr, "best_val": val, "test": test,
             "params": {"adapter": params, "unmasked_adapter": 331_776},
@@ -130,10 +146,25 @@ def table6(tmp_path: Path):
 
 def test_selection_keeps_only_the_plans_runs(table6):
     cfg, tmp_path = table6
-    records = select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu", training_budget(cfg))
+    budgets = {"sst2": training_budget(cfg, "sst2")}
+    records = select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu", budgets)
     assert len(records) == 12 and set(records["method"]) == {"lora", "partial_lora"}
     assert training_budget(cfg)["dataset.train_size"] == 2000 and "train.num_workers" not in training_budget(cfg)
     assert len(select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu")) == 14  # budget unchecked
+
+
+def test_selection_holds_each_dataset_to_its_own_budget(table6):
+    """MRPC's budget (the whole split) is not SST-2's: a run is kept when it matches its own dataset's budget."""
+    cfg, tmp_path = table6
+    runs = Path(cfg.results_dir)
+    write_record(fake_record(cfg, "lora", "mrpc", 0, 1e-3, 80, 79, 331_776), runs, "mrpc_whole_split")
+    on_sst2_budget = fake_record(cfg, "lora", "mrpc", 1, 1e-3, 99, 99, 331_776)
+    on_sst2_budget["config"]["dataset"]["train_size"], on_sst2_budget["config"]["train"]["epochs"] = 2000, 2
+    write_record(on_sst2_budget, runs, "mrpc_2000_examples")
+    budgets = {name: training_budget(cfg, name) for name in ("sst2", "mrpc")}
+    records = select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu", budgets)
+    assert len(records) == 13 and records.query("dataset == 'mrpc'")["seed"].tolist() == [0]
+    assert records.query("dataset == 'mrpc'")["config.dataset.train_size"].isna().all()
 
 
 def test_table_shows_top_k_mean_next_to_the_paper(table6):

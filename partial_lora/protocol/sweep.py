@@ -19,7 +19,7 @@ from typing import Any
 
 import pandas as pd
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from partial_lora.config import register_resolvers
 from partial_lora.errors import RUNS_FAILED_EXIT, ConfigError
@@ -140,28 +140,37 @@ def _normalised(value: Any) -> str:
     return json.dumps(value)
 
 
-def training_budget(cfg: DictConfig) -> dict[str, Any]:
+def training_budget(cfg: DictConfig, dataset: str | None = None) -> dict[str, Any]:
     """The settings that fix how much a run trains at this scale: the ``dataset`` and ``train`` keys the scale
     preset sets (``conf/scale/<name>.yaml``) and every ``train`` key that changes what a run computes, as
-    ``cfg`` resolves them."""
+    ``cfg`` resolves them, for ``dataset`` when given (a preset may budget datasets apart, ``scale.budgets``)."""
     preset = OmegaConf.load(ROOT / "conf" / "scale" / f"{cfg.scale.name}.yaml")
     keys = {f"dataset.{key}" for key in preset.get("dataset") or {}}
     keys |= {f"train.{key}" for key in (*(preset.get("train") or {}), *cfg.train)}
+    if dataset is not None:
+        # The preset's keys outrank the dataset group's, and read the dataset only through its name.
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.dataset.name = dataset
     return {key: OmegaConf.select(cfg, key) for key in sorted(keys - set(NON_SEMANTIC_KEYS))}
 
 
 def select_runs(records: pd.DataFrame, planned: list[dict[str, list[Any]]], scale: str,
-                budget: dict[str, Any] | None = None) -> pd.DataFrame:
+                budgets: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
     """The records a target's plan produced at ``scale``: each matches one planned multirun on every
-    swept and fixed setting and, when given, on the ``budget`` (:func:`training_budget`), so that a run
-    trained on another budget at the same settings (claim C7's larger training sets) stays out."""
+    swept and fixed setting and, when given, on its dataset's budget (``budgets[dataset]``, see
+    :func:`training_budget`), so that a run trained on another budget at the same settings (claim C7's larger
+    training sets) stays out."""
     if records.empty:
         return records
     chosen = pd.Series(False, index=records.index)
-    within_budget = pd.Series(True, index=records.index)
-    for key, value in (budget or {}).items():
-        column = f"config.{key}"
-        within_budget &= records[column].map(_normalised) == _normalised(value) if column in records else False
+    within_budget = pd.Series(True, index=records.index) if budgets is None else pd.Series(False, index=records.index)
+    for dataset, budget in (budgets or {}).items():
+        on_budget = records["dataset"] == dataset
+        for key, value in budget.items():
+            column = f"config.{key}"
+            on_budget &= records[column].map(_normalised) == _normalised(value) if column in records else False
+        within_budget |= on_budget
     for settings in planned:
         match = (records["scale"] == scale) & within_budget
         for key, values in settings.items():

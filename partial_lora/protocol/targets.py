@@ -70,7 +70,8 @@ def render_target(cfg: DictConfig, tables_dir: str | Path = "results/tables",
         note = f"Scale `{scale}`; ratio caches: {', '.join(Path(path).name for path in caches['path'])}."
         return _save_figure(figure, Path(figures_dir), stem, sweep.title, note)
 
-    records = select_runs(load_records(cfg.results_dir), planned, scale, training_budget(cfg))
+    budgets = {dataset: training_budget(cfg, dataset) for settings in planned for dataset in settings["dataset"]}
+    records = select_runs(load_records(cfg.results_dir), planned, scale, budgets)
     if records.empty:
         print(f"{sweep.name}: no finished run records at scale {scale} under {cfg.results_dir}; run the target first.")
         return written
