@@ -132,6 +132,7 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     assert "| C1 | sst2 | partial vs lora | 0.001 / 0.001 | 4/4 |" in text and "**supported**" in text
     assert "dataset.train_size=16000: lora's lead +0.05 [+0.05, +0.05], 2 seeds (by seed 0: +0.05, 1: +0.05)" in text
     assert "| 0 | 200 / 0 | **supported** |" in text  # C8: no reduction against a control without an adapter
+    assert "| mrpc | snip | 2 | nan | nan | 20.00% (20.00%-20.00%) | 0 of 2 |" in text  # seeds 0, 1; no pilot
     assert "| all | 64 | 1.60 | 90 |" in text  # every record once, though C1's runs serve C2-C8 too
     assert image.stat().st_size > 0
 
