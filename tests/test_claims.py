@@ -134,6 +134,8 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     assert "dataset.train_size=16000: lora's lead +0.05 [+0.05, +0.05], 2 seeds (by seed 0: +0.05, 1: +0.05)" in text
     assert "| 0 | 200 / 0 | **supported** |" in text  # C8: no reduction against a control without an adapter
     assert "| mrpc | snip | 2 | nan | nan | 20.00% (20.00%-20.00%) | 0 of 2 |" in text  # seeds 0, 1; no pilot
+    # C9's derivation on more examples is its own row, not another seed of the preset's SVD derivation
+    assert "| sst2 | svd | 2 |" in text and "| sst2 | svd, ratios.max_examples=512 | 2 |" in text
     assert "| all | 66 | 1.65 | 90 |" in text  # every record once, though C1's runs serve C2-C8 too
     assert image.stat().st_size > 0
 

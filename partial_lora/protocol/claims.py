@@ -400,14 +400,17 @@ def _derivation_lines(plan: ClaimPlan) -> list[str]:
              f"the pretrained model's accuracy on the derivation set (its head fitted there as a probe), the set's "
              f"majority-class rate, the share of the adapter's rows and columns the derived counts keep (mean and "
              f"range over seeds), and how many seeds' derivations were flagged (near chance, or under 1% kept).", "",
-             "| dataset | importance | seeds | baseline accuracy | majority rate | kept, mean (range) | flagged |",
+             "| dataset | importance (ratio settings) | seeds | baseline accuracy | majority rate | kept, mean (range) "
+             "| flagged |",
              "|---|---|---|---|---|---|---|"]
     derivations = {}
-    for record in plan.planned_records().values():
-        masks = record.get("masks")
-        if record["seed"] in plan.seeds and isinstance(masks, dict) and "derived_fraction" in masks \
-                and isinstance(record.get("importance"), str):
-            derivations.setdefault((record["dataset"], record["importance"]), {})[record["seed"]] = masks
+    for run in plan.planned_runs():
+        record = plan.record(run)
+        masks = None if record is None else record.get("masks")
+        if run.seed in plan.seeds and isinstance(masks, dict) and "derived_fraction" in masks:
+            # an arm that derives under other ratio settings (C9's larger set) is a derivation of its own
+            setting = ", ".join([record["importance"], *(item for item in run.overrides if item.startswith("ratios."))])
+            derivations.setdefault((run.dataset, setting), {})[run.seed] = masks
     for (dataset, importance), by_seed in sorted(derivations.items(), key=lambda item: (plan.datasets.index(item[0][0]),
                                                                                         item[0][1])):
         kept = [masks["derived_fraction"] for masks in by_seed.values()]
