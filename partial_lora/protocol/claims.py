@@ -96,9 +96,9 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> Inter
     return Interval(mean, mean - half, mean + half, n)
 
 
-def verdict(test: str, interval: Interval, margin: float) -> str:
-    """See the module docstring."""
-    if interval.n < 2:
+def verdict(test: str, interval: Interval, margin: float, pairs_needed: int = 2) -> str:
+    """See the module docstring; missing runs with fewer than ``pairs_needed`` pairs (the planned seeds)."""
+    if interval.n < max(2, pairs_needed):
         return MISSING
     low, high = interval.low, interval.high
     if test == "noninferior":
@@ -336,7 +336,7 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
                 differences = [t["test"] - c["test"] for t, c, _ in found]
             interval = paired_interval(differences)
             row |= {"effect": interval.mean, "low": interval.low, "high": interval.high, "pairs": interval.n}
-            outcome = verdict(claim.test, interval, claim.margin) if interval.n >= len(plan.seeds) else MISSING
+            outcome = verdict(claim.test, interval, claim.margin, pairs_needed=len(plan.seeds))
             if found:
                 treatment_params = np.mean([t["params"] for t, _, _ in found])
                 control_params = np.mean([c["params"] for _, c, _ in found])
