@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from partial_lora.masks import derives_counts
 from partial_lora.ratios import DerivedCounts, derive_counts
 from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
                                   write_record)
-from partial_lora.training import AdaLoraBudget, ClassificationModule, FiniteLoss, RngState
+from partial_lora.training import AdaLoraBudget, ClassificationModule, FiniteLoss, RngState, RunClock
 
 
 def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
@@ -72,7 +71,7 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
-    started = time.perf_counter()
+    clock = RunClock()  # first: the run's time includes building the backbone and deriving counts
     L.seed_everything(cfg.seed, workers=True)
 
     backbone, datamodule = backbone_and_data(cfg)
@@ -106,7 +105,7 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
     # Training strategies (CoTo) and methods with their own schedule (LoSiA) bring a callback; CoTo's comes
     # before AdaLoraBudget, which reads the gradients it completes.
     extra = [instantiate(callback) for callback in (cfg.strategy.callback, cfg.method.get("callback")) if callback]
-    callbacks = [checkpoint, latest, RngState(), FiniteLoss(), *extra] + ([AdaLoraBudget()] if rank_allocation else [])
+    callbacks = [checkpoint, latest, RngState(), clock, FiniteLoss(), *extra] + ([AdaLoraBudget()] if rank_allocation else [])
     # A step limit inside the first epoch would end training before any validation, with no best checkpoint
     # to test: validate at the limit instead.
     within_first_epoch = 0 < cfg.trainer.max_steps < datamodule.steps_per_epoch()
@@ -129,7 +128,7 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
         if not trainer.is_global_zero:
             return None
         record = identity | {"status": "failed", "reason": str(failure), "step": failure.step,
-                             "wall_time_s": time.perf_counter() - started, "environment": environment()}
+                             **clock.record_fields(), "environment": environment()}
         record["path"] = _store(cfg, slot, record, name)
         print(f"\nrun {slot.run_id} failed: {failure}\nrun record: {record['path']}")
         return record
@@ -155,7 +154,7 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
         "test": 100 * float(test["test/metric"]),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
-        "wall_time_s": time.perf_counter() - started,
+        **clock.record_fields(),
         "environment": environment(),
     }
     if logger:

@@ -12,7 +12,8 @@ from partial_lora.pipeline import run
 from partial_lora.results import write_record
 
 RECORD_KEYS = {"run_id", "status", "config", "seed", "backbone", "dataset", "method", "rank", "lr", "params",
-               "metric", "best_val", "test", "epochs", "steps", "wall_time_s", "environment"}
+               "metric", "best_val", "test", "epochs", "steps", "wall_time_s", "wall_time_carried_s",
+               "environment"}
 
 
 def test_fit_writes_a_complete_record(tiny_cfg, tmp_path: Path):
@@ -25,6 +26,7 @@ def test_fit_writes_a_complete_record(tiny_cfg, tmp_path: Path):
     assert saved["params"]["adapter"] > 0 and saved["params"]["head"] == 32 * 2 + 2
     assert 0 <= saved["test"] <= 100 and 0 <= saved["best_val"] <= 100
     assert saved["steps"] == 5  # 40 training rows / batch 8, one epoch
+    assert saved["wall_time_s"] > 0 and saved["wall_time_carried_s"] == 0  # never resumed
     assert set(saved["environment"]) == {"torch", "transformers", "peft", "git_commit"}
     assert saved["config"]["dataset"]["name"] == "sst2"
     assert record["path"] == str(files[0])

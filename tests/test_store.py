@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 from omegaconf import OmegaConf, open_dict
@@ -95,11 +96,15 @@ def test_a_killed_run_resumes_to_the_same_weights_and_metrics(longer_glue_dir: P
     process = launch([*overrides, *store_overrides(killed), f"hydra.run.dir={killed / 'out'}"], cwd=tmp_path)
     kill_when(process, lambda: any((killed / "checkpoints").glob("*/last.ckpt")))
     assert not list((killed / "runs").glob("*.json"))  # no half-written record
+    (interrupted,) = (killed / "checkpoints").glob("*/last.ckpt")
+    spent = torch.load(interrupted, map_location="cpu", weights_only=True)["callbacks"]["RunClock"]["elapsed_s"]
 
     output = finish(launch([*overrides, *store_overrides(killed), f"hydra.run.dir={killed / 'out2'}"], cwd=tmp_path))
     assert "resuming run" in output
     (resumed_file,) = (killed / "runs").glob("*.json")
     resumed = json.loads(resumed_file.read_text())
+    # the record's time includes the killed segment's, up to the checkpoint it resumed from
+    assert resumed["wall_time_carried_s"] == spent > 0 and resumed["wall_time_s"] > spent
 
     cfg = compose_config(*overrides, *store_overrides(tmp_path / "whole"))
     with open_dict(cfg):
@@ -237,16 +242,17 @@ def test_same_config_and_seed_give_identical_masks_caches_and_metrics(tiny_cfg, 
     assert (first["best_val"], first["test"], first["params"]) == (second["best_val"], second["test"], second["params"])
 
 
+def adalora_in(root: Path, data_dir: Path):
+    cfg = compose_config(*TINY, f"data_dir={data_dir}", "train.epochs=3", "checkpoint.keep=true", "method=adalora",
+                         *store_overrides(root))
+    with open_dict(cfg):
+        cfg.output_dir = str(root / "out")
+    return cfg
+
+
 def test_a_crashed_adalora_run_resumes_like_an_uninterrupted_one(longer_glue_dir: Path, tmp_path: Path, monkeypatch,
                                                                  one_thread):
     """The SIGKILL test's contract, in process, for AdaLoRA: its allocator's state travels in the checkpoint."""
-    def configured(root: Path):
-        cfg = compose_config(*TINY, f"data_dir={longer_glue_dir}", "train.epochs=3", "checkpoint.keep=true",
-                             "method=adalora", *store_overrides(root))
-        with open_dict(cfg):
-            cfg.output_dir = str(root / "out")
-        return cfg
-
     def crash_in_second_epoch(self, trainer, pl_module, loss):
         if trainer.global_step == 27:
             raise RuntimeError("simulated crash")
@@ -254,14 +260,33 @@ def test_a_crashed_adalora_run_resumes_like_an_uninterrupted_one(longer_glue_dir
     with monkeypatch.context() as patch:
         patch.setattr(FiniteLoss, "on_before_backward", crash_in_second_epoch)
         with pytest.raises(RuntimeError, match="simulated crash"):
-            run(configured(tmp_path / "crashed"))
-    resumed = run(configured(tmp_path / "crashed"))
-    whole = run(configured(tmp_path / "whole"))
+            run(adalora_in(tmp_path / "crashed", longer_glue_dir))
+    resumed = run(adalora_in(tmp_path / "crashed", longer_glue_dir))
+    whole = run(adalora_in(tmp_path / "whole", longer_glue_dir))
     assert (whole["best_val"], whole["test"], whole["params"]) == (resumed["best_val"], resumed["test"],
                                                                   resumed["params"])
     expected = final_state(tmp_path / "whole" / "checkpoints" / whole["run_id"] / "last.ckpt")
     actual = final_state(tmp_path / "crashed" / "checkpoints" / resumed["run_id"] / "last.ckpt")
     assert all(torch.equal(expected[key], actual[key]) for key in expected)
+
+
+def test_an_adalora_run_stopped_after_its_last_step_counts_its_pruned_ranks(longer_glue_dir: Path, tmp_path: Path,
+                                                                          monkeypatch, one_thread):
+    """Stopped between training and test, a run resumes with nothing left to train: the rank pattern comes from
+    the checkpoint alone, and without it every pruned rank would count again."""
+    def stop_before_testing(*args, **kwargs):
+        raise RuntimeError("simulated kill before the test")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(L.Trainer, "test", stop_before_testing)
+        with pytest.raises(RuntimeError, match="simulated kill"):
+            run(adalora_in(tmp_path / "stopped", longer_glue_dir))
+    resumed = run(adalora_in(tmp_path / "stopped", longer_glue_dir))
+    whole = run(adalora_in(tmp_path / "whole", longer_glue_dir))
+    assert resumed["steps"] == whole["steps"] == 60
+    assert resumed["params"]["unmasked_adapter"] < resumed["params_initial"]["unmasked_adapter"]  # ranks were pruned
+    assert (whole["best_val"], whole["test"], whole["params"]) == (resumed["best_val"], resumed["test"],
+                                                                  resumed["params"])
 
 
 def test_a_record_is_found_by_its_configs_hash_wherever_it_was_written(tiny_cfg, tmp_path: Path):

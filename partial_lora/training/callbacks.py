@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
 import lightning as L
@@ -22,7 +23,7 @@ class AdaLoraBudget(L.Callback):
 
     The allocator's importance averages and the final rank pattern live outside the model's state dict,
     so they travel in the checkpoint as this callback's state: a resumed run allocates as an
-    uninterrupted one would.
+    uninterrupted one would, and one resumed after its last step counts its pruned ranks as one would.
     """
 
     def __init__(self) -> None:
@@ -42,7 +43,10 @@ class AdaLoraBudget(L.Callback):
                 "rank_pattern": self.adalora.peft_config[self.adalora.trainable_adapter_name].rank_pattern}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.restored = state  # the checkpoint is read before training starts: applied in on_train_start
+        # The rank pattern tells the parameter count that ranks were pruned. It is set at once: a fit resumed
+        # after its last step never calls on_train_start, and a test of the best checkpoint loads its own.
+        self.adalora.peft_config[self.adalora.trainable_adapter_name].rank_pattern = state["rank_pattern"]
+        self.restored = state  # the allocator's tensors go where the model will be: in on_train_start
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.restored is None:
@@ -50,7 +54,6 @@ class AdaLoraBudget(L.Callback):
         allocator = self.adalora.rankallocator
         for key in ("ipt", "exp_avg_ipt", "exp_avg_unc"):
             setattr(allocator, key, {name: value.to(pl_module.device) for name, value in self.restored[key].items()})
-        self.adalora.peft_config[self.adalora.trainable_adapter_name].rank_pattern = self.restored["rank_pattern"]
         self.restored = None
 
 
@@ -95,6 +98,40 @@ class RngState(L.Callback):
         np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class RunClock(L.Callback):
+    """A run's wall time summed over its resumptions: each checkpoint holds the time spent so far.
+
+    Lightning's ``Timer`` carries only the fit loop's time across a resume, not the setup before it
+    (building the backbone, deriving counts: minutes at paper scale), and the protocol's compute report
+    needs the whole run. What a segment did after its last checkpoint is lost with it; the next segment redoes
+    that work and counts it.
+    """
+
+    def __init__(self) -> None:
+        self.started = time.perf_counter()  # made when this process begins the run
+        self.carried = 0.0  # earlier segments' time, up to the checkpoint resumed from
+        self.training = False
+
+    def elapsed(self) -> float:
+        return self.carried + time.perf_counter() - self.started
+
+    def record_fields(self) -> dict[str, float]:
+        """The run record's times: the total, and the part of it earlier segments spent (0 if never resumed)."""
+        return {"wall_time_s": self.elapsed(), "wall_time_carried_s": self.carried}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"elapsed_s": self.elapsed()}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.training = True
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # trainer.test(ckpt_path="best") restores callback states too: only a resumed fit's restore, which
+        # comes before training starts, carries time over.
+        if not self.training:
+            self.carried = float(state["elapsed_s"])
 
 
 class SubnetRelocalization(L.Callback):
