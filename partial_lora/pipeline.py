@@ -105,7 +105,8 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
     # Training strategies (CoTo) and methods with their own schedule (LoSiA) bring a callback; CoTo's comes
     # before AdaLoraBudget, which reads the gradients it completes.
     extra = [instantiate(callback) for callback in (cfg.strategy.callback, cfg.method.get("callback")) if callback]
-    callbacks = [checkpoint, latest, RngState(), clock, FiniteLoss(), *extra] + ([AdaLoraBudget()] if rank_allocation else [])
+    callbacks = [checkpoint, latest, RngState(), clock, FiniteLoss(), *extra]
+    callbacks += [AdaLoraBudget()] if rank_allocation else []
     # A step limit inside the first epoch would end training before any validation, with no best checkpoint
     # to test: validate at the limit instead.
     within_first_epoch = 0 < cfg.trainer.max_steps < datamodule.steps_per_epoch()

@@ -281,7 +281,10 @@ def test_an_adalora_run_stopped_after_its_last_step_counts_its_pruned_ranks(long
         patch.setattr(L.Trainer, "test", stop_before_testing)
         with pytest.raises(RuntimeError, match="simulated kill"):
             run(adalora_in(tmp_path / "stopped", longer_glue_dir))
+    (last,) = (tmp_path / "stopped" / "checkpoints").glob("*/last.ckpt")
+    spent = torch.load(last, map_location="cpu", weights_only=True)["callbacks"]["RunClock"]["elapsed_s"]
     resumed = run(adalora_in(tmp_path / "stopped", longer_glue_dir))
+    assert resumed["wall_time_carried_s"] == spent  # the fit's restore, not the best checkpoint's for the test
     whole = run(adalora_in(tmp_path / "whole", longer_glue_dir))
     assert resumed["steps"] == whole["steps"] == 60
     assert resumed["params"]["unmasked_adapter"] < resumed["params_initial"]["unmasked_adapter"]  # ranks were pruned

@@ -112,7 +112,7 @@ class RunClock(L.Callback):
     def __init__(self) -> None:
         self.started = time.perf_counter()  # made when this process begins the run
         self.carried = 0.0  # earlier segments' time, up to the checkpoint resumed from
-        self.training = False
+        self.stage: str | None = None
 
     def elapsed(self) -> float:
         return self.carried + time.perf_counter() - self.started
@@ -124,13 +124,12 @@ class RunClock(L.Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"elapsed_s": self.elapsed()}
 
-    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.training = True
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.stage = stage  # called before the trainer restores a checkpoint
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        # trainer.test(ckpt_path="best") restores callback states too: only a resumed fit's restore, which
-        # comes before training starts, carries time over.
-        if not self.training:
+        # trainer.test(ckpt_path="best") restores callback states too: only a resumed fit carries time over.
+        if self.stage == "fit":
             self.carried = float(state["elapsed_s"])
 
 
