@@ -89,6 +89,7 @@ SETTINGS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("ratios.step", _at_least(1), "an integer >= 1"),
     ("ratios.batch_size", _at_least(1), "an integer >= 1"),
     ("ratios.probe_head_steps", _at_least(0), "an integer >= 0 (0: no probe)"),
+    ("ratios.probe_examples", _at_least(1), "an integer >= 1"),
     ("importance.top_k", _at_least(1, none=True), "an integer >= 1 or null (all directions)"),
     ("dataset.derivation_fraction", _share(True, False), "a number in (0, 1]"),
     ("dataset.shots", _at_least(1, none=True), "an integer >= 1 (training images per class) or null"),
@@ -119,12 +120,14 @@ def validate(cfg: DictConfig) -> None:
     the layers it adapts needs their shapes, which only the built backbone has: see :func:`validate_rank`.
     """
     from partial_lora.importance.measures import FLOWS  # import torch: run.py loads this module first
-    from partial_lora.ratios.search import RULES, SEARCHES
+    from partial_lora.ratios.derive import PROBES
+    from partial_lora.ratios.search import RULES, SCOPES, SEARCHES
 
     for key, accepts, description in SETTINGS:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         _require(value is _ABSENT or accepts(value), f"{key} must be {description}, got {value!r}.")
-    for key, choices in (("ratios.search", SEARCHES), ("ratios.rule", RULES), ("importance.flow", FLOWS)):
+    for key, choices in (("ratios.search", SEARCHES), ("ratios.rule", RULES), ("ratios.probe", PROBES),
+                         ("ratios.scope", SCOPES), ("importance.flow", FLOWS)):
         value = OmegaConf.select(cfg, key)
         _require(value in choices, f"{key} must be one of {', '.join(choices)}, got {value!r}.")
     _validate_method(cfg)

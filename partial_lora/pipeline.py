@@ -40,9 +40,15 @@ def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
 def derive_for_run(cfg: DictConfig, backbone: Backbone, datamodule: SplitDataModule) -> DerivedCounts:
     """The counts of a masked run (SPEC 4), derived on the backbone before adapters are added and cached under
     ``ratios.cache_dir``."""
-    batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
+    ratios = cfg.ratios
+    batches = datamodule.derivation_batches(ratios.fraction, ratios.max_examples, ratios.batch_size)
     settings, source = derivation_settings(cfg)
-    return derive_counts(backbone.model, batches, settings, cache_dir=cfg.ratios.cache_dir, source=source)
+    probe_batches = None
+    if settings.probes_held_out:
+        probe_batches = datamodule.probe_batches(ratios.fraction, ratios.max_examples, ratios.probe_examples,
+                                                 ratios.batch_size)
+    return derive_counts(backbone.model, batches, settings, probe_batches=probe_batches, cache_dir=ratios.cache_dir,
+                         source=source)
 
 
 def run(cfg: DictConfig) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ from partial_lora.adapters.targets import targeted_linears
 from partial_lora.backbones.base import in_head
 from partial_lora.config import register_resolvers
 from partial_lora.pipeline import backbone_and_data, derive_for_run
-from partial_lora.ratios import DerivedCounts, batch_metric
+from partial_lora.ratios import DerivedCounts, DerivationMetric
 from partial_lora.ratios.search import literal_evaluations
 from partial_lora.training.optim import adamw
 
@@ -197,7 +197,7 @@ def full_evaluation_seconds(model: torch.nn.Module, target_modules: str, batches
                             samples: int = 3) -> float:
     """Median time of one literal evaluation (whole model, whole derivation set, no replay or early stop),
     with a few rows of ``samples`` layers spread over the model zeroed in turn."""
-    accuracy = batch_metric(model.eval(), batches)
+    accuracy = DerivationMetric(model.eval(), batches)
     weights = {name: layer.weight for name, layer in targeted_linears(model, target_modules).items()}
     names = list(weights)
     times = []

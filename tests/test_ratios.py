@@ -6,16 +6,17 @@ import re
 import threading
 import time
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from partial_lora.backbones import build_backbone
-from partial_lora.errors import ConfigError
+from partial_lora.errors import ConfigError, DataError
 from partial_lora.importance import LayerScores, svd_scores
 from partial_lora.ratios import (AcceptanceRule, DerivationSettings, DerivedCounts, LayerCounts, PrefixReplay,
-                                 RatioCache, batch_metric, derivation_inputs, derivation_warnings, derive_counts,
-                                 largest_removable, majority_rate, search_counts)
+                                 RatioCache, DerivationMetric, derivation_inputs, derivation_warnings, derive_counts,
+                                 largest_removable, majority_rate, search_counts, ticket_metric)
 from partial_lora.ratios.search import literal_evaluations
 from partial_lora.ratios.probe import probed_head
 from partial_lora.ratios.stability import kept_shares, stability_summary
@@ -145,7 +146,7 @@ def test_probed_head_fits_the_derivation_set_and_is_restored():
 def test_early_stopping_evaluation_decides_like_the_full_one():
     cfg, model, batches = tiny_model_and_batches(6, 5)
     for blocks in (None, cfg.backbone.blocks):
-        accuracy = batch_metric(model, batches, blocks)
+        accuracy = DerivationMetric(model, batches, blocks)
         full = accuracy(None, None)
         assert 0 < full < 1
         for target in torch.linspace(0, 1, 31).tolist():
@@ -302,7 +303,7 @@ def test_warnings_flag_a_baseline_near_chance():
 def test_loss_rule_counts_on_a_small_model_and_early_stopped_loss_decides_like_the_full_one():
     cfg, model, batches = tiny_model_and_batches(6, 5)
     for blocks in (None, cfg.backbone.blocks):
-        loss = batch_metric(model, batches, blocks, metric="loss")
+        loss = DerivationMetric(model, batches, blocks, metric="loss")
         full = loss(None, None)
         assert full > 0
         for target in torch.linspace(full * 0.5, full * 1.5, 21).tolist():
@@ -311,7 +312,120 @@ def test_loss_rule_counts_on_a_small_model_and_early_stopped_loss_decides_like_t
                if re.fullmatch(cfg.backbone.target_modules, name) and ".1." in name}
     scores = {name: svd_scores(w.detach()) for name, w in weights.items()}
     rule = AcceptanceRule("loss", 0.9, max_loss_increase=0.05)
-    _, linear = search_counts(weights, scores, batch_metric(model, batches, metric="loss"), rule, "linear",
+    _, linear = search_counts(weights, scores, DerivationMetric(model, batches, metric="loss"), rule, "linear",
                               step=8, progress=False)
     assert all(0 <= c.k_row <= weights[n].shape[0] and 0 <= c.k_col <= weights[n].shape[1]
                for n, c in linear.items())
+
+
+class _Toy(torch.nn.Module):
+    """Features -> ``hidden`` -> ``classifier``, called like a transformers classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(4, 4)
+        self.classifier = torch.nn.Linear(4, 2)
+        with torch.no_grad():
+            self.hidden.weight.copy_(torch.eye(4))
+            self.hidden.bias.zero_()
+
+    def forward(self, features: torch.Tensor):
+        return SimpleNamespace(logits=self.classifier(self.hidden(features)))
+
+
+def test_the_held_out_probe_is_fitted_on_its_own_sample_and_never_on_the_derivation_set():
+    # The probe's sample labels the sign of the first feature the other way round from the derivation set: a
+    # probe fitted there scores near 0 on the derivation set, one fitted on the derivation set itself 1.00.
+    torch.manual_seed(0)
+    model = _Toy().eval()
+    features = torch.randn(2, 32, 4)
+    derivation = [{"features": features[0], "labels": (features[0, :, 0] > 0).long()}]
+    probe = [{"features": features[1], "labels": (features[1, :, 0] <= 0).long()}]
+    settings = DerivationSettings(target_modules=["hidden"], probe_head_steps=300)
+    in_sample = derive_counts(model, derivation, settings)
+    held_out = derive_counts(model, derivation, replace(settings, probe="heldout"), probe_batches=probe)
+    assert in_sample.baseline_accuracy > 0.95
+    assert held_out.baseline_accuracy < 0.2
+    assert held_out.inputs["probe_data"] != held_out.inputs["data"] and "probe_data" not in in_sample.inputs
+    assert held_out.inputs["settings"]["probe"] == "heldout" and "probe" not in in_sample.inputs["settings"]
+    with pytest.raises(ConfigError, match="ratios.probe=heldout"):
+        derive_counts(model, derivation, replace(settings, probe="heldout"))
+    with pytest.raises(ConfigError, match="probe_batches were given"):
+        derive_counts(model, derivation, settings, probe_batches=probe)
+    with pytest.raises(ConfigError, match="ratios.probe must be one of in_sample, heldout"):
+        replace(settings, probe="train")
+
+
+def test_the_probe_sample_shares_no_row_with_the_derivation_set_or_validation(tmp_path):
+    from partial_lora.data.glue import GlueDataModule
+    from transformers import AutoTokenizer
+
+    from tests.conftest import write_jsonl
+
+    rows = [{"sentence": f"sentence number {index}", "label": index % 2, "idx": index} for index in range(60)]
+    write_jsonl(tmp_path / "glue" / "sst2" / "train.jsonl", rows)
+    write_jsonl(tmp_path / "glue" / "sst2" / "validation.jsonl", rows[:8])
+    cfg = compose_config("backbone=tiny_bert", "dataset.val_size=10")
+    tokenizer = AutoTokenizer.from_pretrained(build_backbone(cfg.backbone, num_labels=2).tokenizer.name_or_path)
+    data = GlueDataModule(cfg.dataset, tokenizer, str(tmp_path), batch_size=8, data_seed=3)
+
+    def texts(batches):
+        return {tuple(ids[mask.bool()].tolist()) for batch in batches
+                for ids, mask in zip(batch["input_ids"], batch["attention_mask"])}
+
+    derivation = texts(data.derivation_batches(0.2, None, 8))
+    probe = texts(data.probe_batches(0.2, None, 25, 8))
+    validation = {tuple(row["input_ids"]) for row in data.splits["val"]}
+    assert (len(derivation), len(probe)) == (10, 25)
+    assert not derivation & probe and not probe & validation and not derivation & validation
+    with pytest.raises(DataError, match="none for the held-out probe"):
+        data.probe_batches(1.0, None, 25, 8)
+
+
+def _redundant_pair():
+    """Two parallel identity layers summed: either alone carries every class, removing both leaves none."""
+    first, second = torch.eye(4).clone(), torch.eye(4).clone()
+    labels = torch.arange(4).repeat(4)
+    inputs = torch.eye(4)[labels]
+
+    def accuracy(layer, target):
+        return float(((inputs @ first.T + inputs @ second.T).argmax(dim=1) == labels).float().mean())
+
+    weights = {"first": first, "second": second}
+    return weights, {name: svd_scores(weight) for name, weight in weights.items()}, accuracy
+
+
+@pytest.mark.parametrize("search", ["linear", "binary", "whole_first"])
+def test_cumulative_scope_keeps_the_whole_ticket_within_the_bound_where_isolated_does_not(search):
+    weights, scores, accuracy = _redundant_pair()
+    before = {name: weight.clone() for name, weight in weights.items()}
+    changed = []
+    _, isolated = search_counts(weights, scores, accuracy, PAPER, search=search, progress=False)
+    _, cumulative = search_counts(weights, scores, accuracy, PAPER, search=search, progress=False,
+                                  scope="cumulative", weights_changed=changed.append)
+    assert all(torch.equal(weights[name], before[name]) for name in weights)
+    # Isolated: each layer goes whole on its own, and the ticket (both gone) is at chance.
+    assert all((c.k_row, c.k_col) == (0, 0) for c in isolated.values())
+    assert ticket_metric(weights, scores, isolated, accuracy) == 0.25
+    # Cumulative: the first goes whole, then the second must carry every class but the one an all-zero
+    # output still predicts (class 0).
+    assert (cumulative["first"].k_row, cumulative["first"].k_col) == (0, 0)
+    assert cumulative["second"].k_row == 3
+    assert ticket_metric(weights, scores, cumulative, accuracy) >= PAPER.target(1.0)
+    assert all(torch.equal(weights[name], before[name]) for name in weights)
+    assert changed[0] == "first" and changed[-1] == "first"  # told of each applied removal, and of the restore
+    with pytest.raises(ConfigError, match="ratios.scope must be one of isolated, cumulative"):
+        search_counts(weights, scores, accuracy, PAPER, scope="global", progress=False)
+
+
+def test_cumulative_counts_are_the_same_with_and_without_the_replayed_prefix():
+    # The replay must re-record a block's output once an earlier block's removal is left applied.
+    cfg, model, batches = tiny_model_and_batches(3, 6)
+    settings = DerivationSettings(target_modules=cfg.backbone.target_modules, probe_head_steps=300,
+                                  rule="loss", max_loss_increase=0.01, search="binary", scope="cumulative")
+    plain = derive_counts(model, batches, settings)
+    replayed = derive_counts(model, batches, replace(settings, blocks=cfg.backbone.blocks))
+    assert plain.to_json()["layers"] == replayed.to_json()["layers"]
+    assert 0 < plain.kept_fraction < 1  # some removals applied, some refused: the replay had work to redo
+    isolated = derive_counts(model, batches, replace(settings, scope="isolated"))
+    assert plain.to_json()["layers"] != isolated.to_json()["layers"]

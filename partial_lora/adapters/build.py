@@ -95,6 +95,7 @@ def derivation_settings(cfg: DictConfig) -> tuple[DerivationSettings, dict[str, 
         rule=ratios.rule, max_loss_increase=ratios.max_loss_increase, search=ratios.search, step=ratios.step,
         top_k=cfg.importance.get("top_k"), flow=cfg.importance.flow, head_modules=tuple(cfg.backbone.head_modules),
         probe_head_steps=0 if cfg.backbone.get("zero_shot_head") else ratios.probe_head_steps,
+        probe="in_sample" if cfg.backbone.get("zero_shot_head") else ratios.probe, scope=ratios.scope,
         blocks=cfg.backbone.get("blocks") if ratios.replay_prefix else None, progress=ratios.progress)
     source = {"backbone": OmegaConf.to_container(cfg.backbone, resolve=True) | {"name_or_path": cfg.backbone.name},
               "dataset": cfg.dataset.name, "data_seed": cfg.data_seed}

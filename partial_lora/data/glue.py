@@ -171,16 +171,35 @@ class GlueDataModule(SplitDataModule):
         return split.map(encode, batched=True, remove_columns=split.column_names,
                          load_from_cache_file=False, desc=f"tokenise {self.cfg.task}")
 
-    def derivation_batches(self, fraction: float, max_examples: int | None, batch_size: int) -> list[dict]:
-        """Algorithm 1's labelled sample: ``fraction`` of the train split (paper: 2% small, 5% large tasks),
-        at most ``max_examples``, drawn with the data seed from rows that are neither validation nor test."""
+    def _derivation_order(self, fraction: float, max_examples: int | None) -> tuple[Dataset, int]:
+        """The rows that are neither validation nor test, in the data seed's order, and how many of the first form
+        Algorithm 1's derivation set: ``fraction`` of them (paper: 2% small, 5% large tasks), at most
+        ``max_examples``."""
         self.setup()
         size = max(1, round(fraction * len(self.derivation_pool)))
         if max_examples is not None:
             size = min(size, max_examples)
-        sample = self._tokenize(self.derivation_pool.shuffle(seed=self.data_seed).select(range(size)))
+        return self.derivation_pool.shuffle(seed=self.data_seed), size
+
+    def derivation_batches(self, fraction: float, max_examples: int | None, batch_size: int) -> list[dict]:
+        """Algorithm 1's labelled sample (see :meth:`_derivation_order`)."""
+        order, size = self._derivation_order(fraction, max_examples)
+        return self._batches(order.select(range(size)), batch_size)
+
+    def probe_batches(self, fraction: float, max_examples: int | None, probe_examples: int,
+                      batch_size: int) -> list[dict]:
+        """The held-out probe's labelled sample (``ratios.probe=heldout``): the ``probe_examples`` rows that follow
+        the derivation set in the same order, so it shares no row with it, nor with validation or test."""
+        order, size = self._derivation_order(fraction, max_examples)
+        if size >= len(order):
+            raise DataError(f"GLUE {self.cfg.task}'s derivation set takes all {len(order)} rows outside validation, "
+                            "leaving none for the held-out probe: lower dataset.derivation_fraction or "
+                            "ratios.max_examples, or set ratios.probe=in_sample.")
+        return self._batches(order.select(range(size, min(len(order), size + probe_examples))), batch_size)
+
+    def _batches(self, rows: Dataset, batch_size: int) -> list[dict]:
+        sample = self._tokenize(rows)
         # Accuracy ignores order: batching similar lengths together cuts padding, and so evaluation time.
         by_length = sorted(range(len(sample)), key=lambda row: len(sample[row]["input_ids"]))
         loader = DataLoader(sample.select(by_length), batch_size=batch_size, shuffle=False, collate_fn=self.collate)
         return list(loader)
-

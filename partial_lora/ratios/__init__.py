@@ -8,11 +8,11 @@ prefixes (``replay.py``), and caches the resulting :class:`DerivedCounts` (``cou
 
 from partial_lora.ratios.cache import RatioCache, cache_key
 from partial_lora.ratios.counts import DerivedCounts
-from partial_lora.ratios.derive import (DerivationSettings, batch_metric, derivation_inputs, derivation_warnings,
+from partial_lora.ratios.derive import (DerivationMetric, DerivationSettings, derivation_inputs, derivation_warnings,
                                         derive_counts, fingerprint, majority_rate)
 from partial_lora.ratios.replay import PrefixReplay
-from partial_lora.ratios.search import AcceptanceRule, LayerCounts, largest_removable, search_counts
+from partial_lora.ratios.search import AcceptanceRule, LayerCounts, largest_removable, search_counts, ticket_metric
 
-__all__ = ["AcceptanceRule", "DerivationSettings", "DerivedCounts", "LayerCounts", "PrefixReplay", "RatioCache",
-           "batch_metric", "cache_key", "derivation_inputs", "derivation_warnings", "derive_counts", "fingerprint", "largest_removable",
-           "majority_rate", "search_counts"]
+__all__ = ["AcceptanceRule", "DerivationMetric", "DerivationSettings", "DerivedCounts", "LayerCounts", "PrefixReplay", "RatioCache",
+           "cache_key", "derivation_inputs", "derivation_warnings", "derive_counts", "fingerprint", "largest_removable",
+           "majority_rate", "search_counts", "ticket_metric"]

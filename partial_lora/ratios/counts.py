@@ -40,6 +40,7 @@ class DerivedCounts:
     inputs: dict[str, Any]
     baseline: float | None = None  # the pretrained model's value of the acceptance rule's metric
     baseline_accuracy: float | None = None
+    ticket_accuracy: float | None = None  # accuracy on the derivation set with every layer's removal applied at once
     majority_rate: float | None = None  # what predicting the most frequent class scores on the derivation set
     warnings: list[str] = field(default_factory=list)  # what makes the counts suspect (near chance, nearly empty)
     wall_time_s: float = 0.0
@@ -74,7 +75,7 @@ class DerivedCounts:
                 "col_scores": col.tolist(),
             }
         return {"inputs": self.inputs, "baseline": self.baseline, "baseline_accuracy": self.baseline_accuracy,
-                "majority_rate": self.majority_rate, "warnings": self.warnings, "wall_time_s": self.wall_time_s,
+                "ticket_accuracy": self.ticket_accuracy, "majority_rate": self.majority_rate, "warnings": self.warnings, "wall_time_s": self.wall_time_s,
                 "evaluations": self.evaluations, "layers": layers, "checksum": digest(layers)}
 
     @classmethod
@@ -89,7 +90,8 @@ class DerivedCounts:
                    scores={name: LayerScores(row=torch.tensor(layer["row_scores"]),
                                              col=torch.tensor(layer["col_scores"])) for name, layer in layers.items()},
                    inputs=entry["inputs"], baseline=entry.get("baseline"),
-                   baseline_accuracy=entry.get("baseline_accuracy"), majority_rate=entry.get("majority_rate"),
+                   baseline_accuracy=entry.get("baseline_accuracy"), ticket_accuracy=entry.get("ticket_accuracy"),
+                   majority_rate=entry.get("majority_rate"),
                    warnings=entry.get("warnings", []), wall_time_s=entry.get("wall_time_s", 0.0))
 
     def save(self, path: str | Path) -> Path:

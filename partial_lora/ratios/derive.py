@@ -28,7 +28,7 @@ from partial_lora.ratios.cache import RatioCache
 from partial_lora.ratios.counts import DerivedCounts
 from partial_lora.ratios.probe import probed_head
 from partial_lora.ratios.replay import PrefixReplay
-from partial_lora.ratios.search import AcceptanceRule, LayerCounts, search_counts
+from partial_lora.ratios.search import SCOPES, AcceptanceRule, LayerCounts, search_counts, ticket_metric
 
 Batch = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -38,6 +38,10 @@ NEAR_CHANCE = 0.05
 NEARLY_EMPTY = 0.01
 # Metadata of settings that change how fast the counts are found, never which: left out of the cache key.
 SAME_COUNTS = {"same_counts": True}
+# Metadata of settings added after counts were first cached: left out of the key at their default, which is
+# how every earlier derivation ran, so those cache entries (and the runs that used them) still match.
+SINCE_ADDED = {"omitted_at_default": True}
+PROBES = ("in_sample", "heldout")
 
 
 @dataclass(frozen=True)
@@ -55,6 +59,8 @@ class DerivationSettings:
     top_k: int | None = None              # svd: singular directions used (None: all)
     flow: str = "isolated"                # isolated | continuous (App. H)
     probe_head_steps: int = 0             # fit the head as a linear probe first (random heads sit at chance)
+    probe: str = field(default="in_sample", metadata=SINCE_ADDED)  # in_sample (fit on D_t) | heldout (probe_batches)
+    scope: str = field(default="isolated", metadata=SINCE_ADDED)   # isolated | cumulative (see ratios.search)
     head_modules: tuple[str, ...] = ("classifier",)  # the classifier head (probed, never scored)
     blocks: str | None = field(default=None, metadata=SAME_COUNTS)  # the model's block list: replay its prefix
     progress: bool = field(default=False, metadata=SAME_COUNTS)
@@ -64,10 +70,19 @@ class DerivationSettings:
         for name in ("target_modules", "head_modules"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
+        for name, choices in (("probe", PROBES), ("scope", SCOPES)):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"ratios.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+
+    @property
+    def probes_held_out(self) -> bool:
+        """Whether the head is fitted on a labelled sample other than the derivation set."""
+        return bool(self.probe_head_steps) and self.probe == "heldout"
 
     def key(self) -> dict[str, Any]:
         """The settings that can change the counts."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("same_counts")}
+        return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("same_counts")
+                and not (f.metadata.get("omitted_at_default") and getattr(self, f.name) == f.default)}
 
 
 def fingerprint(batches: list[Batch]) -> str:
@@ -82,12 +97,15 @@ def fingerprint(batches: list[Batch]) -> str:
 
 
 def derivation_inputs(settings: DerivationSettings, source: dict[str, Any] | None,
-                      batches: list[Batch] | None = None) -> dict[str, Any]:
+                      batches: list[Batch] | None = None, probe_batches: list[Batch] | None = None) -> dict[str, Any]:
     """What counts are derived from, as the cache keys and records them: the settings that can change them, the
-    model's description and the batches' fingerprint (left out without ``batches``: a dry run has no data)."""
+    model's description and the batches' fingerprint (left out without ``batches``: a dry run has no data), and
+    that of the probe's own sample where the probe is held out."""
     inputs = {"settings": settings.key(), "source": source}
     if batches is not None:
         inputs["data"] = fingerprint(batches)
+    if probe_batches is not None:
+        inputs["probe_data"] = fingerprint(probe_batches)
     # As JSON holds them (tuples become lists), so that inputs read back from a cache compare equal.
     return json.loads(json.dumps(inputs, default=str))
 
@@ -96,35 +114,44 @@ def _logits(model: torch.nn.Module, batch: Batch) -> torch.Tensor:
     return model(**{key: value for key, value in batch.items() if key != "labels"}).logits
 
 
-def batch_metric(model: torch.nn.Module, batches: list[Batch], blocks_path: str | None = None,
-                 metric: str = "accuracy") -> Callable[[str | None, float | None], float]:
+class DerivationMetric:
     """Accuracy (or mean cross-entropy, ``metric="loss"``) of ``model`` (in eval mode) on the derivation set,
-    as Algorithm 1 measures it.
+    as Algorithm 1 measures it: ``metric(layer, target)``, ``layer`` being the one the search modifies
+    (``None``: any or none).
 
     Given a ``target``, evaluation may stop early and return a bound on the same side of it: accuracy once
     the examples left cannot change the comparison, the loss once its running sum (which only grows) is
     already above the target.
 
     With ``blocks_path`` (the model's sequence of blocks), the blocks before the searched layer's are
-    replayed from a recording instead of recomputed.
+    replayed from a recording instead of recomputed; :meth:`weights_changed` keeps that recording true when a
+    search leaves a layer modified.
     """
-    if metric not in ("accuracy", "loss"):
-        raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
-    replay = None
-    if blocks_path:
-        replay = PrefixReplay(model.get_submodule(blocks_path), batches, lambda batch: _logits(model, batch))
 
-    total = sum(len(batch["labels"]) for batch in batches)
+    def __init__(self, model: torch.nn.Module, batches: list[Batch], blocks_path: str | None = None,
+                 metric: str = "accuracy") -> None:
+        if metric not in ("accuracy", "loss"):
+            raise ValueError(f"metric must be 'accuracy' or 'loss', got {metric!r}")
+        self.model, self.batches, self.blocks_path, self.metric = model, batches, blocks_path, metric
+        self.replay = None
+        if blocks_path:
+            self.replay = PrefixReplay(model.get_submodule(blocks_path), batches, lambda batch: _logits(model, batch))
+        self.total = sum(len(batch["labels"]) for batch in batches)
+
+    def weights_changed(self, layer: str) -> None:
+        if self.replay is not None:
+            self.replay.weights_changed(self.replay.block_of(layer, self.blocks_path))
 
     @torch.inference_mode()
-    def evaluate(layer: str | None, target: float | None = None) -> float:
+    def __call__(self, layer: str | None, target: float | None = None) -> float:
         summed = seen = 0.0
-        start = 0 if replay is None or layer is None else replay.block_of(layer, blocks_path)
+        total, replay = self.total, self.replay
+        start = 0 if replay is None or layer is None else replay.block_of(layer, self.blocks_path)
         with nullcontext() if replay is None else replay.starting_at(start):
-            for batch in (batches if replay is None else replay.batches_in_order()):
-                logits = _logits(model, batch)
+            for batch in (self.batches if replay is None else replay.batches_in_order()):
+                logits = _logits(self.model, batch)
                 seen += len(batch["labels"])
-                if metric == "loss":
+                if self.metric == "loss":
                     summed += float(cross_entropy(logits.float(), batch["labels"], reduction="sum"))
                     if target is not None and summed / total > target:
                         return summed / total
@@ -137,8 +164,6 @@ def batch_metric(model: torch.nn.Module, batches: list[Batch], blocks_path: str 
                     if summed / total >= target:
                         return summed / total
         return summed / total
-
-    return evaluate
 
 
 def majority_rate(batches: list[Batch]) -> float:
@@ -180,10 +205,13 @@ def _scoring(model: torch.nn.Module) -> Iterator[None]:
 
 
 def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: DerivationSettings, *,
-                  cache_dir: str | Path | None = None, source: dict[str, Any] | None = None) -> DerivedCounts:
+                  probe_batches: list[Batch] | None = None, cache_dir: str | Path | None = None,
+                  source: dict[str, Any] | None = None) -> DerivedCounts:
     """Kept counts of every layer ``settings.target_modules`` selects, by paper Algorithm 1.
 
-    ``batches`` are the labelled derivation set (dicts of model inputs plus ``labels``). With ``cache_dir``,
+    ``batches`` are the labelled derivation set (dicts of model inputs plus ``labels``). ``probe_batches``,
+    required with ``settings.probe="heldout"`` (and a probe), are the labelled sample the head is fitted on
+    instead, disjoint from ``batches``: then the derivation set only measures. With ``cache_dir``,
     counts are read from / written to the cache, keyed by the settings, ``source`` (a JSON-able description of
     the model, e.g. its name and config: required with a cache, since weights are not hashed) and a fingerprint
     of the batches. The model's weights, head, mode and ``requires_grad`` flags are as they were afterwards.
@@ -192,10 +220,16 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
         raise DataError("the derivation set is empty: raise ratios.max_examples or dataset.derivation_fraction.")
     if cache_dir is not None and source is None:
         raise ConfigError("a ratio cache needs `source`, a description of the model that the counts belong to.")
+    if settings.probes_held_out and not probe_batches:
+        raise ConfigError("ratios.probe=heldout fits the head on its own labelled sample, and none was given: pass "
+                          "probe_batches, or set ratios.probe=in_sample.")
+    if probe_batches is not None and not settings.probes_held_out:
+        raise ConfigError("probe_batches were given but the head is not probed on them: set ratios.probe=heldout "
+                          "(and ratios.probe_head_steps > 0), or leave probe_batches out.")
     weights = {name: layer.weight for name, layer in targeted_linears(model, settings.target_modules).items()}
-    inputs = derivation_inputs(settings, source, batches)
+    inputs = derivation_inputs(settings, source, batches, probe_batches)
     if cache_dir is None:
-        return _derive(model, batches, settings, inputs, weights)
+        return _derive(model, batches, probe_batches, settings, inputs, weights)
     cache = RatioCache(cache_dir)
     with cache.deriving(inputs):  # runs started together: one derives, the others read its entry
         cached = cache.load(inputs, {name: tuple(weight.shape) for name, weight in weights.items()})
@@ -203,13 +237,13 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
             for warning in cached.warnings:
                 log.warning("%s (ratio cache %s)", warning, cached.path)
             return cached
-        derived = _derive(model, batches, settings, inputs, weights)
+        derived = _derive(model, batches, probe_batches, settings, inputs, weights)
         cache.save(derived)
     return derived
 
 
-def _derive(model: torch.nn.Module, batches: list[Batch], settings: DerivationSettings, inputs: dict[str, Any],
-            weights: dict[str, torch.Tensor]) -> DerivedCounts:
+def _derive(model: torch.nn.Module, batches: list[Batch], probe_batches: list[Batch] | None,
+            settings: DerivationSettings, inputs: dict[str, Any], weights: dict[str, torch.Tensor]) -> DerivedCounts:
     shapes = {name: tuple(weight.shape) for name, weight in weights.items()}
     started = time.perf_counter()
 
@@ -222,18 +256,21 @@ def _derive(model: torch.nn.Module, batches: list[Batch], settings: DerivationSe
     with _scoring(model):
         head = nullcontext()
         if settings.probe_head_steps:
-            head = probed_head(model, list(settings.head_modules), batches, lambda batch: _logits(model, batch),
-                               steps=settings.probe_head_steps)
+            head = probed_head(model, list(settings.head_modules), probe_batches if settings.probes_held_out
+                               else batches, lambda batch: _logits(model, batch), steps=settings.probe_head_steps)
         with head:
             scores = compute_importance(weights, settings.importance, top_k=settings.top_k, flow=settings.flow,
                                         loss_batches=loss_batches())
-            evaluate = batch_metric(model, batches, settings.blocks, rule.metric)
+            evaluate = DerivationMetric(model, batches, settings.blocks, rule.metric)
             baseline, counts = search_counts(weights, scores, evaluate, rule, search=settings.search,
-                                             step=settings.step, progress=settings.progress)
+                                             step=settings.step, progress=settings.progress, scope=settings.scope,
+                                             weights_changed=evaluate.weights_changed)
+            accuracy_on_set = DerivationMetric(model, batches)
             # The baseline's accuracy is what the warnings compare with chance, whatever the rule measured.
-            accuracy = baseline if rule.metric == "accuracy" else batch_metric(model, batches)(None, None)
+            accuracy = baseline if rule.metric == "accuracy" else accuracy_on_set(None, None)
+            ticket_accuracy = ticket_metric(weights, scores, counts, accuracy_on_set)
     derived = DerivedCounts(counts=counts, scores=scores, inputs=inputs, baseline=baseline,
-                            baseline_accuracy=accuracy, majority_rate=rule.chance,
+                            baseline_accuracy=accuracy, ticket_accuracy=ticket_accuracy, majority_rate=rule.chance,
                             warnings=derivation_warnings(accuracy, rule.chance, counts, shapes),
                             wall_time_s=time.perf_counter() - started)
     return derived

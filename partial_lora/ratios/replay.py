@@ -5,6 +5,10 @@ are recorded once per derivation batch and replayed: while a layer of block ``b`
 block before it is swapped for a module that returns block ``b-1``'s recorded output for the current
 batch. This needs only the path of the model's sequence of blocks (``backbone.blocks``), not its
 architecture; the embeddings still run, which is cheap next to the blocks.
+
+A search that keeps removals applied (``scope=cumulative``) changes what earlier blocks compute: it says so
+with :meth:`PrefixReplay.weights_changed`, and the recording is redone before it is next replayed past the
+changed block (once per block, not per evaluation).
 """
 
 from __future__ import annotations
@@ -36,15 +40,24 @@ class PrefixReplay:
         self.batches = batches
         self.run_batch = run_batch
         self.position = [0]
-        self.outputs: list[list[Any]] = [[] for _ in blocks]
-        handles = [block.register_forward_hook(self._recorder(index)) for index, block in enumerate(blocks)]
+        self.stale_from: int | None = None  # lowest block whose recorded output no longer matches the model
+        self._record()
+
+    def _record(self) -> None:
+        self.outputs: list[list[Any]] = [[] for _ in self.blocks]
+        handles = [block.register_forward_hook(self._recorder(index)) for index, block in enumerate(self.blocks)]
         try:
             with torch.inference_mode():
-                for batch in batches:
-                    run_batch(batch)
+                for batch in self.batches:
+                    self.run_batch(batch)
         finally:
             for handle in handles:
                 handle.remove()
+        self.stale_from = None
+
+    def weights_changed(self, block: int) -> None:
+        """Weights of ``block`` changed: its recorded output, and every later one's, are out of date."""
+        self.stale_from = block if self.stale_from is None else min(self.stale_from, block)
 
     def _recorder(self, index: int):
         def record(module: torch.nn.Module, args: Any, output: Any) -> None:
@@ -63,6 +76,8 @@ class PrefixReplay:
         if block == 0:
             yield
             return
+        if self.stale_from is not None and self.stale_from < block:
+            self._record()
         originals = [self.blocks[index] for index in range(block)]
         replay = _Replay(self.outputs[block - 1], self.position)
         for index in range(block):

@@ -18,6 +18,13 @@ Why ``whole_first`` is the default: on MiniLM/SST-2 (SVD, paper rule, 256 exampl
 matrices can go entirely, which costs ``binary`` some 18 passing evaluations each and ``whole_first`` one:
 55 evaluations in 28.7 s against 638 in 319.3 s, measured in one run. The counts differ only in layers where
 accuracy is not monotone (``make bench`` lists them); ``binary`` and ``linear`` stay as references.
+
+The scope says what the other layers hold while one is searched. ``isolated`` is the paper's text: every
+other layer untouched, so each layer's removal is bounded alone and the ticket as a whole (every layer's
+removal at once) is never evaluated. ``cumulative`` keeps each searched layer's removals applied while later
+layers (and a layer's columns after its rows) are searched, against the same target: every accepted state is
+the ticket so far, so the whole ticket meets the bound. :func:`ticket_metric` measures the whole ticket under
+either scope.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from partial_lora.errors import ConfigError
 from partial_lora.importance import LayerScores
 
 SEARCHES = ("linear", "binary", "whole_first")
+SCOPES = ("isolated", "cumulative")
 
 
 @dataclass
@@ -133,11 +141,16 @@ class AcceptanceRule:
         return value <= target if self.metric == "loss" else value >= target
 
 
+def removed_indices(score: torch.Tensor, kept: int) -> torch.Tensor:
+    """The ``len(score) - kept`` least important indices: what Algorithm 1 zeroes to keep ``kept``."""
+    return torch.argsort(score, stable=True)[: score.numel() - kept]
+
+
 @torch.no_grad()
 def search_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores],
                   evaluate: Callable[[str | None, float | None], float], rule: AcceptanceRule,
-                  search: str = "whole_first", step: int = 1, progress: bool = True
-                  ) -> tuple[float, dict[str, LayerCounts]]:
+                  search: str = "whole_first", step: int = 1, progress: bool = True, scope: str = "isolated",
+                  weights_changed: Callable[[str], None] | None = None) -> tuple[float, dict[str, LayerCounts]]:
     """Run Algorithm 1 on every weight; returns the baseline value of ``rule.metric`` and each layer's counts.
 
     ``evaluate(name, target)`` measures ``rule.metric`` while layer ``name`` is modified (``None``: the
@@ -145,40 +158,80 @@ def search_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScore
     the same side of ``target``. Each evaluation zeroes the chosen rows
     (columns) of the weight in place and restores them after. Removing every row and removing every
     column are the same ``W = 0``: it is evaluated once per layer, and counted once.
+
+    Under ``scope="cumulative"`` (module docstring) a layer's accepted removal stays zeroed until the search
+    ends, and ``weights_changed(name)`` is told each time one does (an evaluator caching what earlier layers
+    compute must recompute it); every weight is restored at the end either way.
     """
+    if scope not in SCOPES:
+        raise ConfigError(f"ratios.scope must be one of {', '.join(SCOPES)}, got {scope!r}.")
     baseline = evaluate(None, None)
     target = rule.target(baseline)
     counts: dict[str, LayerCounts] = {}
+    applied: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # (view, indices, saved) to restore
     total_calls = 1
     bar = tqdm(weights.items(), desc="ratio derivation", unit="layer", disable=not progress)
-    for name, weight in bar:
-        kept = {}
-        decided: dict[str, bool] = {}  # "everything": whether W = 0 passes
-        calls = 0
-        for axis, score in (("row", scores[name].row), ("col", scores[name].col)):
-            order = torch.argsort(score, stable=True)  # least important first
-            view = weight if axis == "row" else weight.T
+    try:
+        for name, weight in bar:
+            kept = {}
+            decided: dict[str, bool] = {}  # "everything": whether W = 0 passes
+            calls = 0
+            for axis, score in (("row", scores[name].row), ("col", scores[name].col)):
+                order = torch.argsort(score, stable=True)  # least important first
+                view = weight if axis == "row" else weight.T
 
-            def passes(count: int) -> bool:
-                nonlocal calls
-                everything = count == len(order)
-                if everything and "everything" in decided:
-                    return decided["everything"]
-                chosen = order[:count]
-                saved = view[chosen].clone()
-                view[chosen] = 0
-                try:
-                    calls += 1
-                    result = rule.passes(evaluate(name, target), target)
-                finally:
-                    view[chosen] = saved
-                if everything:
-                    decided["everything"] = result
-                return result
+                def passes(count: int) -> bool:
+                    nonlocal calls
+                    everything = count == len(order)
+                    if everything and "everything" in decided:
+                        return decided["everything"]
+                    chosen = order[:count]
+                    saved = view[chosen].clone()
+                    view[chosen] = 0
+                    try:
+                        calls += 1
+                        result = rule.passes(evaluate(name, target), target)
+                    finally:
+                        view[chosen] = saved
+                    if everything:
+                        decided["everything"] = result
+                    return result
 
-            removed, _ = largest_removable(score.numel(), passes, search, step)
-            kept[axis] = score.numel() - removed
-        counts[name] = LayerCounts(k_row=kept["row"], k_col=kept["col"], evaluations=calls)
-        total_calls += calls
-        bar.set_postfix(evaluations=total_calls)
+                removed, _ = largest_removable(score.numel(), passes, search, step)
+                kept[axis] = score.numel() - removed
+                if scope == "cumulative" and removed:
+                    chosen = order[:removed]
+                    applied.append((view, chosen, view[chosen].clone()))
+                    view[chosen] = 0
+                    if weights_changed is not None:
+                        weights_changed(name)
+            counts[name] = LayerCounts(k_row=kept["row"], k_col=kept["col"], evaluations=calls)
+            total_calls += calls
+            bar.set_postfix(evaluations=total_calls)
+    finally:
+        for view, chosen, saved in reversed(applied):
+            view[chosen] = saved
+        if applied and weights_changed is not None:  # restored from the first layer on
+            weights_changed(next(iter(weights)))
     return baseline, counts
+
+
+@torch.no_grad()
+def ticket_metric(weights: dict[str, torch.Tensor], scores: dict[str, LayerScores], counts: dict[str, LayerCounts],
+                  evaluate: Callable[[str | None, float | None], float]) -> float:
+    """``evaluate``'s metric with every layer's removal applied at once (the whole ticket), weights restored after.
+
+    ``evaluate`` is called as for the baseline (``None``: nothing replayed), since every layer is modified.
+    """
+    saved = []
+    try:
+        for name, weight in weights.items():
+            rows = removed_indices(scores[name].row, counts[name].k_row)
+            cols = removed_indices(scores[name].col, counts[name].k_col)
+            saved.append((weight, weight.detach().clone()))
+            weight[rows] = 0
+            weight[:, cols] = 0
+        return evaluate(None, None)
+    finally:
+        for weight, original in saved:
+            weight.copy_(original)

@@ -23,14 +23,13 @@ def kept_shares(derived: DerivedCounts) -> dict[str, float]:
             for name, c in derived.counts.items()}
 
 
-def stability_summary(derivations: dict[Any, DerivedCounts]) -> dict[str, Any]:
-    """Across derivations of the same layers (keyed by what told them apart, e.g. the data seed): the kept
-    fraction's mean and spread, and over every pair, the Jaccard overlap of the matrices kept non-empty and the
-    Spearman correlation of per-matrix kept shares. A derivation that keeps every matrix alike (all empty) has no
-    ranking: its pairs are left out of the correlation's mean (``nan`` when no pair is left)."""
-    if len(derivations) < 2:
-        raise ValueError(f"stability needs at least two derivations, got {len(derivations)}")
-    shares = {key: kept_shares(derived) for key, derived in derivations.items()}
+def agreement(shares: dict[Any, dict[str, float]]) -> dict[str, Any]:
+    """Across derivations' per-matrix kept shares (keyed by what told them apart, e.g. the data seed): over every
+    pair, the Jaccard overlap of the matrices kept non-empty and the Spearman correlation of the shares. A
+    derivation that keeps every matrix alike (all empty) has no ranking: its pairs are left out of the
+    correlation's mean (``nan`` when no pair is left)."""
+    if len(shares) < 2:
+        raise ValueError(f"stability needs at least two derivations, got {len(shares)}")
     layers = [set(values) for values in shares.values()]
     if any(names != layers[0] for names in layers):
         raise ValueError("the derivations cover different layers: compare derivations of one model's adapter")
@@ -43,11 +42,16 @@ def stability_summary(derivations: dict[Any, DerivedCounts]) -> dict[str, Any]:
         ranked = [pd.Series([shares[key][n] for n in names]) for key in (first, second)]
         if all(series.nunique() > 1 for series in ranked):
             correlations.append(float(ranked[0].corr(ranked[1], method="spearman")))
-    fractions = [derived.kept_fraction for derived in derivations.values()]
-    return {"derivations": len(derivations), "matrices": len(names),
-            "kept_fraction_mean": mean(fractions), "kept_fraction_sd": stdev(fractions),
-            "non_empty": {key: len(kept) for key, kept in non_empty.items()},
+    return {"matrices": len(names), "non_empty": {key: len(kept) for key, kept in non_empty.items()},
             "kept_by_all": len(set.intersection(*non_empty.values())),
             "kept_by_any": len(set.union(*non_empty.values())),
             "jaccard_mean": mean(jaccards), "spearman_mean": mean(correlations) if correlations else float("nan"),
             "spearman_pairs": len(correlations), "pairs": len(jaccards)}
+
+
+def stability_summary(derivations: dict[Any, DerivedCounts]) -> dict[str, Any]:
+    """:func:`agreement` of derivations of the same layers, with their kept fractions' mean and spread."""
+    fractions = [derived.kept_fraction for derived in derivations.values()]
+    summary = agreement({key: kept_shares(derived) for key, derived in derivations.items()})
+    return {"derivations": len(derivations), "kept_fraction_mean": mean(fractions),
+            "kept_fraction_sd": stdev(fractions)} | summary

@@ -65,6 +65,23 @@ def portable_path(path: str | os.PathLike) -> str:
     return str(absolute.relative_to(Path.cwd())) if absolute.is_relative_to(Path.cwd()) else str(path)
 
 
+# Derivation settings added after runs were recorded, at the value every earlier run used: left out of the hash
+# there, so those runs keep their ids. The held-out probe's sample size means nothing for any other probe.
+ADDED_SETTINGS = {"ratios.probe": "in_sample", "ratios.scope": "isolated"}
+
+
+def _without_settings_at_their_origin(config: dict[str, Any]) -> dict[str, Any]:
+    ratios = config.get("ratios")
+    if not isinstance(ratios, dict):
+        return config
+    for dotted, original in ADDED_SETTINGS.items():
+        if ratios.get(dotted.partition(".")[2]) == original:
+            config = _without(config, dotted)
+    if ratios.get("probe") != "heldout":
+        config = _without(config, "ratios.probe_examples")
+    return config
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """Stable short hash of what a run computes: two runs with the same hash are the same experiment.
 
@@ -72,11 +89,13 @@ def config_hash(config: dict[str, Any]) -> str:
     not orphan finished runs; its training settings are already in the dataset and train keys. The
     default training strategy (``strategy=none``) changes nothing, so it leaves the hash as it was before
     strategies existed. The ratio derivation's settings count only for runs that derive counts: LoRA's id does
-    not change when the derivation's defaults do."""
+    not change when the derivation's defaults do; settings added later count only away from their original
+    value (:data:`ADDED_SETTINGS`)."""
     for dotted in NON_SEMANTIC_KEYS:
         config = _without(config, dotted)
     if not derives_counts(config):
         config = _without(config, "ratios")
+    config = _without_settings_at_their_origin(config)
     if isinstance(config.get("scale"), dict):
         config = config | {"scale": config["scale"].get("name")}
     if isinstance(config.get("strategy"), dict) and config["strategy"].get("name") == "none":
