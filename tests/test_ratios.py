@@ -429,3 +429,21 @@ def test_cumulative_counts_are_the_same_with_and_without_the_replayed_prefix():
     assert 0 < plain.kept_fraction < 1  # some removals applied, some refused: the replay had work to redo
     isolated = derive_counts(model, batches, replace(settings, scope="isolated"))
     assert plain.to_json()["layers"] != isolated.to_json()["layers"]
+
+
+def test_probe_and_scope_at_their_original_values_keep_earlier_run_ids():
+    """Runs recorded before ``ratios.probe`` / ``ratios.scope`` existed ran in_sample and isolated: their ids hold."""
+    from omegaconf import OmegaConf
+
+    from partial_lora.results import config_hash
+
+    def run_id(*overrides: str) -> str:
+        return config_hash(OmegaConf.to_container(compose_config("method=partial_lora", "importance=svd",
+                                                                 *overrides), resolve=True))
+
+    config = OmegaConf.to_container(compose_config("method=partial_lora", "importance=svd"), resolve=True)
+    before = config | {"ratios": {key: value for key, value in config["ratios"].items()
+                                  if key not in ("probe", "probe_examples", "scope")}}
+    assert run_id() == config_hash(before) == run_id("ratios.probe_examples=500")
+    assert len({run_id(), run_id("ratios.probe=heldout"), run_id("ratios.scope=cumulative"),
+                run_id("ratios.probe=heldout", "ratios.probe_examples=500")}) == 4
