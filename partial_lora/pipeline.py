@@ -157,6 +157,7 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
         "residual_norms": residual_norms(model),
         "adapter_file": None if adapter_file is None else portable_path(adapter_file),
         "metric": cfg.dataset.metric,
+        "majority_rates": datamodule.majority_rates(),  # chance for accuracy: whether the task was learned at all
         "best_val": 100 * float(checkpoint.best_model_score),
         "test": 100 * float(test["test/metric"]),
         "epochs": trainer.current_epoch,

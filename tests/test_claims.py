@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
 from partial_lora.errors import ConfigError
-from partial_lora.protocol.claims import (CONTRADICTED, INCONCLUSIVE, MISSING, SUPPORTED, Claim, ClaimPlan, Interval,
-                                          PlannedRun, compose_claims, evaluate_claims, paired_interval, render_report,
-                                          verdict)
+from partial_lora.protocol.claims import (CONTRADICTED, INCONCLUSIVE, MISSING, NOT_LEARNED, SUPPORTED, Claim, ClaimPlan,
+                                          Interval, PlannedRun, compose_claims, evaluate_claims, paired_interval,
+                                          render_report, seeds_to_decide, verdict)
+from partial_lora.protocol.sweep import compose_target
+from partial_lora.protocol.targets import render_target
 from partial_lora.results import write_record
+from tests.conftest import CONF, write_jsonl
 
 
 def test_paired_interval_is_students_t_over_the_differences():
@@ -49,12 +54,36 @@ def test_too_few_pairs_give_no_verdict_and_bad_claims_are_refused():
         Claim("C9", "x", "shrinking", "a", "b")
 
 
+@pytest.mark.parametrize("test, differences", [
+    ("noninferior", [-3.0, 0.5, -2.0, 1.0, 0.5]),   # mean -0.6: 0.4 above the margin's -1
+    ("equivalent", [0.2, -0.9, 1.1, 0.4, -0.3]),    # mean 0.1: 0.9 inside +-1
+    ("superior", [0.5, -0.2, 1.5, 0.1, 0.9]),       # mean 0.56 above 0
+])
+def test_seeds_to_decide_are_the_fewest_at_which_the_measured_spread_decides(test, differences):
+    """A sample with the measured mean and standard deviation decides the claim at that many seeds, not one fewer."""
+    measured = paired_interval(differences)
+    assert verdict(test, measured, 1.0) == INCONCLUSIVE
+    needed = seeds_to_decide(test, measured, 1.0)
+    assert needed > len(differences)
+
+    def sample(size: int) -> list[float]:  # exactly the measured mean and standard deviation
+        spread = np.linspace(-1.0, 1.0, size)
+        return list(measured.mean + measured.sd * (spread - spread.mean()) / spread.std(ddof=1))
+
+    assert verdict(test, paired_interval(sample(needed)), 1.0) != INCONCLUSIVE
+    assert verdict(test, paired_interval(sample(needed - 1)), 1.0) == INCONCLUSIVE
+    # An effect on the boundary never decides, however many seeds.
+    assert seeds_to_decide("superior", Interval(0.0, -1.0, 1.0, 5, 1.0), 1.0) is None
+
+
 SMALL = ["claims.seeds=[0,1]", "claims.pilot.lrs=[0.001,0.003]"]
+MAJORITY = {"val": 50.0, "test": 50.0}
 
 
-def fake_records(plan: ClaimPlan, store: Path, test_of) -> int:
+def fake_records(plan: ClaimPlan, store: Path, test_of, majority_of=lambda dataset: MAJORITY) -> int:
     """A finished record, under the id run.py would give it, for every run the plan asks for (pilots first),
-    with the test metric ``test_of(arm, dataset, seed, lr, overrides)``. Returns how many were written."""
+    with the metrics ``test_of(arm, dataset, seed, lr, overrides)`` and the majority rates ``majority_of(dataset)``
+    (see :func:`fake_record`). Returns how many were written."""
     written = 0
     while True:
         plan.reload()
@@ -63,20 +92,26 @@ def fake_records(plan: ClaimPlan, store: Path, test_of) -> int:
         if not new:
             return written
         for run in new.values():
-            fake_record(plan, store, run, test_of(run.arm, run.dataset, run.seed, run.lr, run.overrides), written)
+            fake_record(plan, store, run, test_of(run.arm, run.dataset, run.seed, run.lr, run.overrides), written,
+                        majority_of(run.dataset))
             written += 1
 
 
-def fake_record(plan: ClaimPlan, store: Path, run: PlannedRun, score: float, index: int) -> None:
-    """A finished record of ``run`` under the id run.py would give it."""
+def fake_record(plan: ClaimPlan, store: Path, run: PlannedRun, score: float | tuple[float, float], index: int,
+                majority_rates: dict[str, float] | None = MAJORITY) -> None:
+    """A finished record of ``run`` under the id run.py would give it, scoring ``score`` on validation and test
+    (or ``(validation, test)``); without ``majority_rates``, as records written before they were recorded."""
+    val, test = score if isinstance(score, tuple) else (score, score)
     overrides = [f"dataset={run.dataset}", f"seed={run.seed}", f"lr={run.lr}", *run.overrides, *plan.extra]
     cfg = compose_claims(plan.scale, overrides)
     cfg.output_dir = None
     params = {"lora": 1000, "adalora": 1200, "partial_adalora": 300, "head_only": 0}.get(run.arm, 200)
     record = {"status": "finished", "config": OmegaConf.to_container(cfg, resolve=True), "backbone": "minilm",
               "dataset": run.dataset, "method": cfg.method.name, "rank": 8, "seed": run.seed, "lr": run.lr,
-              "best_val": score, "test": score, "params": {"adapter": params, "unmasked_adapter": 1000},
+              "best_val": val, "test": test, "params": {"adapter": params, "unmasked_adapter": 1000},
               "masks": {"derived_fraction": 0.2}, "wall_time_s": 90.0}
+    if majority_rates is not None:
+        record["majority_rates"] = majority_rates
     write_record(record, store, f"{run.arm}_{run.dataset}_{run.seed}_{index}")
 
 
@@ -132,7 +167,8 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     text = report.read_text()
     assert "| C1 | sst2 | partial vs lora | 0.001 / 0.001 | 4/4 |" in text and "**supported**" in text
     assert "dataset.train_size=16000: lora's lead +0.05 [+0.05, +0.05], 2 seeds (by seed 0: +0.05, 1: +0.05)" in text
-    assert "| 0 | 200 / 0 | **supported** |" in text  # C8: no reduction against a control without an adapter
+    # C8: no reduction against a control without an adapter; the treatment keeps 200 of LoRA's 1,000 parameters
+    assert "| C8 | mrpc |" in text and "| 0 | 200 / 0 | 20.0% (10.5%) | +0.00 / +0.00 | **supported** |" in text
     assert "| mrpc | snip | 2 | nan | nan | 20.00% (20.00%-20.00%) | 0 of 2 |" in text  # seeds 0, 1; no pilot
     # C9's derivation on more examples is its own row, not another seed of the preset's SVD derivation
     assert "| sst2 | svd | 2 |" in text and "| sst2 | svd, ratios.max_examples=512 | 2 |" in text
@@ -170,3 +206,91 @@ def test_planned_run_ids_are_the_ids_run_py_gives(tmp_path: Path, glue_dir: Path
     assert all(0 <= plan.record(run)["masks"]["derived_fraction"] <= 1 for run in runs)
     assert plan.chosen_lr("partial", "sst2") in (0.001, 0.003)
     assert plan.commands()[0] != pilot  # the finished pilot is no longer pending
+
+
+def only_claims(plan: ClaimPlan, *ids: str) -> ClaimPlan:
+    """The plan restricted to claims ``ids`` (fewer fake records to write)."""
+    plan.claims = [claim for claim in plan.claims if claim.id in ids]
+    return plan
+
+
+def report_row(text: str, claim: str, dataset: str) -> str:
+    return next(line for line in text.splitlines() if line.startswith(f"| {claim} | {dataset} |"))
+
+
+def test_a_task_lora_did_not_learn_gets_no_verdict(tmp_path: Path):
+    """MRPC's records sit at chance (LoRA's best validation 63.8 against a majority rate of 60): its claims read
+    "not learned" with the reason; SST-2's keep their verdicts, kept shares beside the paper's, the seeds that would
+    decide an inconclusive one, and the large validation-test gap of one arm."""
+    store = tmp_path / "runs"
+    extra = [*SMALL, f"results_dir={store}"]
+    plan = only_claims(ClaimPlan(compose_claims("cpu", extra), "cpu", extra), "C1", "C2")
+
+    def test_of(arm, dataset, seed, lr, overrides):
+        if dataset == "mrpc":
+            return 63.0 + 100 * lr + 0.5 * (seed == 1)  # at most 63.8
+        if arm == "partial":
+            return 87.5, 79.5  # validation 8 points above test
+        return {"lora": 80.0, "targeted": 78.5 + seed}[arm]  # C2 on SST-2: differences +1 and 0
+
+    fake_records(plan, store, test_of, lambda dataset: {"val": 60.0, "test": 68.4})
+    plan.reload()
+    verdicts = evaluate_claims(plan).set_index(["claim", "dataset"])
+    assert set(verdicts.xs("mrpc", level="dataset")["verdict"]) == {NOT_LEARNED}
+    assert verdicts.loc[("C1", "sst2"), "verdict"] == SUPPORTED  # -0.5 on both seeds
+    assert verdicts.loc[("C2", "sst2"), "verdict"] == INCONCLUSIVE
+    text = render_report(plan, evaluate_claims(plan), tmp_path / "claims")[0].read_text()
+    reason = ("**not learned**: lora's best validation accuracy 63.80 is within 5 points of the majority rate on the "
+              "validation split (60.00) |")
+    assert report_row(text, "C1", "mrpc").endswith(reason) and report_row(text, "C2", "mrpc").endswith(reason)
+    assert "| mrpc | accuracy | 63.80 | 60.00 | 5 | **no** |" in text and "| sst2 | accuracy | 80.00 | 60.00 | 5 | yes |" in text
+    # partial keeps 200 of LoRA's 1,000 parameters; the paper's Partial-LoRA keeps 0.18M of 1.33M on SST-2
+    assert "| 20.0% (13.5%) | +8.00 (large) / +0.00 | **supported** |" in report_row(text, "C1", "sst2")
+    needed = seeds_to_decide("equivalent", paired_interval([1.0, 0.0]), 1.0)
+    assert needed == 11  # t(0.975, n - 1) x 0.707 / sqrt(n): 0.506 at n = 10, 0.475 at n = 11, below 0.5
+    assert report_row(text, "C2", "sst2").endswith(f"**inconclusive**; {needed} seeds would decide it |")
+
+
+def test_a_glue_task_added_to_the_data_folder_and_the_scale_joins_the_claims_and_the_tables(tmp_path: Path):
+    """The README's promise: a GLUE-schema task in the data folder, its dataset config beside the project's (here
+    through Hydra's search path) and its name in the scale's language datasets, and the claims plan, the claims
+    report and Table 6 take it up with no other edit (MRPC is left out for speed). Its records carry no majority rates (as records written
+    before they were recorded): the learning rule reads them from its data, and finds LoRA at chance there."""
+    data, conf, store = tmp_path / "data", tmp_path / "conf", tmp_path / "runs"
+    pairs = [{"sentence1": f"premise {idx}", "sentence2": f"hypothesis {idx}", "label": int(idx % 5 < 2), "idx": idx}
+             for idx in range(300)]
+    write_jsonl(data / "glue" / "wnli" / "train.jsonl", pairs[:260])
+    write_jsonl(data / "glue" / "wnli" / "validation.jsonl", pairs[260:])
+    (conf / "dataset").mkdir(parents=True)
+    (conf / "dataset" / "wnli.yaml").write_text((CONF / "dataset" / "mrpc.yaml").read_text().replace("mrpc", "wnli"))
+    task = [f"results_dir={store}", f"data_dir={data}", f"hydra.searchpath=[file://{conf}]",
+            "scale.domains.language.datasets=[sst2,wnli]"]
+    extra = [*SMALL, *task]
+    plan = only_claims(ClaimPlan(compose_claims("cpu", extra), "cpu", extra), "C1")
+    assert plan.datasets == ["sst2", "wnli"]
+    pending = [" ".join(argv) for argv in plan.commands()]
+    assert any("dataset=wnli seed=100 lr=0.001,0.003 method=lora" in argv and f"file://{conf}" in argv
+               for argv in pending)
+
+    from datasets import load_dataset  # the oracle: the held-out part of the train split, as the run draws it
+
+    held_out = load_dataset("json", data_files=str(data / "glue" / "wnli" / "train.jsonl"))["train"].train_test_split(
+        test_size=plan.cfg.dataset.val_size, seed=plan.cfg.data_seed)["test"]
+    chance = 100 * max(Counter(held_out["label"]).values()) / len(held_out)
+    fake_records(plan, store, lambda arm, dataset, *_: chance + 2 if dataset == "wnli" else 80.0,
+                 lambda dataset: None if dataset == "wnli" else MAJORITY)
+    plan.reload()
+    text = render_report(plan, evaluate_claims(plan), tmp_path / "claims")[0].read_text()
+    assert f"lora's best validation accuracy {chance + 2:.2f} is within 5 points of the majority rate on the " \
+           f"validation split ({chance:.2f}) |" in report_row(text, "C1", "wnli")
+    assert f"| wnli | accuracy | {chance + 2:.2f} | {chance:.2f} | 5 | **no** |" in text
+    assert report_row(text, "C1", "sst2").endswith("**supported** |")
+    assert "| sst2 | accuracy | 80.00 | 50.00 | 5 | yes |" in text  # from its records
+
+    table_cfg = compose_target("table6", "cpu", task)  # the claim runs serve Table 6 (same settings, same ids)
+    markdown, _ = render_target(table_cfg, tmp_path / "tables", tmp_path / "figures")
+    table = markdown.read_text()
+    wnli = [line for line in table.splitlines() if "| wnli " in line]
+    assert len(wnli) == 2 and all(f"{chance + 2:.2f} ± 0.00 (not learned)" in line for line in wnli)  # LoRA, Partial
+    assert "(not learned)" not in "".join(line for line in table.splitlines() if "| sst2 " in line)
+    assert f"(not learned) wnli: not learned at this budget: lora's best validation accuracy {chance + 2:.2f}" in table

@@ -42,6 +42,8 @@ def test_validation_is_held_out_of_train_and_test_is_the_dev_split(glue_dir: Pat
     module.setup()
     sizes = {name: len(split) for name, split in module.splits.items()}
     assert sizes == {"train": 30, "val": 8, "test": 16}
+    held_out = module.splits["val"]["labels"]  # chance for accuracy, as the run record keeps it
+    assert module.majority_rates() == {"val": 100 * max(held_out.count(0), held_out.count(1)) / 8, "test": 50.0}
 
     again = GlueDataModule(cfg.dataset, tokenizer, str(glue_dir), batch_size=4, data_seed=0)
     again.setup()

@@ -29,6 +29,7 @@ def test_fit_writes_a_complete_record(tiny_cfg, tmp_path: Path):
     assert saved["wall_time_s"] > 0 and saved["wall_time_carried_s"] == 0  # never resumed
     assert set(saved["environment"]) == {"torch", "transformers", "peft", "git_commit"}
     assert saved["config"]["dataset"]["name"] == "sst2"
+    assert saved["majority_rates"]["test"] == 50.0 and 50.0 <= saved["majority_rates"]["val"] <= 100.0  # chance
     assert record["path"] == str(files[0])
 
 

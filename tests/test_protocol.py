@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -178,6 +179,31 @@ def test_table_shows_top_k_mean_next_to_the_paper(table6):
     assert f"{expected - 94.95:+.2f}" in text
     assert "Scale `cpu`" in text and "top 3 by validation" in text
     assert "\\begin{tabular}" in latex.read_text()
+    # validation - test: 5 points for LoRA (not beyond the flag's 5), 6 for Partial-LoRA (flagged)
+    rows = {cells[1]: cells for line in text.splitlines() if "| sst2 " in line
+            for cells in [[cell.strip() for cell in line.split("|")]]}
+    assert "+5.00" in rows["lora"] and "+6.00 (large)" in rows["partial_lora"]
+
+
+def test_learning_rule_is_a_margin_over_chance_on_the_validation_split():
+    """Accuracy must clear the validation split's majority rate by 5 points, Matthews correlation 0 by 10 (issue
+    32: LoRA at MCC 4.8 had learned nothing); the best LoRA run by validation decides, other methods do not count;
+    without a majority rate the task is not judged."""
+    import pandas as pd
+
+    from partial_lora.results.aggregate import learning_status
+
+    def runs(*rows):
+        return pd.DataFrame(rows, columns=["dataset", "method", "metric", "val", "val_majority"])
+
+    status = learning_status(runs(("a", "lora", "accuracy", 64.9, 60.0), ("a", "lora", "accuracy", 50.0, 60.0),
+                                  ("a", "partial_lora", "accuracy", 90.0, 60.0), ("b", "lora", "accuracy", 65.0, 60.0),
+                                  ("c", "lora", "matthews", 4.8, math.nan), ("d", "lora", "matthews", 10.0, math.nan),
+                                  ("e", "lora", "accuracy", 50.0, math.nan)))
+    assert {name: (entry.known, entry.learned) for name, entry in status.items()} == {
+        "a": (True, False), "b": (True, True), "c": (True, False), "d": (True, True), "e": (False, True)}
+    assert status["c"].reason() == "lora's best validation matthews 4.80 is within 10 points of chance on the " \
+                                   "validation split (0.00)"
 
 
 def test_figures_render_from_records(table6):

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
+
+
+def majority_rate(labels: Sequence[int]) -> float:
+    """The share of the most frequent label, x100 as the metrics are: what always predicting it scores."""
+    return 100 * max(Counter(labels).values()) / len(labels)
 
 
 class SplitDataModule(L.LightningDataModule):
@@ -27,6 +33,15 @@ class SplitDataModule(L.LightningDataModule):
     def _loader(self, name: str, shuffle: bool) -> DataLoader:
         return DataLoader(self.splits[name], batch_size=self.batch_size, shuffle=shuffle, collate_fn=self.collate,
                           num_workers=self.num_workers)
+
+    def split_labels(self, name: str) -> list[int]:
+        """The labels of split ``name``, read without loading its inputs."""
+        raise NotImplementedError
+
+    def majority_rates(self) -> dict[str, float]:
+        """The majority-class rate (x100) of the validation and test splits: what accuracy at chance reads."""
+        self.setup()
+        return {name: majority_rate(self.split_labels(name)) for name in ("val", "test")}
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -124,6 +124,29 @@ def check_split(split: Dataset, where: str, fields: list[str], num_labels: int, 
                         f"0..{num_labels - 1} ({len(outside)} such rows).")
 
 
+def glue_splits(dataset: DictConfig, data_dir: str | None, data_seed: int) -> dict[str, Dataset]:
+    """The untokenised ``train`` (capped at ``dataset.train_size``), ``val`` (``dataset.val_size`` rows held out
+    of the train split with ``data_seed``) and ``test`` (the official dev split, capped at ``dataset.test_size``)
+    splits of a run, checked, and the ``derivation_pool`` (the train split without ``val``, uncapped)."""
+    raw = load_glue_splits(dataset.task, data_dir)
+    for name, split in raw.items():
+        path = None if data_dir is None else Path(data_dir) / "glue" / dataset.task / f"{name}.jsonl"
+        where = f"{HUB_DATASET} {dataset.task} {name} split" if path is None else str(path)
+        check_split(split, where, list(dataset.text_fields), dataset.num_labels, path)
+    if len(raw["train"]) <= dataset.val_size:
+        raise DataError(f"GLUE {dataset.task}'s train split has {len(raw['train'])} rows and dataset.val_size="
+                        f"{dataset.val_size} holds them all out: nothing is left to train on or derive ratios "
+                        "from; lower dataset.val_size.")
+    held_out = raw["train"].train_test_split(test_size=dataset.val_size, seed=data_seed)
+    train = pool = held_out["train"]
+    if dataset.train_size is not None and dataset.train_size < len(train):
+        train = train.shuffle(seed=data_seed).select(range(dataset.train_size))
+    test = raw["validation"]
+    if dataset.get("test_size") is not None and dataset.test_size < len(test):
+        test = test.shuffle(seed=data_seed).select(range(dataset.test_size))
+    return {"train": train, "val": held_out["test"], "test": test, "derivation_pool": pool}
+
+
 class GlueDataModule(SplitDataModule):
     """Tokenised GLUE splits: ``train`` (optionally capped), ``val`` (held out of train), ``test`` (official dev)."""
 
@@ -139,25 +162,12 @@ class GlueDataModule(SplitDataModule):
     def setup(self, stage: str | None = None) -> None:
         if self.splits:
             return
-        raw = load_glue_splits(self.cfg.task, self.data_dir)
-        for name, split in raw.items():
-            path = None if self.data_dir is None else Path(self.data_dir) / "glue" / self.cfg.task / f"{name}.jsonl"
-            where = f"{HUB_DATASET} {self.cfg.task} {name} split" if path is None else str(path)
-            check_split(split, where, list(self.cfg.text_fields), self.cfg.num_labels, path)
-        if len(raw["train"]) <= self.cfg.val_size:
-            raise DataError(f"GLUE {self.cfg.task}'s train split has {len(raw['train'])} rows and dataset.val_size="
-                            f"{self.cfg.val_size} holds them all out: nothing is left to train on or derive ratios "
-                            "from; lower dataset.val_size.")
-        held_out = raw["train"].train_test_split(test_size=self.cfg.val_size, seed=self.data_seed)
-        train = held_out["train"]
-        self.derivation_pool = train
-        if self.cfg.train_size is not None and self.cfg.train_size < len(train):
-            train = train.shuffle(seed=self.data_seed).select(range(self.cfg.train_size))
-        test = raw["validation"]
-        if self.cfg.get("test_size") is not None and self.cfg.test_size < len(test):
-            test = test.shuffle(seed=self.data_seed).select(range(self.cfg.test_size))
-        self.splits = {name: self._tokenize(split) for name, split in
-                       (("train", train), ("val", held_out["test"]), ("test", test))}
+        raw = glue_splits(self.cfg, self.data_dir, self.data_seed)
+        self.derivation_pool = raw.pop("derivation_pool")
+        self.splits = {name: self._tokenize(split) for name, split in raw.items()}
+
+    def split_labels(self, name: str) -> list[int]:
+        return list(self.splits[name]["labels"])
 
     def _tokenize(self, split: Dataset) -> Dataset:
         fields = list(self.cfg.text_fields)

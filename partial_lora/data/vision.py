@@ -53,7 +53,7 @@ def few_shot_split(labels: Sequence[int], shots: int | None, seed: int,
 
 def dataset_labels(dataset: Any) -> list[int]:
     """Labels of a torchvision dataset without decoding its images."""
-    for attribute in ("targets", "_labels"):
+    for attribute in ("targets", "_labels", "labels"):
         if hasattr(dataset, attribute):
             return [int(label) for label in getattr(dataset, attribute)]
     if hasattr(dataset, "_samples"):
@@ -69,6 +69,10 @@ class _Images(Dataset):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+    def labels(self) -> list[int]:
+        every = dataset_labels(self.source)
+        return [every[index] for index in self.indices]
 
     def __getitem__(self, position: int) -> dict[str, Any]:
         image, label = self.source[self.indices[position]]
@@ -191,6 +195,9 @@ class VisionDataModule(SplitDataModule):
                        "val": _Images(val, val_idx, evaluation),
                        "test": _Images(test, range(len(test)), evaluation)}
         self.derivation = _Images(train, train_idx, evaluation)
+
+    def split_labels(self, name: str) -> list[int]:
+        return self.splits[name].labels()
 
     def derivation_batches(self, fraction: float, max_examples: int | None, batch_size: int) -> list[dict]:
         """The training shots themselves (paper: the same few-shot set), at most ``max_examples`` of them."""

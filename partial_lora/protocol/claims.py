@@ -29,6 +29,12 @@ and inconclusive otherwise (at this scale the interval spans the margin). A clai
 parameter reduction (``min_param_reduction``) is contradicted when the measured reduction falls short.
 Until every planned seed has both arms, a claim gets no verdict ("missing runs"), though its partial effect
 is shown: a sweep still running must not read as evidence, and its first seeds are no random sample.
+
+A task that LoRA did not learn at this budget (``results.aggregate.learning_status`` over
+:meth:`ClaimPlan.budget_records`) gets no verdict either ("not learned", with the reason): its comparisons are
+between models at chance. Beside each claim the report shows the treatment arm's adapter parameters as a share
+of LoRA's next to the paper's Partial-LoRA share (``results/paper/tables.csv``), the arms' validation-test gaps,
+and, where the interval is too wide to decide, how many seeds would decide it (:func:`seeds_to_decide`).
 """
 
 from __future__ import annotations
@@ -48,11 +54,15 @@ from scipy import stats
 from partial_lora.config import register_resolvers
 from partial_lora.errors import ConfigError
 from partial_lora.protocol.sweep import ROOT, command
-from partial_lora.results.aggregate import load_records
+from partial_lora.results.aggregate import (REFERENCE_METHOD, VAL_TEST_GAP, Learning, describe_rule,
+                                            fill_majority_rates, large_gap, learning_status, load_records)
 from partial_lora.results.record import config_hash
+from partial_lora.results.tables import load_paper, paper_kept_share
 
 TESTS = ("noninferior", "equivalent", "superior", "shrinking")
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, MISSING = "supported", "contradicted", "inconclusive", "missing runs"
+NOT_LEARNED = "not learned"
+MAX_SEEDS = 1000  # beyond this many seeds a claim is reported as undecidable at the measured spread
 
 
 @dataclass(frozen=True)
@@ -81,6 +91,12 @@ class Interval:
     low: float
     high: float
     n: int
+    sd: float = math.nan  # of the paired differences
+
+
+def half_width(sd: float, n: int, confidence: float = 0.95) -> float:
+    """Half-width of Student's t interval of the mean of ``n`` values with standard deviation ``sd``."""
+    return float(stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n))
 
 
 def paired_interval(differences: list[float], confidence: float = 0.95) -> Interval:
@@ -92,8 +108,30 @@ def paired_interval(differences: list[float], confidence: float = 0.95) -> Inter
     mean = float(values.mean())
     if n < 2:
         return Interval(mean, -math.inf, math.inf, n)
-    half = float(stats.t.ppf(0.5 + confidence / 2, n - 1) * values.std(ddof=1) / math.sqrt(n))
-    return Interval(mean, mean - half, mean + half, n)
+    sd = float(values.std(ddof=1))
+    half = half_width(sd, n, confidence)
+    return Interval(mean, mean - half, mean + half, n, sd)
+
+
+def boundaries(test: str, margin: float) -> tuple[float, ...]:
+    """The effects whose exclusion from the interval decides a claim (see :func:`verdict`)."""
+    return {"noninferior": (-margin,), "equivalent": (-margin, margin)}.get(test, (0.0,))
+
+
+def seeds_to_decide(test: str, interval: Interval, margin: float, confidence: float = 0.95) -> int | None:
+    """How many seeds (pairs) would decide an inconclusive claim if its mean and spread stayed as measured.
+
+    With ``d`` the mean paired difference, ``s`` their standard deviation and ``b`` the nearest deciding
+    boundary (``-m`` for noninferior, ``±m`` for equivalent, 0 for superior and shrinking), the claim is decided
+    once the interval excludes ``b``: the smallest ``n`` with ``t(1 - (1 - confidence) / 2, n - 1) s / sqrt(n)
+    < |d - b|``. ``None`` when no ``n`` up to :data:`MAX_SEEDS` does (an effect on the boundary never decides)
+    or the spread is unknown (fewer than two pairs)."""
+    if not np.isfinite(interval.sd):
+        return None
+    distance = min(abs(interval.mean - boundary) for boundary in boundaries(test, margin))
+    if interval.sd == 0:
+        return 2 if distance > 0 else None
+    return next((n for n in range(2, MAX_SEEDS + 1) if half_width(interval.sd, n, confidence) < distance), None)
 
 
 def verdict(test: str, interval: Interval, margin: float, pairs_needed: int = 2) -> str:
@@ -249,20 +287,31 @@ class ClaimPlan:
                     pairs.append((treatment, control, variant))
         return pairs
 
-    def planned_runs(self) -> list[PlannedRun]:
-        """Every run the records present let the plan name: each arm's pilots, then each claim's runs."""
+    def planned_runs(self, swept: bool = True) -> list[PlannedRun]:
+        """Every run the records present let the plan name: each arm's pilots, then each claim's runs (with
+        ``swept=False``, not those at the values a claim sweeps, such as C7's larger training sets)."""
         runs = []
         for claim in self.claims:
             for arm in (claim.treatment, claim.control):
                 for dataset in self.datasets_of(claim):
                     runs += self.pilot_runs(self.lr_source(arm), dataset)
-            runs += [run for treatment, control, _ in self.claim_runs(claim) for run in (treatment, control)]
+            runs += [run for treatment, control, variant in self.claim_runs(claim) if swept or not variant
+                     for run in (treatment, control)]
         return runs
 
-    def planned_records(self) -> dict[str, dict[str, Any]]:
+    def planned_records(self, swept: bool = True) -> dict[str, dict[str, Any]]:
         """The finished records the plan uses, pilots included, by run id (a run shared by claims once)."""
-        records = (self.record(run) for run in self.planned_runs())
+        records = (self.record(run) for run in self.planned_runs(swept))
         return {record["run_id"]: record for record in records if record is not None}
+
+    def budget_records(self) -> pd.DataFrame:
+        """The plan's finished runs at the preset's budget (the pilots and the claim runs outside a swept setting),
+        with the majority rates that older records lack read from the local data (``fill_majority_rates``)."""
+        return fill_majority_rates(pd.DataFrame(self.planned_records(swept=False).values()), self.cfg.data_dir)
+
+    def paper_backbone(self) -> str:
+        """The paper's backbone for the claims' domain (``conf/scale/paper.yaml``), whose shares the report cites."""
+        return OmegaConf.load(ROOT / "conf" / "scale" / "paper.yaml").scale.domains[self.cfg.claims.domain].backbone
 
     # launching --------------------------------------------------------------------------------------------
     def commands(self, launcher: str = "local") -> list[list[str]]:
@@ -311,7 +360,12 @@ def run_claims(plan: ClaimPlan, launcher: str = "local") -> int:
 # --- verdicts -----------------------------------------------------------------------------------------------
 
 def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
-    """One row per (claim, dataset): the effect, its interval, parameter counts and the verdict."""
+    """One row per (claim, dataset): the effect, its interval, parameter counts, kept shares, validation-test
+    gaps and the verdict (none on a task not learned; the seeds that would decide an inconclusive one)."""
+    budget = plan.budget_records()
+    learning, paper, backbone = learning_status(budget), load_paper(), plan.paper_backbone()
+    reference = budget[budget["method"] == REFERENCE_METHOD] if not budget.empty else budget
+    reference_params = {} if reference.empty else reference.groupby("dataset")["params"].mean()
     rows = []
     for claim in plan.claims:
         pairs = plan.claim_runs(claim)
@@ -335,7 +389,8 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
             else:
                 differences = [t["test"] - c["test"] for t, c, _ in found]
             interval = paired_interval(differences)
-            row |= {"effect": interval.mean, "low": interval.low, "high": interval.high, "pairs": interval.n}
+            row |= {"effect": interval.mean, "low": interval.low, "high": interval.high, "pairs": interval.n,
+                    "paper_kept": paper_kept_share(paper, backbone, dataset)}
             outcome = verdict(claim.test, interval, claim.margin, pairs_needed=len(plan.seeds))
             if found:
                 treatment_params = np.mean([t["params"] for t, _, _ in found])
@@ -347,8 +402,16 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
                     if row["param_reduction"] < claim.min_param_reduction:
                         outcome = CONTRADICTED
                 row |= {"mean_treatment": np.mean([t["test"] for t, _, _ in found]),
-                        "mean_control": np.mean([c["test"] for _, c, _ in found])}
+                        "mean_control": np.mean([c["test"] for _, c, _ in found]),
+                        "val_treatment": np.mean([t["val"] for t, _, _ in found]),
+                        "val_control": np.mean([c["val"] for _, c, _ in found]),
+                        "kept_treatment": treatment_params / reference_params.get(dataset, np.nan)}
             row["verdict"] = outcome if chosen else MISSING
+            if row["verdict"] == INCONCLUSIVE:
+                row["seeds_to_decide"] = seeds_to_decide(claim.test, interval, claim.margin)
+            status = learning.get(dataset)
+            if status is not None and not status.learned:
+                row |= {"verdict": NOT_LEARNED, "reason": status.reason()}
             rows.append(row)
     return pd.DataFrame(rows)
 
@@ -357,6 +420,31 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
 
 def _points(value: float) -> str:
     return "-" if value is None or not np.isfinite(value) else f"{value:+.2f}"
+
+
+def _gaps(row: dict[str, Any]) -> str:
+    """Mean validation minus test metric of each arm, marked where it is large (``aggregate.VAL_TEST_GAP``)."""
+    if not np.isfinite(row.get("val_treatment", np.nan)):
+        return "-"
+    return " / ".join(_points(val - test) + (" (large)" if large_gap(val, test) else "")
+                      for val, test in ((row["val_treatment"], row["mean_treatment"]),
+                                        (row["val_control"], row["mean_control"])))
+
+
+def _kept(row: dict[str, Any]) -> str:
+    share = lambda value: "-" if value is None or not np.isfinite(value) else f"{value:.1%}"  # noqa: E731
+    return f"{share(row.get('kept_treatment', np.nan))} ({share(row['paper_kept'])})"
+
+
+def _verdict(row: dict[str, Any]) -> str:
+    cell = f"**{row['verdict']}**"
+    if row["verdict"] == NOT_LEARNED:
+        return f"{cell}: {row['reason']}"
+    if row["verdict"] == INCONCLUSIVE:
+        seeds = row.get("seeds_to_decide")
+        return f"{cell}; " + (f"{seeds:.0f} seeds would decide it" if seeds is not None and np.isfinite(seeds)
+                               else f"no number of seeds up to {MAX_SEEDS} would decide it")
+    return cell
 
 
 def _count(value: float) -> str:
@@ -372,6 +460,20 @@ def _shrinking_lines(row: pd.Series) -> list[str]:
         per_seed = ", ".join(f"{seed}: {_points(lead)}" for seed, lead in leads.items())
         lines.append(f"  - {variant}: {row['control']}'s lead {_points(interval.mean)} "
                      f"[{_points(interval.low)}, {_points(interval.high)}], {interval.n} seeds (by seed {per_seed})")
+    return lines
+
+
+def _learning_lines(learning: dict[str, Learning]) -> list[str]:
+    """Per task, the learning rule's numbers: a task LoRA did not learn gets no verdict."""
+    lines = ["", "## Learned at this budget", "", f"{describe_rule()} Over the plan's runs at the preset's budget "
+             f"(pilots included); chance is unknown where neither the records nor the local data give the validation "
+             f"split's majority rate; such a task is not judged.", "",
+             f"| dataset | metric | {REFERENCE_METHOD}'s best validation | chance on validation | margin | learned |",
+             "|---|---|---|---|---|---|"]
+    for dataset, status in learning.items():
+        learned = "unknown" if not status.known else "yes" if status.learned else "**no**"
+        lines.append(f"| {dataset} | {status.metric} | {status.best_val:.2f} | {status.chance:.2f} | "
+                     f"{status.margin:g} | {learned} |")
     return lines
 
 
@@ -434,12 +536,18 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
              f"Backbone `{domain.backbone}`; datasets {', '.join(plan.datasets)}; seeds {plan.seeds} for both arms of "
              f"every claim (paired by seed); effect = treatment - control in metric points (x100), mean of the "
              f"per-seed differences with a 95% Student-t interval. Verdicts: supported / contradicted when the "
-             f"interval clears the claim's margin, inconclusive when it spans it, missing runs until every seed has both "
-             f"arms (see "
-             f"`partial_lora/protocol/claims.py`). Rendered from the run records alone.", "",
+             f"interval clears the claim's margin, inconclusive when it spans it (with the seeds that would decide it "
+             f"if the mean and spread of the paired differences stayed as measured), missing runs until every seed has "
+             f"both arms, and not learned on a task {REFERENCE_METHOD} did not learn (see "
+             f"`partial_lora/protocol/claims.py` and Learned at this budget below). {describe_rule()} Kept: the "
+             f"treatment's adapter parameters over {REFERENCE_METHOD}'s on the task, beside the paper's Partial-LoRA "
+             f"share ({plan.paper_backbone()}, `results/paper/tables.csv`). val - test: each arm's mean validation "
+             f"minus test metric, (large) beyond "
+             f"{VAL_TEST_GAP:g} points. Rendered from the run records (and, for the majority rates older records "
+             f"lack, the local data).", "",
              "| claim | dataset | treatment vs control | lr (T / C) | runs | treatment | control | effect [95% CI] "
-             "| margin | params T / C (reduction) | verdict |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| margin | params T / C (reduction) | kept T (paper) | val - test T / C | verdict |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for row in verdicts.to_dict("records"):
         params = "-"
         if np.isfinite(row.get("params_treatment", np.nan)):
@@ -452,7 +560,7 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
         lines.append(f"| {row['claim']} | {row['dataset']} | {row['treatment']} vs {row['control']} | {lrs} | "
                      f"{row['runs']}/{row['planned_runs']} | {mean('mean_treatment')} | {mean('mean_control')} | "
                      f"{_points(row['effect'])} [{_points(row['low'])}, {_points(row['high'])}] | {margin} | "
-                     f"{params} | **{row['verdict']}** |")
+                     f"{params} | {_kept(row)} | {_gaps(row)} | {_verdict(row)} |")
     lines += ["", "## Claims", ""]
     for claim in plan.claims:
         lines.append(f"- **{claim.id}** ({claim.test}): {claim.text}.")
@@ -474,6 +582,7 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
                 cell = "-" if record is None else f"{record['val']:.2f}"
                 cells.append(f"**{cell}**" if run.lr == chosen else cell)
             lines.append(f"| {arm} | {dataset} | " + " | ".join(cells) + " |")
+    lines += _learning_lines(learning_status(plan.budget_records()))
     lines += _derivation_lines(plan)
     lines += _compute_lines(plan)
     image = directory / f"{stem}.png"

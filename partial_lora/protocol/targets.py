@@ -10,7 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from partial_lora.protocol.sweep import Protocol, planned_multiruns, record_column, select_runs, training_budget
 from partial_lora.ratios.cache import load_entries
 from partial_lora.results import figures
-from partial_lora.results.aggregate import load_records, protocol_summary
+from partial_lora.results.aggregate import fill_majority_rates, learning_status, load_records, protocol_summary
 from partial_lora.results.tables import load_paper, render, table_rows
 
 SELECTED_OVER = {"seed", "lr"}  # what the protocol chooses among, never a setting of its own
@@ -85,7 +85,8 @@ def render_target(cfg: DictConfig, tables_dir: str | Path = "results/tables",
         rows = table_rows(summary, load_paper(), sweep.name, variant)
         paper_backbones = ", ".join(sorted(load_paper().query("table == @sweep.name")["backbone"].unique()))
         note += f" The paper column is the paper's {sweep.name} ({paper_backbones}); diff = this run - paper."
-        markdown, latex = render(rows, sweep.title, note, variant)
+        learning = learning_status(fill_majority_rates(records, cfg.data_dir))
+        markdown, latex = render(rows, sweep.title, note, variant, learning)
         Path(tables_dir).mkdir(parents=True, exist_ok=True)
         for suffix, text in ((".md", markdown), (".tex", latex)):
             path = Path(tables_dir) / f"{stem}{suffix}"
