@@ -294,3 +294,20 @@ def test_a_glue_task_added_to_the_data_folder_and_the_scale_joins_the_claims_and
     assert len(wnli) == 2 and all(f"{chance + 2:.2f} ± 0.00 (not learned)" in line for line in wnli)  # LoRA, Partial
     assert "(not learned)" not in "".join(line for line in table.splitlines() if "| sst2 " in line)
     assert f"(not learned) wnli: not learned at this budget: lora's best validation accuracy {chance + 2:.2f}" in table
+
+
+def test_a_claim_with_its_own_seeds_plans_and_judges_on_them_alone(tmp_path: Path):
+    store = tmp_path / "runs"
+    extra = [*SMALL, f"results_dir={store}"]
+    fake_records(ClaimPlan(compose_claims("cpu", extra), "cpu", extra), store, lambda arm, *_: 80.0)
+    c1_on_three = [*extra, "+claims.items.0.seeds=[0,1,2]"]
+    plan = ClaimPlan(compose_claims("cpu", c1_on_three), "cpu", c1_on_three)
+    c1 = next(claim for claim in plan.claims if claim.id == "C1")
+    assert plan.seeds_of(c1) == [0, 1, 2] and {t.seed for t, _, _ in plan.claim_runs(c1)} == {0, 1, 2}
+    verdicts = evaluate_claims(plan).set_index(["claim", "dataset"])
+    assert verdicts.loc[("C1", "sst2"), "verdict"] == MISSING and verdicts.loc[("C1", "sst2"), "planned_runs"] == 6
+    assert verdicts.loc[("C2", "sst2"), "verdict"] != MISSING  # C2 shares the partial arm, on its own two seeds
+    pending = [" ".join(argv) for argv in plan.commands()]
+    # only seed 2 is missing, and only for C1's arms, though the partial arm serves C2-C8 on seeds 0-1 as well
+    assert len(pending) == 4 and all(" seed=2 " in argv for argv in pending)
+    assert {argv.split("method=")[1].split()[0] for argv in pending} == {"lora", "partial_lora"}
