@@ -307,7 +307,8 @@ def file_size_table(cfg: DictConfig, shares: tuple[float, ...] = SHARES) -> None
         peft_bytes, _ = saved(model, f"peft_{share}", PeftModel.save_pretrained)
         print(f"  {share:>6.1%} {params / lora_params:>7.2%} {params:>9,} {compact_bytes:>14,} "
               f"{compact_bytes / params:>12.2f} {compact_bytes - 4 * params:>8,} {peft_bytes:>11,} "
-              f"{peft_bytes / params:>9.2f} {lora_bytes / params:>9.2f} {compact_bytes / lora_bytes:>13.3f}", flush=True)
+              f"{peft_bytes / params:>9.2f} {lora_bytes / params:>9.2f} {compact_bytes / lora_bytes:>13.3f}",
+              flush=True)
     shutil.rmtree(folder)
 
 

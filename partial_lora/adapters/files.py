@@ -113,6 +113,11 @@ def peft_tensors(tensors: Tensors, metadata: dict[str, str]) -> tuple[Tensors, s
     return expanded, None if damaged is None else f"its mask {damaged} is not a bool vector of bytes 0 and 1"
 
 
+def first_line(error: Exception) -> str:
+    """A library error in a few words, for the sentence that wraps it (some of PEFT's span lines)."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+
+
 def read_config(directory: str | Path) -> LoraConfig:
     """The LoRA or AdaLoRA config of an adapter folder; a missing or unreadable file is one sentence."""
     path = Path(directory) / CONFIG_NAME
@@ -122,8 +127,8 @@ def read_config(directory: str | Path) -> LoraConfig:
     try:
         config = PeftConfig.from_pretrained(str(directory))
     except (ValueError, TypeError, KeyError, AttributeError, OSError) as error:  # PEFT's parsing raises each
-        raise PartialLoraError(f"{path} is not a readable PEFT config ({type(error).__name__}: "
-                               f"{str(error).splitlines()[0] if str(error) else ''}); save the adapter again.") from error
+        raise PartialLoraError(f"{path} is not a readable PEFT config ({first_line(error)}); save the adapter "
+                               "again.") from error
     if not isinstance(config, LoraConfig):
         raise PartialLoraError(f"{path} describes a {config.peft_type} adapter, not LoRA or AdaLoRA; load it with "
                                "peft.PeftModel.from_pretrained.")
@@ -139,8 +144,8 @@ def read_tensors(directory: str | Path) -> Tensors:
             metadata = dict(handle.metadata() or {})
             tensors = {key: handle.get_tensor(key) for key in handle.keys()}
     except (SafetensorError, OSError) as error:
-        raise PartialLoraError(f"adapter file {path} is missing or not a complete safetensors file ({error}); save "
-                               "the adapter again.") from error
+        raise PartialLoraError(f"adapter file {path} is missing or not a complete safetensors file "
+                               f"({first_line(error)}); save the adapter again.") from error
     tensors, problem = peft_tensors(tensors, metadata)
     if problem is not None:
         raise PartialLoraError(f"adapter file {path} is damaged: {problem}; save the adapter again.")

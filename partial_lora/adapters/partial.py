@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 from peft import AdaLoraConfig, LoraConfig, PeftModel, get_peft_model
 
-from partial_lora.adapters.files import read_config, read_tensors
+from partial_lora.adapters.files import first_line, read_config, read_tensors
 from partial_lora.adapters.masked import apply_masks, base_weights, check_adapter_state, load_masked_state
 from partial_lora.errors import PartialLoraError
 from partial_lora.masks import make_masks
@@ -97,7 +97,7 @@ def load_partial_lora(model: torch.nn.Module, directory: str | Path, is_trainabl
         trial = get_peft_model(skeleton(model), copy.deepcopy(config))
     except (ValueError, TypeError, KeyError, RuntimeError) as error:  # PEFT's refusals of a config for a model
         raise PartialLoraError(f"the adapter config in {directory} does not apply to this model "
-                               f"({str(error).splitlines()[0]}); pass the base model it was trained on.") from error
+                               f"({first_line(error)}); pass the base model it was trained on.") from error
     check_adapter_state(trial, state_dict, f"{directory}")
     peft_model = get_peft_model(model, config)
     load_masked_state(peft_model, state_dict, f"{directory}", compact)
