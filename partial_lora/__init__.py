@@ -22,6 +22,8 @@ _LAZY = {
     "PartialAdaLoraConfig": "partial_lora.adapters",
     "get_partial_lora_model": "partial_lora.adapters",
     "load_partial_lora": "partial_lora.adapters",
+    "save_partial_lora": "partial_lora.adapters",
+    "convert_to_peft": "partial_lora.adapters",
     "merge_and_unload": "partial_lora.adapters",
 }
 

@@ -11,10 +11,9 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
 
 from partial_lora.adapters import (adapt, count_parameters, derivation_settings, kept_fractions, residual_norms,
-                                   uses_rank_allocation)
+                                   save_partial_lora, uses_rank_allocation)
 from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate, validate_rank
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
@@ -143,9 +142,8 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
     if not trainer.is_global_zero:  # under DDP one process writes the adapter and the record
         return None
     adapter_file = None
-    if cfg.method.peft_config is not None:  # the best checkpoint's adapter, as loaded by trainer.test, in PEFT's layout
-        model.save_pretrained(output_dir / "adapter")
-        adapter_file = output_dir / "adapter" / SAFETENSORS_WEIGHTS_NAME
+    if cfg.method.peft_config is not None:  # the best checkpoint's adapter, as loaded by trainer.test, compact
+        adapter_file = save_partial_lora(model, output_dir / "adapter")
 
     # AdaLoRA prunes ranks while training: the paper reports what is left at the end.
     final_counts = count_parameters(model, backbone.head_modules)

@@ -10,18 +10,22 @@ derivation: wall time and evaluations of the fast search against the literal Alg
 evaluation count follows from the derived counts (``literal_evaluations``) and whose time is that
 count times the time of one full evaluation measured on a sample of layers; the configured search against a
 reference search (binary: O(log m) evaluations per layer), time and layer-by-layer counts, derived afresh in
-the same run. Last, the cost curves: derivation time against the derivation set's size, and training-step
-time of LoRA and compact Partial-LoRA against the rank.
+the same run. Then the cost curves: derivation time against the derivation set's size, and training-step
+time of LoRA and compact Partial-LoRA against the rank. Last, the saved adapter's bytes per trained parameter
+in the compact layout, PEFT's layout and for dense LoRA, at kept shares of 0.5-60% (``--only file-sizes``).
 
     python scripts/bench.py                                    # MiniLM, SST-2, CPU (make bench)
     python scripts/bench.py --backbone tiny_bert --steps 3     # a quick check
+    python scripts/bench.py --only file-sizes                  # the file-size table alone (seconds, no timing)
     python scripts/bench.py --backbone clip_vit_b16 --device cuda --override backbone.pretrained=null
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
+import shutil
 import statistics
 import sys
 import tempfile
@@ -33,10 +37,13 @@ import datasets
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from torch.nn.functional import cross_entropy
 from torch.profiler import ProfilerActivity, profile
 
-from partial_lora.adapters import adapt, count_parameters
+from partial_lora.adapters import (PartialLoraConfig, adapt, count_parameters, get_partial_lora_model,
+                                   save_partial_lora)
 from partial_lora.adapters.targets import targeted_linears
 from partial_lora.backbones.base import in_head
 from partial_lora.config import register_resolvers
@@ -47,6 +54,7 @@ from partial_lora.training.optim import adamw
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 VARIANTS = ("floor", "lora", "dense", "compact")
+SHARES = (0.005, 0.05, 0.15, 0.30, 0.60)  # kept shares of rows and columns: the paper's tickets keep 10-48%
 LABELS = {"floor": "(a) frozen backbone", "lora": "(b) PEFT LoRA", "dense": "(c) masked, dense",
           "compact": "(d) masked, compact"}
 Batch = dict[str, torch.Tensor]
@@ -269,6 +277,41 @@ def size_curve(cfg: DictConfig, sizes: list[int], measured: DerivedCounts) -> No
               flush=True)
 
 
+def file_size_table(cfg: DictConfig, shares: tuple[float, ...] = SHARES) -> None:
+    """Bytes per trained parameter of the saved adapter file in the compact layout (what runs write), in PEFT's
+    layout (``save_pretrained``) and for dense LoRA, with balanced masks that keep each share of every targeted
+    matrix's rows and columns (one Bernoulli draw per row and column, so the kept share is about the share).
+    The adapter alone: no head is saved. File sizes are deterministic; nothing is timed."""
+    torch.manual_seed(cfg.seed)
+    base = backbone_and_data(cfg)[0].model
+    folder = Path(tempfile.mkdtemp(prefix="bench_files_"))
+    lora = LoraConfig(r=cfg.rank, target_modules=cfg.backbone.target_modules)
+
+    def saved(model: torch.nn.Module, name: str, save: Callable[[torch.nn.Module, Path], object]) -> tuple[int, int]:
+        save(model, folder / name)
+        return (folder / name / SAFETENSORS_WEIGHTS_NAME).stat().st_size, count_parameters(model, []).adapter
+
+    lora_bytes, lora_params = saved(get_peft_model(copy.deepcopy(base), lora), "lora", PeftModel.save_pretrained)
+    matrices = len(targeted_linears(base, lora.target_modules))
+    print(f"\nadapter file bytes per trained parameter (rank {cfg.rank}, {matrices} matrices, float32, no head, "
+          f"balanced masks of seed {cfg.seed}): dense LoRA {lora_bytes:,} bytes / {lora_params:,} = "
+          f"{lora_bytes / lora_params:.2f}")
+    print("  (B/p: file bytes per trained parameter; other: the compact file's bytes besides 4 per trained "
+          "parameter: mask bits, tensor headers, metadata)")
+    print(f"  {'share':>6} {'kept':>7} {'trained':>9} {'compact bytes':>14} {'compact B/p':>12} {'other':>8} "
+          f"{'PEFT bytes':>11} {'PEFT B/p':>9} {'LoRA B/p':>9} {'compact/LoRA':>13}")
+    for share in shares:
+        model = get_partial_lora_model(copy.deepcopy(base), PartialLoraConfig(
+            r=lora.r, target_modules=lora.target_modules, mode="balanced", sparsity=1 - share, seed=cfg.seed))
+        compact_bytes, params = saved(model, f"compact_{share}", save_partial_lora)
+        peft_bytes, _ = saved(model, f"peft_{share}", PeftModel.save_pretrained)
+        print(f"  {share:>6.1%} {params / lora_params:>7.2%} {params:>9,} {compact_bytes:>14,} "
+              f"{compact_bytes / params:>12.2f} {compact_bytes - 4 * params:>8,} {peft_bytes:>11,} "
+              f"{peft_bytes / params:>9.2f} {lora_bytes / params:>9.2f} {compact_bytes / lora_bytes:>13.3f}",
+              flush=True)
+    shutil.rmtree(folder)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="minilm")
@@ -287,6 +330,7 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 4, 16, 64],
                         help="ranks of the step-time curve (none: skip)")
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. backbone.pretrained=null")
+    parser.add_argument("--only", choices=["file-sizes"], help="print this table alone (no timing)")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         # Before the ratio derivation, which would run minutes on the CPU first.
@@ -295,6 +339,9 @@ def main() -> None:
 
     datasets.disable_progress_bars()
     cfg = config(args)
+    if args.only == "file-sizes":
+        file_size_table(cfg)
+        return
     print(f"backbone {cfg.backbone.name} | dataset {cfg.dataset.name} | device {args.device} | "
           f"torch threads {torch.get_num_threads()} | rank {args.rank} | batch {args.batch_size}"
           + ("" if cfg.dataset.kind == "vision" else f" x {args.length} tokens"), flush=True)
@@ -359,6 +406,7 @@ def main() -> None:
         del models
         gc.collect()
         rank_curve(cfg, derived, batch, args.ranks, args)
+    file_size_table(cfg)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from omegaconf import open_dict
+from safetensors import safe_open
 
 from partial_lora.adapters import adapt, count_parameters, load_adapter
+from partial_lora.adapters.files import COMPACT_LAYOUT, LAYOUT_KEY, read_tensors
 from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, factor, is_compact, lora_layers
 from partial_lora.backbones import build_backbone
 from partial_lora.masks import LayerMask, make_mask
@@ -144,6 +146,8 @@ def test_partial_lora_run_derives_once_then_hits_the_cache(tiny_cfg, tmp_path: P
     assert second["masks"]["cache_file"] == first["masks"]["cache_file"]
     assert second["params"]["unmasked_adapter"] == first["params"]["unmasked_adapter"]
     assert Path(second["adapter_file"]).is_file() and Path(second["adapter_file"]).name == "adapter_model.safetensors"
+    with safe_open(second["adapter_file"], framework="pt") as handle:  # runs write the compact layout
+        assert handle.metadata()[LAYOUT_KEY] == COMPACT_LAYOUT
     with open_dict(tiny_cfg):  # the probe starts from the seed's random head: another seed derives its own
         tiny_cfg.seed = 1
     third = run(tiny_cfg)
@@ -178,9 +182,7 @@ def test_partial_adalora_trains_with_rank_allocation_and_keeps_masks(tiny_cfg, t
     record = run(tiny_cfg)
     assert record["steps"] == 10
     assert 0 < record["params"]["adapter"] < record["params"]["unmasked_adapter"]
-    from safetensors.torch import load_file
-
-    tensors = load_file(record["adapter_file"])
+    tensors = read_tensors(Path(record["adapter_file"]).parent)  # in PEFT's layout
     layers = {key.rsplit(".", 1)[0] for key in tensors if key.endswith(f".{ROW_MASK}")}
     assert layers
     trained = 0

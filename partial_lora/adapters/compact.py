@@ -96,6 +96,11 @@ def _linear(weight: torch.Tensor, requires_grad: bool) -> torch.nn.Linear:
     return module
 
 
+def outside_masks(lora_a: torch.Tensor, lora_b: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> bool:
+    """Whether full-shaped factors have non-zero entries outside the masks (columns of A, rows of B)."""
+    return bool(torch.count_nonzero(lora_a[:, ~col]) or torch.count_nonzero(lora_b[~row]))
+
+
 def make_compact(layer: LoraLayer, adapter: str, row: torch.Tensor, col: torch.Tensor) -> None:
     """Replace the full factors of ``layer`` by their kept rows of B and columns of A.
 
@@ -106,7 +111,7 @@ def make_compact(layer: LoraLayer, adapter: str, row: torch.Tensor, col: torch.T
         raise PartialLoraError("compact masked LoRA supports plain LoRA on nn.Linear targets only: "
                                "set adapter.compact=false.")
     lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
-    if torch.count_nonzero(lora_a[:, ~col]) or torch.count_nonzero(lora_b[~row]):
+    if outside_masks(lora_a, lora_b, row, col):
         raise PartialLoraError("the LoRA factors have non-zero entries outside the masks; a compact layer "
                                "would drop them.")
     rows, cols = row.nonzero().flatten().to(lora_b.device), col.nonzero().flatten().to(lora_a.device)

@@ -123,15 +123,24 @@ def _mismatch(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> st
     return None
 
 
-def load_masked_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], origin: str,
-                      compact: bool = True) -> None:
-    """Load an adapter state dict in PEFT's checkpoint layout (as ``save_pretrained`` writes it, masks included)
-    into a PEFT LoRA / AdaLoRA ``model`` of the same backbone, rank and layers, with PEFT's loader.
+def damaged_mask(state_dict: dict[str, torch.Tensor]) -> str | None:
+    """The first mask of an adapter state dict that is not a bool vector of bytes 0 and 1, or ``None``: torch reads
+    any other byte of a bool tensor as True, so a flipped byte would silently train a masked row."""
+    for key, value in state_dict.items():
+        if key.endswith((ROW_MASK, COL_MASK)) and (value.dtype != torch.bool or value.dim() != 1
+                                                   or bool((value.view(torch.uint8) > 1).any())):
+            return key
+    return None
 
-    Everything is checked before the model changes. Masks in ``state_dict`` turn plain LoRA layers into masked
-    ones (compact or dense per ``compact``); layers already masked keep their execution and must carry the same
-    masks.
-    """
+
+def check_adapter_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], origin: str) -> None:
+    """Refuse an adapter state dict in PEFT's checkpoint layout that the PEFT ``model`` (a meta-device copy will
+    do) cannot load as it is: damaged masks, names or shapes of another model, or other masks than the masked
+    layers of ``model`` carry."""
+    damaged = damaged_mask(state_dict)
+    if damaged is not None:
+        raise PartialLoraError(f"adapter {origin} is damaged: its mask {damaged} is not a bool vector of bytes 0 "
+                               "and 1; save the adapter again.")
     problem = _mismatch(model, state_dict)
     if problem is not None:
         raise PartialLoraError(f"adapter {origin} does not fit this model: {problem}; build the model with the "
@@ -141,6 +150,19 @@ def load_masked_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor
         if not (name in masks and torch.equal(masks[name].row, getattr(layer, ROW_MASK).cpu())
                 and torch.equal(masks[name].col, getattr(layer, COL_MASK).cpu())):
             raise PartialLoraError(f"adapter {origin} holds other masks than the masked layer {name}.")
+
+
+def load_masked_state(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], origin: str,
+                      compact: bool = True) -> None:
+    """Load an adapter state dict in PEFT's checkpoint layout (as ``save_pretrained`` writes it, masks included)
+    into a PEFT LoRA / AdaLoRA ``model`` of the same backbone, rank and layers, with PEFT's loader.
+
+    Everything is checked (:func:`check_adapter_state`) before the model changes. Masks in ``state_dict`` turn
+    plain LoRA layers into masked ones (compact or dense per ``compact``); layers already masked keep their
+    execution and must carry the same masks.
+    """
+    check_adapter_state(model, state_dict, origin)
+    masks = masks_in(state_dict)
     set_peft_model_state_dict(model, state_dict, adapter_name=ADAPTER)
     for name, layer in lora_layers(model).items():
         if name in masks and not hasattr(layer, ROW_MASK):
