@@ -76,7 +76,7 @@ def test_seeds_to_decide_are_the_fewest_at_which_the_measured_spread_decides(tes
     assert seeds_to_decide("superior", Interval(0.0, -1.0, 1.0, 5, 1.0), 1.0) is None
 
 
-SMALL = ["claims.seeds=[0,1]", "claims.pilot.lrs=[0.001,0.003]"]
+SMALL = ["claims.seeds=[0,1]", "claims.headline_seeds=[0,1]", "claims.pilot.lrs=[0.001,0.003]"]
 MAJORITY = {"val": 50.0, "test": 50.0}
 
 
@@ -177,7 +177,7 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
 
     # The same records against a plan of three seeds: every claim lacks seed 2, so none has a verdict yet,
     # though C1's effect over the two seeds present is still reported.
-    more_seeds = [*extra, "claims.seeds=[0,1,2]"]
+    more_seeds = [*extra, "claims.seeds=[0,1,2]", "claims.headline_seeds=[0,1,2]"]
     unfinished = evaluate_claims(ClaimPlan(compose_claims("cpu", more_seeds), "cpu", more_seeds))
     assert set(unfinished["verdict"]) == {MISSING}
     c1 = unfinished.set_index(["claim", "dataset"]).loc[("C1", "sst2")]
@@ -300,7 +300,7 @@ def test_a_claim_with_its_own_seeds_plans_and_judges_on_them_alone(tmp_path: Pat
     store = tmp_path / "runs"
     extra = [*SMALL, f"results_dir={store}"]
     fake_records(ClaimPlan(compose_claims("cpu", extra), "cpu", extra), store, lambda arm, *_: 80.0)
-    c1_on_three = [*extra, "+claims.items.0.seeds=[0,1,2]"]
+    c1_on_three = [*extra, "claims.items.0.seeds=[0,1,2]"]
     plan = ClaimPlan(compose_claims("cpu", c1_on_three), "cpu", c1_on_three)
     c1 = next(claim for claim in plan.claims if claim.id == "C1")
     assert plan.seeds_of(c1) == [0, 1, 2] and {t.seed for t, _, _ in plan.claim_runs(c1)} == {0, 1, 2}

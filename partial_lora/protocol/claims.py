@@ -532,14 +532,17 @@ def _derivation_lines(plan: ClaimPlan) -> list[str]:
 
 
 def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path = "results/claims") -> list[Path]:
-    """Write ``claims_<scale>.md`` (verdict table, per-claim detail, pilot choices) and ``claims_<scale>.png``."""
+    """Write ``claims_<scale>.md`` (verdict table, per-claim detail, pilot choices) and ``claims_<scale>.png``;
+    ``claims_<scale>_<name>`` for a plan under other settings named by ``claims.name``."""
     from partial_lora.results import figures
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    stem = f"claims_{plan.scale}"
+    name = plan.cfg.claims.get("name")
+    stem = f"claims_{plan.scale}" + (f"_{name}" if name else "")
     domain = plan.cfg.scale.domains[plan.cfg.claims.domain]
-    lines = [f"# The paper's claims at scale `{plan.scale}`", "",
+    settings = " under `" + " ".join(o for o in plan.extra if not o.startswith("claims.")) + "`" if name else ""
+    lines = [f"# The paper's claims at scale `{plan.scale}`{settings}", "",
              f"Backbone `{domain.backbone}`; datasets {', '.join(plan.datasets)}; seeds {plan.seeds} for both arms of "
              f"every claim (paired by seed) but those whose verdict names more; effect = treatment - control in metric points (x100), mean of the "
              f"per-seed differences with a 95% Student-t interval. Verdicts: supported / contradicted when the "
