@@ -3,6 +3,9 @@
 # Exit status of a command whose runs all ended, some with a failed record (NaN loss): apart from bad input (2)
 # and crashes (1), so that scripts can tell them apart.
 RUNS_FAILED_EXIT = 3
+# Exit status of a command stopped by SIGTERM (preemption, a time limit): 128 + 15, what a shell reports for a
+# process that SIGTERM ended, so schedulers and scripts read it as a stop, not a success or a crash.
+INTERRUPTED_EXIT = 143
 
 
 class PartialLoraError(Exception):
@@ -15,6 +18,14 @@ class ConfigError(PartialLoraError):
 
 class DataError(PartialLoraError):
     """Data is missing or malformed."""
+
+
+class StorageError(PartialLoraError):
+    """A record or checkpoint could not be written (disk full, quota)."""
+
+
+class RunInterrupted(PartialLoraError):
+    """SIGTERM stopped the run; a relaunch resumes it (from the checkpoint its message names, if any)."""
 
 
 class TrainingDiverged(PartialLoraError):

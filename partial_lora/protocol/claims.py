@@ -34,7 +34,6 @@ is shown: a sweep still running must not read as evidence, and its first seeds a
 from __future__ import annotations
 
 import math
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from scipy import stats
 
 from partial_lora.config import register_resolvers
 from partial_lora.errors import ConfigError
-from partial_lora.protocol.sweep import ROOT, command
+from partial_lora.protocol.sweep import ROOT, command, run_multirun
 from partial_lora.results.aggregate import load_records
 from partial_lora.results.record import config_hash
 
@@ -305,7 +304,7 @@ def run_claims(plan: ClaimPlan, launcher: str = "local") -> int:
             return failures
         launched.add(tuple(pending[0]))
         print("+", " ".join(pending[0][1:]), flush=True)
-        failures += subprocess.run(pending[0], cwd=ROOT).returncode != 0
+        failures += run_multirun(pending[0]) != 0
 
 
 # --- verdicts -----------------------------------------------------------------------------------------------
