@@ -21,11 +21,14 @@ class DataError(PartialLoraError):
 
 
 class StorageError(PartialLoraError):
-    """A record or checkpoint could not be written (disk full, quota)."""
+    """A record, checkpoint or lock could not be written safely (disk full, quota, a planted link)."""
 
 
-class RunInterrupted(PartialLoraError):
-    """SIGTERM stopped the run; a relaunch resumes it (from the checkpoint its message names, if any)."""
+class RunInterrupted(BaseException):
+    """SIGTERM stopped the run; a relaunch resumes it. Its message is one sentence, as a user error's.
+
+    Not an ``Exception``, as ``KeyboardInterrupt`` is not: raised from a signal handler, it must pass the
+    ``except Exception`` of whatever code it interrupts (a data loader's, a checkpoint check's)."""
 
 
 class TrainingDiverged(PartialLoraError):

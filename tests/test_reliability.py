@@ -203,7 +203,7 @@ FOREIGN = [
     ({"config": {"method": "sgd", "importance": {}}}, "its config's method is 'sgd', not a block with a name"),
     ({"best_val": float("nan")}, "its best_val is nan, not a finite number"),
     ({"test": float("inf")}, "its test is inf, not a finite number"),
-    ({"rank": "8"}, "its rank is '8', not valid"),
+    ({"rank": "8"}, "its rank is '8', not an integer or null"),
     ({"config": {"importance": {"name": "svd"}, "scale": "cpu"}}, "its config's scale is 'cpu'"),
     ({"wall_time_s": "long"}, "its wall_time_s is 'long', not a finite number"),
 ]

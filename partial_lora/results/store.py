@@ -41,31 +41,17 @@ LOCKS = ".locks"  # under results_dir; record readers take *.json files only
 STATUSES = ("finished", "failed")
 
 
-def _text(value: Any) -> bool:
-    return isinstance(value, str)
-
-
-def _rank(value: Any) -> bool:
-    return value is None or is_int(value)
-
-
-def _block(value: Any) -> bool:
-    """A config group's block, as records hold it: an object with a string ``name``."""
-    return isinstance(value, dict) and _text(value.get("name"))
-
-
-def _optional(accepts: Any) -> Any:
-    return lambda value: value is None or accepts(value)
-
-
-# What the code reads from a finished record beside its config (aggregation, claims, tables), and what each
-# field must be; JSON numbers are finite (json reads NaN and Infinity, which would enter every mean).
-FINISHED_FIELDS = {"backbone": _text, "dataset": _text, "method": _text, "rank": _rank, "seed": is_int,
-                   "lr": is_number, "best_val": is_number, "test": is_number}
-OPTIONAL_FIELDS = {"wall_time_s": is_number, "masks": _optional(lambda value: isinstance(value, dict)),
-                   "residual_norms": _optional(lambda value: isinstance(value, dict))}
-# The config's groups that run ids (derives_counts), aggregation and figures read by their blocks.
-CONFIG_BLOCKS = ("backbone", "dataset", "method", "importance")
+TEXT = (lambda value: isinstance(value, str), "a string")
+NUMBER = (is_number, "a finite number")  # json reads NaN and Infinity, which would enter every mean
+OBJECT = (lambda value: value is None or isinstance(value, dict), "an object or null")
+# What the code reads from a finished record beside its config (aggregation, claims, tables, figures), and what
+# each must be; the optional fields last.
+FINISHED_FIELDS = {"backbone": TEXT, "dataset": TEXT, "method": TEXT, "seed": (is_int, "an integer"),
+                   "rank": (lambda value: value is None or is_int(value), "an integer or null"), "lr": NUMBER,
+                   "best_val": NUMBER, "test": NUMBER}
+OPTIONAL_FIELDS = {"wall_time_s": NUMBER, "masks": OBJECT, "residual_norms": OBJECT}
+# The config's blocks that run ids (derives_counts), aggregation and figures read, each with a ``name``.
+CONFIG_BLOCKS = ("backbone", "dataset", "method", "importance", "scale")
 
 
 @contextmanager
@@ -106,22 +92,18 @@ def record_problem(record: Any) -> str | None:
     if not isinstance(config, dict):
         return "it has no config object"
     for block in CONFIG_BLOCKS:
-        if block in config and not _block(config[block]):
+        if block in config and not (isinstance(config[block], dict) and isinstance(config[block].get("name"), str)):
             return f"its config's {block} is {config[block]!r}, not a block with a name"
-    if "scale" in config and not _block(config["scale"]):
-        return f"its config's scale is {config['scale']!r}, not a block with a name"
     if record["status"] == "failed":
         return None
     if "importance" not in config:
         return "its config has no importance block"
-    for key, accepts in FINISHED_FIELDS.items():
+    for key, (accepts, description) in (FINISHED_FIELDS | OPTIONAL_FIELDS).items():
         if key not in record:
-            return f"it is finished but lacks {key}"
-        if not accepts(record[key]):
-            return f"its {key} is {record[key]!r}, not {'a finite number' if accepts is is_number else 'valid'}"
-    for key, accepts in OPTIONAL_FIELDS.items():
-        if key in record and not accepts(record[key]):
-            return f"its {key} is {record[key]!r}, not {'a finite number' if accepts is is_number else 'valid'}"
+            if key in FINISHED_FIELDS:
+                return f"it is finished but lacks {key}"
+        elif not accepts(record[key]):
+            return f"its {key} is {record[key]!r}, not {description}"
     if not (isinstance(record.get("params"), dict) and all(is_int(record["params"].get(key))
                                                            for key in ("adapter", "unmasked_adapter"))):
         return "its params lack the adapter or unmasked_adapter count"
