@@ -118,7 +118,9 @@ def test_an_unloadable_last_checkpoint_is_set_aside_once_and_the_run_starts_over
     damage(last)
     original = last.read_bytes()
     record = run(tiny_cfg)
-    assert record["status"] == "finished" and "resuming" not in capsys.readouterr().out.split(reason)[0]
+    output = capsys.readouterr().out
+    assert record["status"] == "finished" and f"checkpoint {last} cannot resume run {run_id}: {reason}" in output
+    assert "resuming run" not in output
     (aside,) = last.parent.parent.glob(f"{run_id}-unloadable-*.ckpt")
     assert aside.read_bytes() == original  # set aside, not deleted
     assert run(tiny_cfg) == record  # the second launch finds the record, and reports nothing again
@@ -343,3 +345,19 @@ def test_sigterm_outside_a_fit_stops_the_run_and_inside_one_leaves_it_to_lightni
         os.kill(os.getpid(), signal.SIGTERM)  # as Lightning's handler calls it: nothing raised
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_plan_passes_sigterm_on_to_its_multirun_and_stops_with_it():
+    import sys
+    import threading
+
+    from partial_lora.protocol.sweep import run_multirun
+
+    before = signal.getsignal(signal.SIGTERM)
+    assert run_multirun([sys.executable, "-c", "raise SystemExit(2)"]) == 2  # refused runs: the plan goes on
+    child = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); time.sleep(60)"
+    threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # a scheduler stopping the launcher
+    with pytest.raises(RunInterrupted, match="SIGTERM stopped the multirun .* launching the same command again "
+                                             "resumes it"):
+        run_multirun([sys.executable, "-c", child])
+    assert signal.getsignal(signal.SIGTERM) == before  # this process's own handling is back
