@@ -148,7 +148,9 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
     except SIGTERMException:
         if stopped.requeue():  # under submitit: the job is requeued and this process exits
             return None
-        where = f"its checkpoint {stopped.path} resumes it" if stopped.saved else "it resumes from its last checkpoint"
+        where = (f"its checkpoint {stopped.path} resumes it" if stopped.saved
+                 else f"its last epoch's checkpoint {stopped.path} resumes it" if stopped.path.is_file()
+                 else "it starts over")
         raise RunInterrupted(f"run {slot.run_id} was stopped by SIGTERM at step {trainer.global_step} (epoch "
                              f"{trainer.current_epoch}); {where} when the same command is launched again.") from None
     try:

@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from partial_lora.errors import INTERRUPTED_EXIT, RUNS_FAILED_EXIT, PartialLoraError, RunInterrupted  # noqa: E402
+from partial_lora.errors import (INTERRUPTED_EXIT, RUNS_FAILED_EXIT, PartialLoraError,  # noqa: E402
+                                 RunInterrupted)
 from partial_lora.protocol import compose_target, launch, planned_multiruns  # noqa: E402
 from partial_lora.protocol.claims import ClaimPlan, compose_claims, evaluate_claims, render_report, run_claims  # noqa: E402
 from partial_lora.protocol.targets import render_target  # noqa: E402

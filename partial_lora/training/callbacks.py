@@ -83,7 +83,7 @@ class SigtermCheckpoint(L.Callback):
 
     Lightning turns SIGTERM into ``SIGTERMException`` at the next batch boundary, where optimiser, scheduler and
     loop states agree; a stop inside validation keeps the previous ``last.ckpt`` (the validation metric's partial
-    state is in no checkpoint), and the run redoes that epoch's remaining steps.
+    state is in no checkpoint), and the relaunch redoes that epoch.
 
     Under submitit on SLURM (``SUBMITIT_EXECUTOR=slurm``) submitit's own signal (USR2 unless
     ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise), sent before a time limit or preemption, stops the fit the same
