@@ -166,7 +166,8 @@ class RunSlot:
             saved = torch.load(last, map_location="cpu", weights_only=True)
             held = {name: tensor.shape for name, tensor in saved["state_dict"].items()}
         except Exception as error:  # truncated zip, refused pickle, foreign content: torch raises many types
-            reason = f"it does not load ({type(error).__name__}: {next(iter(str(error).splitlines()), '')})"
+            first_sentence = next(iter(str(error).splitlines()), "").split(". ")[0]  # torch adds pages of advice
+            reason = f"it does not load ({type(error).__name__}: {first_sentence})"
         else:
             wrong = sorted(name for name in set(held) | set(trainable) if held.get(name) != trainable.get(name))
             if not wrong:
