@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -40,7 +41,8 @@ def is_int(value: object) -> bool:
 
 
 def is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float: inf passes every comparison a range check makes, and NaN fails them silently."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _at_least(low: int, none: bool = False) -> Callable[[object], bool]:
@@ -119,15 +121,16 @@ def validate(cfg: DictConfig) -> None:
     nothing is written: every folder the run will write to is checked last. The adapter's rank against
     the layers it adapts needs their shapes, which only the built backbone has: see :func:`validate_rank`.
     """
-    from partial_lora.importance.measures import FLOWS  # import torch: run.py loads this module first
+    from partial_lora.importance.measures import FLOWS, MEASURES  # import torch: run.py loads this module first
     from partial_lora.ratios.derive import PROBES
     from partial_lora.ratios.search import RULES, SCOPES, SEARCHES
 
     for key, accepts, description in SETTINGS:
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         _require(value is _ABSENT or accepts(value), f"{key} must be {description}, got {value!r}.")
+    # importance.name also names ratio cache files: only a measure's name reaches a path.
     for key, choices in (("ratios.search", SEARCHES), ("ratios.rule", RULES), ("ratios.probe", PROBES),
-                         ("ratios.scope", SCOPES), ("importance.flow", FLOWS)):
+                         ("ratios.scope", SCOPES), ("importance.flow", FLOWS), ("importance.name", ("none", *MEASURES))):
         value = OmegaConf.select(cfg, key)
         _require(value in choices, f"{key} must be one of {', '.join(choices)}, got {value!r}.")
     _validate_method(cfg)
@@ -198,6 +201,19 @@ def validate_rank(cfg: DictConfig, model: torch.nn.Module) -> None:
         _require(rank <= sides[smallest],
                  f"{setting}={rank} is larger than the smallest layer it adapts, {smallest} "
                  f"({layer.out_features} x {layer.in_features}): choose {setting} <= {sides[smallest]}.")
+
+
+def validate_max_length(cfg: DictConfig, model: torch.nn.Module) -> None:
+    """``dataset.max_length`` is at most the positions the backbone embeds (``max_position_embeddings``).
+
+    Called once the backbone is built, before any data is read: a longer example would otherwise crash the
+    first batch that holds one, possibly at test time, after training, and again on every relaunch.
+    """
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    length = OmegaConf.select(cfg, "dataset.max_length")
+    if is_int(limit) and length is not None:
+        _require(length <= limit, f"dataset.max_length={length} is more than the {limit} positions backbone "
+                                  f"{cfg.backbone.name} embeds: choose dataset.max_length <= {limit}.")
 
 
 def _validate_method(cfg: DictConfig) -> None:

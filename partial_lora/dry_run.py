@@ -13,7 +13,7 @@ from omegaconf import DictConfig, open_dict
 from partial_lora.adapters import adapt, count_parameters, derivation_settings, mask_settings, uses_rank_allocation
 from partial_lora.adapters.masked import base_weights
 from partial_lora.backbones import build_backbone
-from partial_lora.config import validate, validate_rank
+from partial_lora.config import validate, validate_max_length, validate_rank
 from partial_lora.masks import NEEDS_DERIVATION, make_masks
 from partial_lora.ratios import RatioCache, derivation_inputs
 
@@ -24,6 +24,7 @@ def dry_run(cfg: DictConfig) -> None:
     validate(cfg)
     backbone = build_backbone(cfg.backbone, cfg.dataset.num_labels, shapes_only=True)
     validate_rank(cfg, backbone.model)  # what a run refuses, a dry run refuses too
+    validate_max_length(cfg, backbone.model)
     total_steps = None
     if uses_rank_allocation(cfg.method):
         # Steps per epoch follow from the training split's size; no count at the start depends on them.

@@ -3,6 +3,9 @@
 # Exit status of a command whose runs all ended, some with a failed record (NaN loss): apart from bad input (2)
 # and crashes (1), so that scripts can tell them apart.
 RUNS_FAILED_EXIT = 3
+# Exit status of a command stopped by SIGTERM (preemption, a time limit): 128 + 15, what a shell reports for a
+# process that SIGTERM ended, so schedulers and scripts read it as a stop, not a success or a crash.
+INTERRUPTED_EXIT = 143
 
 
 class PartialLoraError(Exception):
@@ -15,6 +18,17 @@ class ConfigError(PartialLoraError):
 
 class DataError(PartialLoraError):
     """Data is missing or malformed."""
+
+
+class StorageError(PartialLoraError):
+    """A record, checkpoint or lock could not be written safely (disk full, quota, a planted link)."""
+
+
+class RunInterrupted(BaseException):
+    """SIGTERM stopped the run; a relaunch resumes it. Its message is one sentence, as a user error's.
+
+    Not an ``Exception``, as ``KeyboardInterrupt`` is not: raised from a signal handler, it must pass the
+    ``except Exception`` of whatever code it interrupts (a data loader's, a checkpoint check's)."""
 
 
 class TrainingDiverged(PartialLoraError):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -10,20 +11,23 @@ import lightning as L
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora.adapters import (adapt, count_parameters, derivation_settings, kept_fractions, residual_norms,
                                    save_partial_lora, uses_rank_allocation)
 from partial_lora.backbones import Backbone, build_backbone
-from partial_lora.config import validate, validate_rank
+from partial_lora.config import validate, validate_max_length, validate_rank
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
 from partial_lora.dry_run import dry_run
-from partial_lora.errors import TrainingDiverged
+from partial_lora.errors import RunInterrupted, TrainingDiverged
 from partial_lora.masks import derives_counts
 from partial_lora.ratios import DerivedCounts, derive_counts
 from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
                                   write_record)
-from partial_lora.training import AdaLoraBudget, ClassificationModule, FiniteLoss, RngState, RunClock
+from partial_lora.results.record import no_space_reported
+from partial_lora.training import (AdaLoraBudget, ClassificationModule, FiniteLoss, RngState, RunClock,
+                                   SigtermCheckpoint)
 
 
 def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
@@ -72,7 +76,8 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
         if record is not None:
             print(f"run {slot.run_id} already has a {record['status']} record: {record['path']} (skipped)")
             return record
-        return _run(cfg, slot)
+        with no_space_reported(f"the run's checkpoints ({slot.checkpoints}) or outputs ({cfg.output_dir})"):
+            return _run(cfg, slot)
 
 
 def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
@@ -81,6 +86,7 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
 
     backbone, datamodule = backbone_and_data(cfg)
     validate_rank(cfg, backbone.model)  # needs the built model: before any training data, derivation or step
+    validate_max_length(cfg, backbone.model)
     rank_allocation = uses_rank_allocation(cfg.method)
     total_steps = None
     if rank_allocation:
@@ -110,7 +116,8 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
     # Training strategies (CoTo) and methods with their own schedule (LoSiA) bring a callback; CoTo's comes
     # before AdaLoraBudget, which reads the gradients it completes.
     extra = [instantiate(callback) for callback in (cfg.strategy.callback, cfg.method.get("callback")) if callback]
-    callbacks = [checkpoint, latest, RngState(), clock, FiniteLoss(), *extra]
+    stopped = SigtermCheckpoint(slot.checkpoints / LAST_CHECKPOINT)
+    callbacks = [checkpoint, latest, RngState(), clock, FiniteLoss(), stopped, *extra]
     callbacks += [AdaLoraBudget()] if rank_allocation else []
     # A step limit inside the first epoch would end training before any validation, with no best checkpoint
     # to test: validate at the limit instead.
@@ -119,7 +126,8 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
                                      **({"val_check_interval": cfg.trainer.max_steps} if within_first_epoch else {}))
     if logger:
         logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
-    resume = slot.resume_from()
+    resume = slot.resume_from({name: parameter.shape for name, parameter in module.named_parameters()
+                               if parameter.requires_grad})
     if resume is not None:
         print(f"resuming run {slot.run_id} from {resume}")
     # A strategy makes another method of the protocol: "lora+coto" is aggregated apart from "lora".
@@ -129,7 +137,11 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
                 "rank": cfg.rank, "lr": cfg.lr}
     name = f"{cfg.backbone.name}_{cfg.dataset.name}_{method}_r{cfg.rank}_s{cfg.seed}_{slot.run_id}"
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+        with warnings.catch_warnings():
+            # The train loader's position travels in the datamodule's state (data/base.py, ResumableLoader), which
+            # Lightning's warning about a mid-epoch checkpoint and a loader without state_dict does not know.
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
     except TrainingDiverged as failure:
         if not trainer.is_global_zero:
             return None
@@ -138,7 +150,19 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
         record["path"] = _store(cfg, slot, record, name)
         print(f"\nrun {slot.run_id} failed: {failure}\nrun record: {record['path']}")
         return record
-    (test,) = trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    except SIGTERMException:
+        if stopped.requeue():  # under submitit: the job is requeued and this process exits
+            return None
+        where = (f"its checkpoint {stopped.path} resumes it" if stopped.saved
+                 else f"its last epoch's checkpoint {stopped.path} resumes it" if stopped.path.is_file()
+                 else "it starts over")
+        raise RunInterrupted(f"run {slot.run_id} was stopped by SIGTERM at step {trainer.global_step} (epoch "
+                             f"{trainer.current_epoch}); {where} when the same command is launched again.") from None
+    try:
+        (test,) = trainer.test(module, datamodule=datamodule, ckpt_path="best")
+    except SIGTERMException:
+        raise RunInterrupted(f"run {slot.run_id} was stopped by SIGTERM while testing; its training is done, and "
+                             "launching the same command again tests it.") from None
     if not trainer.is_global_zero:  # under DDP one process writes the adapter and the record
         return None
     adapter_file = None

@@ -20,7 +20,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from partial_lora.errors import RUNS_FAILED_EXIT, PartialLoraError  # noqa: E402
+from partial_lora.errors import (INTERRUPTED_EXIT, RUNS_FAILED_EXIT, PartialLoraError,  # noqa: E402
+                                 RunInterrupted)
 from partial_lora.protocol import compose_target, launch, planned_multiruns  # noqa: E402
 from partial_lora.protocol.claims import ClaimPlan, compose_claims, evaluate_claims, render_report, run_claims  # noqa: E402
 from partial_lora.protocol.targets import render_target  # noqa: E402
@@ -68,11 +69,14 @@ def main() -> None:
                 continue
             for path in render_target(cfg):  # from the finished runs: failed ones are left out
                 print(f"{target}: wrote {path}")
+    except RunInterrupted as stop:
+        print(f"error: {stop}", file=sys.stderr)
+        sys.exit(INTERRUPTED_EXIT)
     except PartialLoraError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)
     if with_failures:
-        print(f"error: {with_failures} sweeps had failed runs (see above); the rendering leaves them out.",
+        print(f"error: {with_failures} sweeps had failed or refused runs (see above); the rendering leaves them out.",
               file=sys.stderr)
         sys.exit(RUNS_FAILED_EXIT)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from partial_lora.cli import expand_ranges, hydra_order
+from partial_lora.cli import check_added_keys, expand_ranges, hydra_order
 from partial_lora.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +35,26 @@ def test_flags_go_first_and_overrides_keep_their_order():
 def test_non_integer_range_is_rejected(arg):
     with pytest.raises(ConfigError, match="not an integer range"):
         expand_ranges([arg])
+
+
+@pytest.mark.parametrize("arg", ["data_dir=../x/shared/data", "results_dir=..", "data_dir=a/../b", "x=..5"])
+def test_a_path_with_dots_is_no_range(arg):
+    assert expand_ranges([arg]) == [arg]
+
+
+def test_a_key_added_that_no_run_reads_is_refused_before_hydra(tmp_path):
+    result = run_cli("+train.lr=0.5", "dry_run=true", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines()[-1] == (
+        "error: +train.lr=0.5 adds train.lr, a setting no run reads (train holds batch_size, epochs, weight_decay, "
+        "num_workers): drop it, or set an existing one without the + (python run.py --cfg job lists them).")
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.parametrize("arg", ["+method.mask.mode=partial", "+trainer.gradient_clip_val=1", "+experiment=demo",
+                                 "++ratios.step=2", "+hydra.job.name=x"])
+def test_keys_added_where_runs_read_them_pass(arg):
+    check_added_keys([arg], ROOT / "conf")
 
 
 def test_reversed_range_is_rejected():

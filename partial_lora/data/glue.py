@@ -6,8 +6,9 @@ test metric, and a seeded held-out part of the train split chooses the checkpoin
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +39,9 @@ def load_glue_splits(task: str, data_dir: str | None) -> DatasetDict:
                     f"folder that has it, or unset both to download {HUB_DATASET} from the Hugging Face hub."
                 )
         try:
-            return load_dataset("json", data_files={split: str(path) for split, path in files.items()})
+            # The config name keys the datasets cache on the files' content as well as their paths.
+            return load_dataset("json", name=f"content-{content_digest(files.values())}",
+                                data_files={split: str(path) for split, path in files.items()})
         except Exception as error:  # pyarrow's JSON reader names no line; find it to say where the file is broken
             for path in files.values():
                 _check_json_lines(path)
@@ -53,6 +56,17 @@ def load_glue_splits(task: str, data_dir: str | None) -> DatasetDict:
             "for offline use, or make the hub reachable."
         ) from error
     return DatasetDict({split: splits[split] for split in SPLITS})
+
+
+def content_digest(paths: Iterable[Path]) -> str:
+    """A digest of the files' bytes. The datasets cache keys local files by path, size and modification time,
+    which a file edited in place keeps under ``cp -p`` or ``rsync -t``: the run would read the old rows."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with path.open("rb") as stream:
+            for chunk in iter(lambda: stream.read(1 << 20), b""):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
 
 
 def _check_json_lines(path: Path, fields: Sequence[str] = ()) -> None:

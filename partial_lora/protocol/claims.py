@@ -40,7 +40,6 @@ and, where the interval is too wide to decide, how many seeds would decide it (:
 from __future__ import annotations
 
 import math
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from scipy import stats
 
 from partial_lora.config import register_resolvers
 from partial_lora.errors import ConfigError
-from partial_lora.protocol.sweep import ROOT, command
+from partial_lora.protocol.sweep import ROOT, command, run_multirun
 from partial_lora.results.aggregate import (REFERENCE_METHOD, VAL_TEST_GAP, Learning, describe_rule,
                                             fill_majority_rates, large_gap, learning_status, load_records)
 from partial_lora.results.record import config_hash
@@ -361,7 +360,7 @@ def run_claims(plan: ClaimPlan, launcher: str = "local") -> int:
             return failures
         launched.add(tuple(pending[0]))
         print("+", " ".join(pending[0][1:]), flush=True)
-        failures += subprocess.run(pending[0], cwd=ROOT).returncode != 0
+        failures += run_multirun(pending[0]) != 0
 
 
 # --- verdicts -----------------------------------------------------------------------------------------------

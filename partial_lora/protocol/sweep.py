@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from partial_lora.config import register_resolvers
-from partial_lora.errors import RUNS_FAILED_EXIT, ConfigError
+from partial_lora.errors import INTERRUPTED_EXIT, RUNS_FAILED_EXIT, ConfigError, RunInterrupted
 from partial_lora.results.record import NON_SEMANTIC_KEYS
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -104,13 +105,28 @@ def command(target: str, scale: str, settings: dict[str, list[Any]], launcher: s
             f"hydra/launcher={launcher}", *swept, *extra]
 
 
+def run_multirun(argv: list[str]) -> int:
+    """Run one ``run.py -m ...`` command and return its exit status; SIGTERM sent to this process is passed on
+    to it, and its stop by SIGTERM raises :class:`RunInterrupted`: a plan stops where its multirun did."""
+    process = subprocess.Popen(argv, cwd=ROOT)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    try:
+        status = process.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if status == INTERRUPTED_EXIT:
+        raise RunInterrupted(f"SIGTERM stopped the multirun {' '.join(argv[2:])}; launching the same command again "
+                             "resumes it and runs the rest of the plan.")
+    return status
+
+
 def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launcher: str = "local",
            extra: list[str] = (), dry_run: bool = False) -> int:
     """Run every multirun of the plan; finished runs skip themselves, so this fills in what is missing.
     ``dry_run`` prints each command and its number of runs, and runs nothing.
 
-    Returns how many multiruns had failed runs (NaN loss): those leave failed records and the rest of the
-    plan still runs; any other non-zero exit stops the plan.
+    Returns how many multiruns had failed (NaN loss) or refused (bad setting, exit status 2) runs: those leave
+    failed records or errors and the rest of the plan still runs; SIGTERM or any other non-zero exit stops it.
     """
     with_failures = 0
     for settings in planned:
@@ -119,8 +135,8 @@ def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launche
         print("+", " ".join(argv[1:]), f"  # {runs} runs", flush=True)
         if dry_run:
             continue
-        status = subprocess.run(argv, cwd=ROOT).returncode
-        if status == RUNS_FAILED_EXIT:
+        status = run_multirun(argv)
+        if status in (2, RUNS_FAILED_EXIT):
             with_failures += 1
         elif status:
             raise subprocess.CalledProcessError(status, argv)

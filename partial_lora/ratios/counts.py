@@ -118,6 +118,11 @@ class DerivedCounts:
             held = (self.scores[name].row.numel(), self.scores[name].col.numel())
             if held != tuple(shape):
                 return f"layer {name} has shape {list(held)}, the model's is {list(shape)}"
+            # The checksum guards against accidents, not edits (anyone can recompute it): counts must fit the layer.
+            for key, size in (("k_row", shape[0]), ("k_col", shape[1])):
+                count = getattr(self.counts[name], key)
+                if isinstance(count, bool) or not (isinstance(count, int) and 0 <= count <= size):
+                    return f"layer {name} has {key} {count!r}, not an integer in 0..{size}"
         return None
 
 

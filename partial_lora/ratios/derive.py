@@ -12,7 +12,7 @@ import hashlib
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -26,7 +26,7 @@ from partial_lora.errors import ConfigError, DataError
 from partial_lora.importance import compute_importance
 from partial_lora.ratios.cache import RatioCache
 from partial_lora.ratios.counts import DerivedCounts
-from partial_lora.ratios.probe import probed_head
+from partial_lora.ratios.probe import head_linear, probed_head
 from partial_lora.ratios.replay import PrefixReplay
 from partial_lora.ratios.search import SCOPES, AcceptanceRule, LayerCounts, search_counts, ticket_metric
 
@@ -218,6 +218,21 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
     """
     if not batches:
         raise DataError("the derivation set is empty: raise ratios.max_examples or dataset.derivation_fraction.")
+    try:
+        classes = head_linear(model, list(settings.head_modules)).out_features
+    except ValueError:  # no linear head to read the classes from: labels are checked by the loss
+        classes = None
+    for number, batch in enumerate(batches, start=1):
+        if not isinstance(batch, Mapping) or "labels" not in batch:
+            raise DataError(f"derivation batch {number} has no labels: each batch is a dict of the model's inputs "
+                            "plus `labels`, the class of each row.")
+        labels = torch.as_tensor(batch["labels"])
+        if labels.numel() == 0:
+            raise DataError(f"derivation batch {number} has no rows: leave empty batches out.")
+        outside = labels[(labels < 0) | (labels >= classes)] if classes else labels[:0]
+        if outside.numel():
+            raise DataError(f"derivation batch {number} has label {outside[0].item()}, outside the head's classes "
+                            f"0..{classes - 1}: fix the labels or build the head with more classes.")
     if cache_dir is not None and source is None:
         raise ConfigError("a ratio cache needs `source`, a description of the model that the counts belong to.")
     if settings.probes_held_out and not probe_batches:

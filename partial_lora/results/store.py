@@ -21,10 +21,11 @@ unless the filesystem forwards it (Linux NFS clients map it onto NFS byte-range 
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import shutil
-import zipfile
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,13 +33,25 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora.config import is_int, is_number
+from partial_lora.errors import StorageError
 from partial_lora.results.record import config_hash, valid_files
 
 LAST_CHECKPOINT = "last.ckpt"
 LOCKS = ".locks"  # under results_dir; record readers take *.json files only
 STATUSES = ("finished", "failed")
-# What aggregation reads from a finished record beside its config.
-FINISHED_FIELDS = ("backbone", "dataset", "method", "rank", "seed", "lr", "best_val", "test", "params")
+
+
+TEXT = (lambda value: isinstance(value, str), "a string")
+NUMBER = (is_number, "a finite number")  # json reads NaN and Infinity, which would enter every mean
+OBJECT = (lambda value: value is None or isinstance(value, dict), "an object or null")
+# What the code reads from a finished record beside its config (aggregation, claims, tables, figures), and what
+# each must be; the optional fields last.
+FINISHED_FIELDS = {"backbone": TEXT, "dataset": TEXT, "method": TEXT, "seed": (is_int, "an integer"),
+                   "rank": (lambda value: value is None or is_int(value), "an integer or null"), "lr": NUMBER,
+                   "best_val": NUMBER, "test": NUMBER}
+OPTIONAL_FIELDS = {"wall_time_s": NUMBER, "masks": OBJECT, "residual_norms": OBJECT}
+# The config's blocks that run ids (derives_counts), aggregation and figures read, each with a ``name``.
+CONFIG_BLOCKS = ("backbone", "dataset", "method", "importance", "scale")
 
 
 @contextmanager
@@ -46,8 +59,18 @@ def file_lock(path: Path, wait: bool) -> Iterator[bool]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block. Yields ``True`` once held;
     with ``wait=False``, ``False`` at once when another process holds it. The kernel releases it if we die."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.parent.is_symlink():
+        raise StorageError(f"lock folder {path.parent} is a symbolic link, which could point the locks anywhere: "
+                           "remove it (it holds only lock files) and launch again.")
     # Read-only suffices for flock: anyone who can read the lock file (the group sharing the store) can lock.
-    descriptor = os.open(path, os.O_RDONLY | os.O_CREAT, 0o666)
+    # O_NOFOLLOW: in a shared store, a link planted at the lock's name must not make us create files elsewhere.
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    except OSError as error:
+        if error.errno != errno.ELOOP:
+            raise
+        raise StorageError(f"lock file {path} is a symbolic link: remove it (lock files hold nothing) and launch "
+                           "again.") from None
     try:
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
@@ -65,20 +88,25 @@ def record_problem(record: Any) -> str | None:
         return "it is not a JSON object"
     if record.get("status") not in STATUSES:
         return f"its status is {record.get('status')!r}, not {' or '.join(STATUSES)}"
-    if not isinstance(record.get("config"), dict):
+    config = record.get("config")
+    if not isinstance(config, dict):
         return "it has no config object"
+    for block in CONFIG_BLOCKS:
+        if block in config and not (isinstance(config[block], dict) and isinstance(config[block].get("name"), str)):
+            return f"its config's {block} is {config[block]!r}, not a block with a name"
     if record["status"] == "failed":
         return None
-    missing = [key for key in FINISHED_FIELDS if key not in record]
-    if missing:
-        return f"it is finished but lacks {', '.join(missing)}"
-    if not (is_number(record["best_val"]) and is_number(record["test"])):
-        return "its best_val or test is not a number"
-    if not (isinstance(record["params"], dict) and all(is_int(record["params"].get(key))
-                                                       for key in ("adapter", "unmasked_adapter"))):
-        return "its params lack the adapter or unmasked_adapter count"
-    if not isinstance(record["config"].get("importance"), dict):
+    if "importance" not in config:
         return "its config has no importance block"
+    for key, (accepts, description) in (FINISHED_FIELDS | OPTIONAL_FIELDS).items():
+        if key not in record:
+            if key in FINISHED_FIELDS:
+                return f"it is finished but lacks {key}"
+        elif not accepts(record[key]):
+            return f"its {key} is {record[key]!r}, not {description}"
+    if not (isinstance(record.get("params"), dict) and all(is_int(record["params"].get(key))
+                                                           for key in ("adapter", "unmasked_adapter"))):
+        return "its params lack the adapter or unmasked_adapter count"
     return None
 
 
@@ -120,20 +148,40 @@ class RunSlot:
         with file_lock(self.lock_file, wait=False) as held:
             yield held
 
-    def resume_from(self) -> Path | None:
-        """``last.ckpt`` when it is a complete checkpoint, else ``None``: the run starts over.
+    def resume_from(self, trainable: dict[str, Any]) -> Path | None:
+        """``last.ckpt`` when it loads and holds this model's ``trainable`` tensors (name -> shape), else ``None``:
+        the run starts over.
 
-        Lightning writes checkpoints through a temporary file, but a copied or half-synced folder can still
-        hold a truncated one: torch's zip format then lacks its closing directory, and the file is removed
-        so that the fresh run's checkpoints take its name.
+        Lightning writes checkpoints through a temporary file, but a copied or half-synced folder can hold a
+        truncated one, another run's (other shapes), or one whose pickle ``weights_only`` loading refuses. Such
+        a file is set aside as ``<checkpoint.dir>/<run id>-unloadable-<time>.ckpt`` (reported once: the next launch
+        no longer finds it), so nothing is deleted and the fresh run's checkpoints take its name.
         """
+        import torch
+
         last = self.checkpoints / LAST_CHECKPOINT
         if not last.is_file():
             return None
-        if zipfile.is_zipfile(last):
-            return last
-        print(f"checkpoint {last} is incomplete: run {self.run_id} starts over")
-        last.unlink(missing_ok=True)  # DDP workers look too
+        try:
+            saved = torch.load(last, map_location="cpu", weights_only=True)
+            held = {name: tensor.shape for name, tensor in saved["state_dict"].items()}
+        except Exception as error:  # truncated zip, refused pickle, foreign content: torch raises many types
+            first_sentence = next(iter(str(error).splitlines()), "").split(". ")[0]  # torch adds pages of advice
+            reason = f"it does not load ({type(error).__name__}: {first_sentence})"
+        else:
+            wrong = sorted(name for name in set(held) | set(trainable) if held.get(name) != trainable.get(name))
+            if not wrong:
+                return last
+            reason = (f"its tensors are not this run's ({wrong[0]}: {list(held.get(wrong[0], []))} in the file, "
+                      f"{list(trainable.get(wrong[0], []))} in the model)")
+        # Beside the run's folder, which is deleted once the run is recorded.
+        aside = self.checkpoint_root / f"{self.run_id}-unloadable-{time.strftime('%Y%m%d-%H%M%S')}.ckpt"
+        try:
+            last.rename(aside)
+        except FileNotFoundError:  # a DDP worker set it aside first
+            return None
+        print(f"checkpoint {last} cannot resume run {self.run_id}: {reason}; set aside as {aside}, the run starts "
+              "over")
         return None
 
     def discard_checkpoints(self) -> None:

@@ -1,6 +1,6 @@
 """Lightning training: one module for every backbone and adapter."""
 
-from partial_lora.training.callbacks import AdaLoraBudget, FiniteLoss, RngState, RunClock
+from partial_lora.training.callbacks import AdaLoraBudget, FiniteLoss, RngState, RunClock, SigtermCheckpoint
 from partial_lora.training.module import ClassificationModule
 
-__all__ = ["AdaLoraBudget", "ClassificationModule", "FiniteLoss", "RngState", "RunClock"]
+__all__ = ["AdaLoraBudget", "ClassificationModule", "FiniteLoss", "RngState", "RunClock", "SigtermCheckpoint"]

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import random
+import signal
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from partial_lora.adapters.losia import SubnetLinear, subnet_layers
 from partial_lora.backbones.base import group_by_block
@@ -71,6 +75,55 @@ class FiniteLoss(L.Callback):
             became = "became non-finite in another process" if finite else f"became {loss.item()}"
             raise TrainingDiverged(f"the training loss {became} at step {trainer.global_step}; "
                                    "a smaller lr usually avoids it.", step=trainer.global_step)
+
+
+class SigtermCheckpoint(L.Callback):
+    """On SIGTERM, save ``path`` (the run's ``last.ckpt``) at the step the fit stopped at, so a relaunch resumes
+    there, mid-epoch, as if never stopped (the train loader's position travels too: ``ResumableLoader``).
+
+    Lightning turns SIGTERM into ``SIGTERMException`` at the next batch boundary, where optimiser, scheduler and
+    loop states agree; a stop inside validation keeps the previous ``last.ckpt`` (the validation metric's partial
+    state is in no checkpoint), and the relaunch redoes that epoch.
+
+    Under submitit on SLURM (``SUBMITIT_EXECUTOR=slurm``) submitit's own signal (USR2 unless
+    ``SUBMITIT_PREEMPT_SIGNAL`` says otherwise), sent before a time limit or preemption, stops the fit the same
+    way; :meth:`requeue` then hands over to submitit's handler, which resubmits the job (Hydra's submitit launcher
+    is checkpointable) and exits, and the requeued job resumes from this checkpoint.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.saved = False
+        self.requeue_signal: int | None = None
+        self.submitit_handler: Any = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+            return
+        from submitit import JobEnvironment
+
+        self.requeue_signal = getattr(signal, f"SIG{JobEnvironment.USR_SIG}")
+        self.submitit_handler = signal.signal(self.requeue_signal, self._stop_at_next_batch)
+
+    @staticmethod
+    def _stop_at_next_batch(signum: int, frame: Any) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)  # Lightning's SIGTERM handler ends the fit at the next batch boundary
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, SIGTERMException) and not trainer.validating:
+            trainer.save_checkpoint(self.path)
+            self.saved = True
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.requeue_signal is not None:
+            signal.signal(self.requeue_signal, self.submitit_handler)
+
+    def requeue(self) -> bool:
+        """Let submitit requeue the job (it exits the process); ``False`` outside submitit."""
+        if self.submitit_handler is None:
+            return False
+        self.submitit_handler(self.requeue_signal, None)
+        return True
 
 
 class RngState(L.Callback):
