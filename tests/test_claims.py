@@ -142,15 +142,16 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
         noise = 0.1 * seed  # the same in both arms: a paired comparison removes it
         base = {"lora": 80.0, "partial": 79.9, "targeted": 79.8, "inverted": 79.85, "balanced": 75.0,
                 "partial_snip": 79.9, "partial_imp": 70.0 + seed, "adalora": 80.0, "partial_adalora": 79.9,
-                "head_only": 79.0, "partial_512": 78.0}[arm]
+                "head_only": 79.0, "partial_512": 78.0, "partial_cumulative": 79.5}[arm]
         if "dataset.train_size=16000" in overrides and arm == "lora":
             base -= 0.05
         return base + noise + (1.0 if lr == 0.001 else 0.0)  # 1e-3 wins every pilot
 
     written = fake_records(plan, store, test_of)
     # pilots: partial, lora, adalora, partial_adalora x 2 datasets x 2 lrs; claims: 10 arms x 2 datasets x 2 seeds,
-    # plus C7's two larger sizes x 2 arms x 2 seeds and C9's 512-example derivation x 2 seeds, on SST-2
-    assert written == 16 + 40 + 8 + 2
+    # plus C7's two larger sizes x 2 arms x 2 seeds and C9's 512-example derivation x 2 seeds, on SST-2, and
+    # C10's cumulative derivation x 2 datasets x 2 seeds
+    assert written == 16 + 40 + 8 + 2 + 4
     plan.reload()
     verdicts = evaluate_claims(plan).set_index(["claim", "dataset"])
     assert plan.chosen_lr("lora", "sst2") == 0.001 and plan.chosen_lr("targeted", "mrpc") == 0.001
@@ -172,7 +173,7 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     assert "| mrpc | snip | 2 | nan | nan | 20.00% (20.00%-20.00%) | 0 of 2 |" in text  # seeds 0, 1; no pilot
     # C9's derivation on more examples is its own row, not another seed of the preset's SVD derivation
     assert "| sst2 | svd | 2 |" in text and "| sst2 | svd, ratios.max_examples=512 | 2 |" in text
-    assert "| all | 66 | 1.65 | 90 |" in text  # every record once, though C1's runs serve C2-C8 too
+    assert "| all | 70 | 1.75 | 90 |" in text  # every record once, though C1's runs serve C2-C8 too
     assert image.stat().st_size > 0
 
     # The same records against a plan of three seeds: every claim lacks seed 2, so none has a verdict yet,
