@@ -288,7 +288,7 @@ def test_a_glue_task_added_to_the_data_folder_and_the_scale_joins_the_claims_and
     assert "| sst2 | accuracy | 80.00 | 50.00 | 5 | yes |" in text  # from its records
 
     table_cfg = compose_target("table6", "cpu", task)  # the claim runs serve Table 6 (same settings, same ids)
-    markdown, _ = render_target(table_cfg, tmp_path / "tables", tmp_path / "figures")
+    markdown, _ = render_target(table_cfg, tmp_path / "tables", tmp_path / "figures", extra=task)
     table = markdown.read_text()
     wnli = [line for line in table.splitlines() if "| wnli " in line]
     assert len(wnli) == 2 and all(f"{chance + 2:.2f} ± 0.00 (not learned)" in line for line in wnli)  # LoRA, Partial
