@@ -36,9 +36,10 @@ test-all: $(PYTHON)
 $(TABLES) $(FIGURES): $(PYTHON)
 	$(PYTHON) scripts/reproduce.py $@ --scale $(strip $(SCALE)) --launcher $(strip $(LAUNCHER))
 
-# Every table and figure from the records and caches present; runs nothing.
+# Every table and figure from the records and caches present, and results/README.md (every target's state at
+# every scale); runs nothing.
 tables: $(PYTHON)
-	$(PYTHON) scripts/reproduce.py $(TABLES) $(FIGURES) --scale $(strip $(SCALE)) --render-only
+	$(PYTHON) scripts/reproduce.py $(TABLES) $(FIGURES) index --scale $(strip $(SCALE)) --render-only
 
 # The paper's claims as paired comparisons with verdicts: runs what is missing, then renders
 # results/claims/claims_<scale>.{md,png} (conf/experiment/claims.yaml).

@@ -1,5 +1,6 @@
 """Run the sweep a table or figure target names (skipping finished runs), then render it; ``claims`` runs what
-the paper's claims need, pilots first, and renders their verdicts (results/claims/claims_<scale>.{md,png}).
+the paper's claims need, pilots first, and renders their verdicts (results/claims/claims_<scale>.{md,png});
+``index`` writes results/README.md, the state of every target at every scale (it runs nothing).
 
     python scripts/reproduce.py table6 --scale cpu                 # sweep, then render
     python scripts/reproduce.py table6 fig4 --scale cpu --render-only
@@ -7,6 +8,7 @@ the paper's claims need, pilots first, and renders their verdicts (results/claim
     python scripts/reproduce.py table5 --scale paper --launcher slurm -- trainer=gpu
     python scripts/reproduce.py table6 --scale cpu --dry-run        # the multirun commands, nothing run
     python scripts/reproduce.py claims --scale cpu --launcher parallel
+    python scripts/reproduce.py index                              # results/README.md: every target's state
 
 Arguments after ``--`` are passed to every run (Hydra overrides).
 """
@@ -24,7 +26,7 @@ from partial_lora.errors import (INTERRUPTED_EXIT, RUNS_FAILED_EXIT, PartialLora
                                  RunInterrupted)
 from partial_lora.protocol import compose_target, launch, planned_multiruns  # noqa: E402
 from partial_lora.protocol.claims import ClaimPlan, compose_claims, evaluate_claims, render_report, run_claims  # noqa: E402
-from partial_lora.protocol.targets import render_target  # noqa: E402
+from partial_lora.protocol.targets import render_index, render_target  # noqa: E402
 
 
 def claims(arguments: argparse.Namespace, extra: list[str]) -> int:
@@ -45,7 +47,7 @@ def claims(arguments: argparse.Namespace, extra: list[str]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="+", help="experiment configs with a sweep: table1..table6, fig2..fig17, "
-                        "claims")
+                        "claims, index")
     parser.add_argument("--scale", default="paper", help="conf/scale preset: paper or cpu")
     parser.add_argument("--launcher", default="local", help="hydra/launcher preset: local, parallel or slurm")
     parser.add_argument("--domains", nargs="*", help="only these domains of the targets (language, vision, llm)")
@@ -61,13 +63,17 @@ def main() -> None:
             if target == "claims":
                 with_failures += claims(arguments, extra)
                 continue
+            if target == "index":
+                if not arguments.dry_run:
+                    print(f"index: wrote {render_index(extra=extra)}")
+                continue
             cfg = compose_target(target, arguments.scale, extra)
             if not arguments.render_only:
                 with_failures += launch(target, arguments.scale, planned_multiruns(cfg, arguments.domains),
                                         arguments.launcher, extra, dry_run=arguments.dry_run)
             if arguments.dry_run:
                 continue
-            for path in render_target(cfg):  # from the finished runs: failed ones are left out
+            for path in render_target(cfg, extra=extra):  # from the finished runs: failed ones are left out
                 print(f"{target}: wrote {path}")
     except RunInterrupted as stop:
         print(f"error: {stop}", file=sys.stderr)

@@ -13,9 +13,10 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from partial_lora.errors import ConfigError
-from partial_lora.protocol import Protocol, compose_target, planned_multiruns, select_runs, training_budget
+from partial_lora.protocol import Protocol, compose_target, launched_run_id, planned_multiruns
 from partial_lora.protocol.sweep import command
-from partial_lora.protocol.targets import render_target
+from partial_lora.protocol.targets import TargetPlan, render_index, render_target, target_state
+from partial_lora.results import config_hash
 from partial_lora.ratios import DerivedCounts, RatioCache
 from partial_lora.importance import LayerScores
 from partial_lora.ratios.search import LayerCounts
@@ -88,9 +89,6 @@ def test_cpu_scale_budgets_mrpc_apart_and_a_command_line_size_still_wins():
     assert budget == {"sst2": (2000, 2), "mrpc": (None, 3), "cifar10_fewshot": (2000, 2)}
     larger = compose_target("table6", "cpu", ["dataset=mrpc", "dataset.train_size=500"])
     assert (larger.dataset.train_size, larger.train.epochs) == (500, 3)
-    cfg = compose_target("table6", "cpu")
-    assert training_budget(cfg, "mrpc")["dataset.train_size"] is None and training_budget(cfg, "mrpc")["train.epochs"] == 3
-    assert training_budget(cfg, "sst2")["dataset.train_size"] == 2000 == training_budget(cfg)["dataset.train_size"]
 
 
 def test_unknown_target_and_domain_are_refused():
@@ -100,72 +98,81 @@ def test_unknown_target_and_domain_are_refused():
         planned_multiruns(compose_target("table6", "cpu"), domains=["vision"])
 
 
-def fake_record(cfg, method: str, dataset: str, seed: int, lr: float, val: float, test: float, params: int,
-                importance: str = "none") -> dict:
-    config = OmegaConf.to_container(cfg, resolve=False)
-    config |= {"seed": seed, "lr": lr, "backbone": {"name": "minilm"},
-               "dataset": config["dataset"] | {"name": dataset}, "method": {"name": method},
-               "importance": {"name": importance}}
-    for key, value in training_budget(cfg, dataset).items():  # as run.py resolves the preset for this dataset
-        section, name = key.split(".")
-        config[section][name] = value
-    return {"status": "finished", "config": config, "backbone": "minilm", "dataset": dataset, "method": method,
-            "rank": 8, "seed": seed, "lr": lr, "best_val": val, "test": test,
-            "params": {"adapter": params, "unmasked_adapter": 331_776},
-            "residual_norms": {f"encoder.layer.{block}.intermediate.dense": {"delta": 0.1 * (block + 1), "weight": 10.0}
-                               for block in range(6)}}
+def fake_record(store: Path, name: str, overrides: list[str], val: float, test: float, params: int,
+                scale: str = "cpu") -> str:
+    """A finished record of the run ``run.py experiment=table6 scale=<scale> <overrides>``, its config composed by
+    Hydra in full as run.py composes it (not by the plan's faster path); returns its run id."""
+    cfg = compose_target("table6", scale, overrides)
+    cfg.output_dir = None
+    config = OmegaConf.to_container(cfg, resolve=True)
+    record = {"status": "finished", "config": config, "backbone": cfg.backbone.name, "dataset": cfg.dataset.name,
+              "method": cfg.method.name, "rank": 8, "seed": cfg.seed, "lr": cfg.lr, "best_val": val, "test": test,
+              "params": {"adapter": params, "unmasked_adapter": 331_776},
+              "residual_norms": {f"encoder.layer.{block}.intermediate.dense": {"delta": 0.1 * (block + 1), "weight": 10.0}
+                                 for block in range(6)}}
+    write_record(record, store, name)
+    return config_hash(config)
+
+
+PARTIAL = ["method=partial_lora", "importance=svd"]
 
 
 @pytest.fixture
 def table6(tmp_path: Path):
-    cfg = compose_target("table6", "cpu", [f"results_dir={tmp_path / 'runs'}"])
+    """Table 6's LoRA and Partial-LoRA SST-2 cells complete (6 runs each), one MRPC LoRA run, and records of other
+    settings beside them that no cell may take."""
+    store = tmp_path / "runs"
+    cfg = compose_target("table6", "cpu", [f"results_dir={store}"])
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "out")
-    runs = tmp_path / "runs"
     for seed in range(3):
         for lr in (1e-3, 3e-3):
-            val = 80 + seed + 10 * lr
-            write_record(fake_record(cfg, "lora", "sst2", seed, lr, val, test=val - 5, params=331_776), runs,
-                         f"lora_{seed}_{lr}")
-            write_record(fake_record(cfg, "partial_lora", "sst2", seed, lr, val, test=val - 6, params=30_000,
-                                     importance="svd"), runs, f"partial_{seed}_{lr}")
-    # Not part of table 6 at cpu scale: another scale, and a method outside the plan.
-    other = fake_record(cfg, "lora", "sst2", 0, 1e-3, 99, 99, 1)
-    other["config"]["scale"]["name"] = "paper"
-    write_record(other, runs, "paper_scale")
-    write_record(fake_record(cfg, "balanced", "sst2", 0, 1e-3, 99, 99, 1), runs, "balanced")
-    # Nor a plan's setting trained on another budget (claim C7's larger training sets): its top score stays out.
-    larger = fake_record(cfg, "lora", "sst2", 0, 1e-3, 99, 99, 331_776)
-    larger["config"]["dataset"]["train_size"] = 6000
-    write_record(larger, runs, "lora_6000_examples")
-    # A run on the whole split (train_size null) turns the column into floats: 2000.0 must still match 2000.
-    whole_split = fake_record(cfg, "lora", "sst2", 0, 1e-3, 99, 99, 331_776)
-    whole_split["config"]["dataset"]["train_size"] = None
-    write_record(whole_split, runs, "lora_whole_split")
+            val, run = 80 + seed + 10 * lr, ["dataset=sst2", f"seed={seed}", f"lr={lr}"]
+            fake_record(store, f"lora_{seed}_{lr}", [*run, "method=lora"], val, val - 5, 331_776)
+            fake_record(store, f"partial_{seed}_{lr}", [*run, *PARTIAL], val, val - 6, 30_000)
+    fake_record(store, "lora_mrpc", ["dataset=mrpc", "seed=0", "lr=0.001", "method=lora"], 80, 79, 331_776)
+    # The same settings at another derivation (claim C9's 512 examples), budget (C7's larger training sets, MRPC on
+    # SST-2's budget), strategy, scale or a method outside the plan: each scores above every planned run.
+    foreign = {"partial_512": ["dataset=sst2", "seed=0", "lr=0.001", *PARTIAL, "ratios.max_examples=512"],
+               "lora_6000": ["dataset=sst2", "seed=0", "lr=0.001", "method=lora", "dataset.train_size=6000"],
+               "mrpc_2000": ["dataset=mrpc", "seed=1", "lr=0.001", "method=lora", "dataset.train_size=2000",
+                             "train.epochs=2"],
+               "partial_coto_lr": ["dataset=sst2", "seed=0", "lr=0.002", *PARTIAL, "strategy=coto"],
+               "balanced": ["dataset=sst2", "seed=0", "lr=0.001", "method=balanced"]}
+    for name, overrides in foreign.items():
+        fake_record(store, name, overrides, 99, 99, 43_700)
+    fake_record(store, "paper_scale", ["backbone=minilm", "dataset=sst2", "seed=0", "lr=0.001", "method=lora"],
+                99, 99, 1, scale="paper")
     return cfg, tmp_path
 
 
-def test_selection_keeps_only_the_plans_runs(table6):
-    cfg, tmp_path = table6
-    budgets = {"sst2": training_budget(cfg, "sst2")}
-    records = select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu", budgets)
-    assert len(records) == 12 and set(records["method"]) == {"lora", "partial_lora"}
-    assert training_budget(cfg)["dataset.train_size"] == 2000 and "train.num_workers" not in training_budget(cfg)
-    assert len(select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu")) == 14  # budget unchecked
+def cells_found(cfg, extra=()) -> dict[str, int]:
+    cells, _ = TargetPlan(cfg, extra).cell_frame()
+    return {f"{row.method}/{row.strategy}/{row.dataset}": row.found for row in cells.itertuples() if row.found}
 
 
-def test_selection_holds_each_dataset_to_its_own_budget(table6):
-    """MRPC's budget (the whole split) is not SST-2's: a run is kept when it matches its own dataset's budget."""
+def test_a_cell_takes_exactly_the_runs_its_plan_names(table6):
+    """Issue 28: a record of another setting (C9's 512-example derivation for Partial-LoRA on SST-2, with the same
+    method, dataset and budget) never enters a cell, nor does one of another budget, strategy or scale."""
     cfg, tmp_path = table6
-    runs = Path(cfg.results_dir)
-    write_record(fake_record(cfg, "lora", "mrpc", 0, 1e-3, 80, 79, 331_776), runs, "mrpc_whole_split")
-    on_sst2_budget = fake_record(cfg, "lora", "mrpc", 1, 1e-3, 99, 99, 331_776)
-    on_sst2_budget["config"]["dataset"]["train_size"], on_sst2_budget["config"]["train"]["epochs"] = 2000, 2
-    write_record(on_sst2_budget, runs, "mrpc_2000_examples")
-    budgets = {name: training_budget(cfg, name) for name in ("sst2", "mrpc")}
-    records = select_runs(load_records(cfg.results_dir), planned_multiruns(cfg), "cpu", budgets)
-    assert len(records) == 13 and records.query("dataset == 'mrpc'")["seed"].tolist() == [0]
-    assert records.query("dataset == 'mrpc'")["config.dataset.train_size"].isna().all()
+    assert cells_found(cfg) == {"lora/none/sst2": 6, "partial_lora/none/sst2": 6, "lora/none/mrpc": 1}
+    store = Path(cfg.results_dir)
+    # A second record of a planned run (a copied store) counts once; a planned CoTo run joins its own cell.
+    fake_record(store, "lora_copy", ["dataset=sst2", "seed=0", "lr=0.001", "method=lora"], 80, 75, 331_776)
+    fake_record(store, "partial_coto", ["dataset=sst2", "seed=0", "lr=0.001", *PARTIAL, "strategy=coto"], 80, 75, 900)
+    assert cells_found(cfg) == {"lora/none/sst2": 6, "partial_lora/none/sst2": 6, "lora/none/mrpc": 1,
+                                "partial_lora/coto/sst2": 1}
+
+
+def test_the_plans_run_ids_are_the_ids_run_py_gives():
+    """The plan applies value overrides to a config composed once per choice of groups: the ids must equal those of
+    a config Hydra composes in full, budgets, derivation settings and strategies included."""
+    for overrides in (["dataset=mrpc", "seed=2", "lr=0.003", *PARTIAL, "ratios.max_examples=512"],
+                      ["dataset=mrpc", "seed=1", "lr=0.001", "method=lora", "dataset.train_size=6000"],
+                      ["backbone=minilm", "dataset=sst2", "seed=0", "lr=0.001", *PARTIAL, "strategy=coto"]):
+        cfg = compose_target("table6", "cpu", overrides)
+        cfg.output_dir = None
+        assert launched_run_id("table6", "cpu", overrides) == config_hash(OmegaConf.to_container(cfg, resolve=True))
 
 
 def test_table_shows_top_k_mean_next_to_the_paper(table6):
@@ -179,10 +186,44 @@ def test_table_shows_top_k_mean_next_to_the_paper(table6):
     assert f"{expected - 94.95:+.2f}" in text
     assert "Scale `cpu`" in text and "top 3 by validation" in text
     assert "\\begin{tabular}" in latex.read_text()
-    # validation - test: 5 points for LoRA (not beyond the flag's 5), 6 for Partial-LoRA (flagged)
-    rows = {cells[1]: cells for line in text.splitlines() if "| sst2 " in line
+    rows = {(cells[1], cells[3]): cells for line in text.splitlines() if "| sst2 " in line
             for cells in [[cell.strip() for cell in line.split("|")]]}
-    assert "+5.00" in rows["lora"] and "+6.00 (large)" in rows["partial_lora"]
+    # validation - test: 5 points for LoRA (not beyond the flag's 5), 6 for Partial-LoRA (flagged)
+    assert "+5.00" in rows[("lora", "none")] and "+6.00 (large)" in rows[("partial_lora", "none")]
+    # Partial-LoRA's cell holds its 6 planned runs at 30.0K parameters, not C9's 99-scoring 43.7K record.
+    assert rows[("partial_lora", "none")][5:8] == [f"{expected - 1:.2f} ± 0.47", "+6.00 (large)", "6 of 6 (3)"]
+    assert rows[("partial_lora", "none")][8] == "30.0K"
+    # Every planned cell has its row, its runs found of planned, and the paper's number only at the paper's setting.
+    assert rows[("dora", "none")][5:11] == ["-", "-", "0 of 6", "", "96.10", "1.41M"]
+    assert rows[("partial_lora", "coto")][7:10] == ["0 of 6", "", "-"]
+    assert "Runs found by run id: 13 of the 108 the plan names (2 of 18 cells complete)." in text
+    missing = text.split("Missing runs: ")[1].split(". ")[0].split("; ")
+    assert {"lora / mrpc 1 of 6", "partial_lora / svd / coto / sst2 0 of 6", "dora / sst2 0 of 6"} <= set(missing)
+    assert not any(item.startswith(("lora / sst2", "partial_lora / svd / sst2")) for item in missing)
+
+
+def test_index_states_each_target_from_its_plan_and_the_store(table6):
+    """results/README.md: complete, partial with counts, not run, or cannot run here and why, per target and scale,
+    with a link to the rendered file."""
+    cfg, tmp_path = table6
+    extra = [f"results_dir={cfg.results_dir}", f"ratios.cache_dir={tmp_path / 'ratios'}"]
+    assert target_state(cfg, extra) == {"state": "partial", "found": 13, "planned": 108, "unit": "runs", "cells": 18,
+                                        "cells_complete": 2, "reason": ""}
+    only_sst2_lora = compose_target("table6", "cpu", [*extra, "scale.domains.language.datasets=[sst2]"])
+    with open_dict(only_sst2_lora):
+        only_sst2_lora.sweep.groups = [{"method": ["lora"]}]
+    assert target_state(only_sst2_lora, extra)["state"] == "complete"
+    render_target(cfg, tmp_path / "tables", tmp_path / "figures")
+    index = render_index(tmp_path / "README.md", tmp_path / "tables", tmp_path / "figures", extra,
+                         targets=["table2", "table6", "fig17"]).read_text()
+    rows = {(scale.split("`")[0], line.split(":")[0].strip("| ")): line
+            for scale in index.split("## Scale `")[1:] for line in scale.splitlines() if line.startswith("| t")
+            or line.startswith("| f")}
+    assert rows[("cpu", "table6")].endswith("| partial | 13 / 108 runs | 2 / 18 | [table6_cpu.md](tables/table6_cpu.md) |")
+    assert "| not run | 0 / 36 runs | 0 / 6 | - |" in rows[("cpu", "table2")]
+    assert "| not run | 0 / 3 ratio caches |" in rows[("cpu", "fig17")]
+    assert "| cannot run here: microsoft/deberta-v3-base " in rows[("paper", "table6")]
+    assert "| cannot run here: the CLIP ViT-B/16 weights" in rows[("paper", "table2")]
 
 
 def test_learning_rule_is_a_margin_over_chance_on_the_validation_split():
@@ -212,7 +253,7 @@ def test_figures_render_from_records(table6):
         figure_cfg = compose_target(target, "cpu", [f"results_dir={cfg.results_dir}"])
         image, caption = render_target(figure_cfg, tmp_path / "tables", tmp_path / "figures")
         assert image.suffix == ".png" and image.stat().st_size > 10_000
-        assert "Scale `cpu`" in caption.read_text()
+        assert "Scale `cpu`" in caption.read_text() and "Missing runs: " in caption.read_text()
 
 
 def test_residual_norm_figure_reads_the_selected_records(table6, tmp_path: Path):
@@ -349,5 +390,5 @@ def test_a_relaunched_target_skips_its_finished_runs(glue_dir: Path, tmp_path: P
     capsys.readouterr()
     launch("table1", "cpu", planned, extra=shrink + per_run)
     assert sorted(path.name for path in (tmp_path / "runs").glob("*.json")) == records
-    table, _ = render_target(cfg, tmp_path / "tables", tmp_path / "figures")
+    table, _ = render_target(cfg, tmp_path / "tables", tmp_path / "figures", extra=shrink + per_run[:-1])
     assert "Protocol: 1 models per setting" in table.read_text() and "94.70" in table.read_text()

@@ -1,6 +1,5 @@
 """The paper's protocol (SPEC 5): which runs a table or figure needs, and how they are launched."""
 
-from partial_lora.protocol.sweep import (Protocol, compose_target, launch, planned_multiruns, select_runs,
-                                         training_budget)
+from partial_lora.protocol.sweep import Protocol, compose_target, launch, launched_run_id, planned_multiruns
 
-__all__ = ["Protocol", "compose_target", "launch", "planned_multiruns", "select_runs", "training_budget"]
+__all__ = ["Protocol", "compose_target", "launch", "launched_run_id", "planned_multiruns"]

@@ -52,10 +52,9 @@ from scipy import stats
 
 from partial_lora.config import register_resolvers
 from partial_lora.errors import ConfigError
-from partial_lora.protocol.sweep import ROOT, command, run_multirun
+from partial_lora.protocol.sweep import ROOT, command, launched_run_id, run_multirun
 from partial_lora.results.aggregate import (REFERENCE_METHOD, VAL_TEST_GAP, Learning, describe_rule,
                                             fill_majority_rates, large_gap, learning_status, load_records)
-from partial_lora.results.record import config_hash
 from partial_lora.results.tables import load_paper, paper_kept_share
 
 TESTS = ("noninferior", "equivalent", "superior", "shrinking")
@@ -230,10 +229,8 @@ class ClaimPlan:
         """The id ``run.py`` gives this run: the hash of its resolved config (see ``RunSlot``)."""
         key = (dataset, str(seed), repr(lr), *overrides)
         if key not in self._ids:
-            cfg = compose_claims(self.scale, [f"dataset={dataset}", f"seed={seed}", f"lr={lr}", *overrides,
-                                              *self.extra])
-            cfg.output_dir = None  # Hydra's runtime folder: left out of the id anyway
-            self._ids[key] = config_hash(OmegaConf.to_container(cfg, resolve=True))
+            self._ids[key] = launched_run_id("claims", self.scale, [f"dataset={dataset}", f"seed={seed}", f"lr={lr}",
+                                                                    *overrides, *self.extra])
         return self._ids[key]
 
     def record(self, run: PlannedRun) -> dict[str, Any] | None:

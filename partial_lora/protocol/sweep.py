@@ -4,13 +4,18 @@ An experiment config (``conf/experiment/<target>.yaml``) names the domains it co
 llm: the scale maps each to a backbone and datasets), groups of settings to cross, fixed settings, and
 whether the protocol's seeds x learning rates apply. Each (domain, group) becomes one
 ``run.py -m ...`` command, so every Hydra launcher (local, joblib, SLURM) runs the sweep unchanged and
-a rerun skips the runs whose records exist. The same plan selects the records a rendering reads.
+a rerun skips the runs whose records exist. A rendering reads exactly the plan's runs, found by run id
+(:func:`launched_run_id`).
 """
 
 from __future__ import annotations
 
+import copy
+import functools
+import itertools
 import json
 import math
+import re
 import signal
 import subprocess
 import sys
@@ -18,13 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig, OmegaConf, open_dict
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from omegaconf import DictConfig, OmegaConf
 
 from partial_lora.config import register_resolvers
 from partial_lora.errors import INTERRUPTED_EXIT, RUNS_FAILED_EXIT, ConfigError, RunInterrupted
-from partial_lora.results.record import NON_SEMANTIC_KEYS
+from partial_lora.results.record import config_hash
 
 ROOT = Path(__file__).resolve().parents[2]
 # Config groups are selected by file name and recorded by their ``name`` field.
@@ -62,11 +67,9 @@ class Protocol:
 
 def compose_target(target: str, scale: str, overrides: list[str] = ()) -> DictConfig:
     """The resolved config of ``experiment=<target> scale=<scale>``, as each of its runs starts from."""
-    register_resolvers()
     if not (ROOT / "conf" / "experiment" / f"{target}.yaml").is_file():
         raise ConfigError(f"no experiment config conf/experiment/{target}.yaml for target {target!r}.")
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"experiment={target}", f"scale={scale}", *overrides])
+    cfg = copy.deepcopy(_composed(target, scale, tuple(overrides)))
     if "sweep" not in cfg:
         raise ConfigError(f"experiment {target} has no `sweep:` block, so it is no table or figure target.")
     return cfg
@@ -143,58 +146,49 @@ def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launche
     return with_failures
 
 
-def record_column(key: str) -> str:
-    """The column of :func:`load_records` holding an override's value: a group's ``name``, else the key."""
-    return f"config.{key}.name" if key in GROUPS else f"config.{key}"
+def run_overrides(settings: dict[str, list[Any]]) -> list[list[str]]:
+    """The overrides of each run of one planned multirun, one value per key, as Hydra's sweeper passes them."""
+    return [[f"{key}={_override_value(value)}" for key, value in zip(settings, values)]
+            for values in itertools.product(*settings.values())]
 
 
-def _normalised(value: Any) -> str:
-    if value is None or (isinstance(value, float) and pd.isna(value)):
-        return "null"
-    if isinstance(value, float) and value.is_integer():  # pandas holds ints as floats in a column with nulls
-        value = int(value)
-    return json.dumps(value)
+# A plain value override (``seed=1``, ``ratios.max_examples=512``): no prefix, no package, not a config group.
+_VALUE_KEY = re.compile(r"^[A-Za-z_][\w.]*$")
 
 
-def training_budget(cfg: DictConfig, dataset: str | None = None) -> dict[str, Any]:
-    """The settings that fix how much a run trains at this scale: the ``dataset`` and ``train`` keys the scale
-    preset sets (``conf/scale/<name>.yaml``) and every ``train`` key that changes what a run computes, as
-    ``cfg`` resolves them, for ``dataset`` when given (a preset may budget datasets apart, ``scale.budgets``)."""
-    preset = OmegaConf.load(ROOT / "conf" / "scale" / f"{cfg.scale.name}.yaml")
-    keys = {f"dataset.{key}" for key in preset.get("dataset") or {}}
-    keys |= {f"train.{key}" for key in (*(preset.get("train") or {}), *cfg.train)}
-    if dataset is not None:
-        # The preset's keys outrank the dataset group's, and read the dataset only through its name.
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.dataset.name = dataset
-    return {key: OmegaConf.select(cfg, key) for key in sorted(keys - set(NON_SEMANTIC_KEYS))}
+def _is_value_override(override: str) -> bool:
+    key = override.partition("=")[0]
+    return bool(_VALUE_KEY.match(key)) and not key.startswith("hydra") and (
+        "." in key or not (ROOT / "conf" / key).is_dir())
 
 
-def select_runs(records: pd.DataFrame, planned: list[dict[str, list[Any]]], scale: str,
-                budgets: dict[str, dict[str, Any]] | None = None) -> pd.DataFrame:
-    """The records a target's plan produced at ``scale``: each matches one planned multirun on every
-    swept and fixed setting and, when given, on its dataset's budget (``budgets[dataset]``, see
-    :func:`training_budget`), so that a run trained on another budget at the same settings (claim C7's larger
-    training sets) stays out."""
-    if records.empty:
-        return records
-    chosen = pd.Series(False, index=records.index)
-    within_budget = pd.Series(True, index=records.index) if budgets is None else pd.Series(False, index=records.index)
-    for dataset, budget in (budgets or {}).items():
-        on_budget = records["dataset"] == dataset
-        for key, value in budget.items():
-            column = f"config.{key}"
-            on_budget &= records[column].map(_normalised) == _normalised(value) if column in records else False
-        within_budget |= on_budget
-    for settings in planned:
-        match = (records["scale"] == scale) & within_budget
-        for key, values in settings.items():
-            column = record_column(key)
-            if column not in records:
-                match &= False
-                continue
-            allowed = {_normalised(value) for value in values}
-            match &= records[column].map(_normalised).isin(allowed)
-        chosen |= match
-    return records[chosen]
+@functools.lru_cache(maxsize=None)
+def _composed(experiment: str, scale: str, overrides: tuple[str, ...]) -> DictConfig:
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="config", overrides=[f"experiment={experiment}", f"scale={scale}", *overrides])
+
+
+def launched_config(experiment: str, scale: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """The resolved config of the run ``run.py experiment=<experiment> scale=<scale> <overrides>``, Hydra's runtime
+    folder aside (left out of the run id anyway): what :func:`launched_run_id` hashes.
+
+    Hydra applies plain value overrides after composing the defaults, and composing takes about 0.2 s, too slow for
+    the thousands of runs of a paper-scale plan: the defaults are composed once per choice of config groups (and
+    Hydra settings), and the value overrides applied to a copy as Hydra applies them (its parser, then
+    ``OmegaConf.update``)."""
+    composed = tuple(override for override in overrides if not _is_value_override(override))
+    cfg = copy.deepcopy(_composed(experiment, scale, composed))
+    parsed = OverridesParser.create().parse_overrides([override for override in overrides
+                                                       if _is_value_override(override)])
+    for override in parsed:
+        OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
+    cfg.output_dir = None
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def launched_run_id(experiment: str, scale: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The id ``run.py`` gives the run ``run.py experiment=<experiment> scale=<scale> <overrides>``: the hash of its
+    resolved config (``results/store.py``). Targets and claims find their runs by it, so a record of any other
+    setting (derivation, budget, strategy, rank) never stands in for a planned run."""
+    return config_hash(launched_config(experiment, scale, overrides))

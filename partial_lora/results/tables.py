@@ -1,15 +1,17 @@
 """Protocol summaries rendered as the paper's tables, with the paper's numbers beside them.
 
 The paper's numbers live in ``results/paper/tables.csv`` (one row per printed cell; see the README
-there). A rendered row is one setting on one dataset: this run's top-k mean and std, the runs behind
-it, the selected runs' mean validation minus test metric, trainable adapter parameters, and the paper's value,
-parameters and the difference. A task the learning rule finds not learned (``aggregate.learning_status``) has
-its cells marked and the caption says why; a validation-test gap beyond ``aggregate.VAL_TEST_GAP`` is marked.
+there). A rendered row is one cell (a setting on one dataset): this run's top-k mean and std, its runs found of
+those planned, the selected runs' mean validation minus test metric, trainable adapter parameters, and the paper's
+value, parameters and the difference; a cell without runs keeps its row. A task the learning rule finds not learned
+(``aggregate.learning_status``) has its cells marked and the caption says why; a validation-test gap beyond
+``aggregate.VAL_TEST_GAP`` is marked.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -42,36 +44,47 @@ def _parameters(count: float) -> str:
     return f"{count / 1e6:.2f}M" if count >= 1e5 else f"{count / 1e3:.1f}K"
 
 
-def table_rows(summary: pd.DataFrame, paper: pd.DataFrame, table: str, variant: str | None = None) -> pd.DataFrame:
-    """Long table: one row per (method, importance[, variant], dataset) with this run next to the paper."""
+def table_rows(cells: pd.DataFrame, paper: pd.DataFrame, table: str, variant: str | None = None,
+               paper_setting: dict[str, Any] | None = None) -> pd.DataFrame:
+    """Long table: one row per cell (method, importance[, variant], dataset and any other planned setting) with
+    this run next to the paper. A cell at another value of a ``paper_setting`` key (a training strategy the paper
+    did not use) gets no paper numbers: they describe another setting."""
     keys = ROW_KEYS + ([variant] if variant else []) + ["dataset"]
     published = paper[paper["table"] == table].copy()
     if variant:
         published[variant] = published["variant"]
     published = published.rename(columns={"value": "paper", "params": "paper_params"})
-    rows = summary.merge(published[keys + ["paper", "paper_params"]], on=keys, how="left")
+    rows = cells.merge(published[keys + ["paper", "paper_params"]], on=keys, how="left")
+    for key, value in (paper_setting or {}).items():
+        rows.loc[rows[key] != value, ["paper", "paper_params"]] = float("nan")
     rows["diff"] = rows["test_mean"] - rows["paper"]
-    return rows.sort_values(keys).reset_index(drop=True)
+    return rows.sort_values(keys + list(paper_setting or {})).reset_index(drop=True)
 
 
 NOT_LEARNED = "(not learned)"
 LARGE_GAP = "(large)"
 
 
-def formatted(rows: pd.DataFrame, variant: str | None = None,
-              not_learned: frozenset[str] = frozenset()) -> pd.DataFrame:
-    """Human-readable columns: metric as mean ± std (marked on the ``not_learned`` datasets), parameter counts
-    in K / M, differences signed."""
-    out = rows[ROW_KEYS + ([variant] if variant else []) + ["dataset"]].copy()
-    out["this run"] = [f"{mean:.2f} ± {std:.2f}" + (f" {NOT_LEARNED}" if dataset in not_learned else "")
+def _unless_missing(value: float, text: str) -> str:
+    return "-" if pd.isna(value) else text
+
+
+def formatted(rows: pd.DataFrame, variant: str | None = None, not_learned: frozenset[str] = frozenset(),
+              shown: list[str] = ()) -> pd.DataFrame:
+    """Human-readable columns: metric as mean ± std (marked on the ``not_learned`` datasets), runs found of those
+    planned, parameter counts in K / M, differences signed; ``-`` where a cell has no runs or the paper no number."""
+    out = rows[ROW_KEYS + ([variant] if variant else []) + list(shown) + ["dataset"]].copy()
+    out["this run"] = [_unless_missing(mean, f"{mean:.2f} ± {std:.2f}" + (f" {NOT_LEARNED}" if dataset in not_learned else ""))
                        for mean, std, dataset in zip(rows["test_mean"], rows["test_std"], rows["dataset"])]
-    out["val - test"] = [f"{val - test:+.2f}" + (f" {LARGE_GAP}" if large_gap(val, test) else "")
+    out["val - test"] = [_unless_missing(test, f"{val - test:+.2f}" + (f" {LARGE_GAP}" if large_gap(val, test) else ""))
                          for val, test in zip(rows["val_mean"], rows["test_mean"])]
-    out["runs (top-k)"] = [f"{runs} ({selected})" for runs, selected in zip(rows["runs"], rows["selected"])]
+    out["runs of planned (top-k)"] = [f"{found} of {planned}" + ("" if pd.isna(selected) else f" ({selected:.0f})")
+                                      for found, planned, selected in zip(rows["found"], rows["planned"],
+                                                                          rows["selected"])]
     out["params"] = rows["params"].map(_parameters)
-    out["paper"] = rows["paper"].map(lambda value: "" if pd.isna(value) else f"{value:.2f}")
+    out["paper"] = rows["paper"].map(lambda value: _unless_missing(value, f"{value:.2f}"))
     out["paper params"] = rows["paper_params"].map(_parameters)
-    out["diff"] = rows["diff"].map(lambda value: "" if pd.isna(value) else f"{value:+.2f}")
+    out["diff"] = rows["diff"].map(lambda value: _unless_missing(value, f"{value:+.2f}"))
     return out
 
 
@@ -89,12 +102,12 @@ def learning_note(learning: dict[str, Learning]) -> str:
 
 
 def render(rows: pd.DataFrame, title: str, provenance: str, variant: str | None = None,
-           learning: dict[str, Learning] | None = None) -> tuple[str, str]:
+           learning: dict[str, Learning] | None = None, shown: list[str] = ()) -> tuple[str, str]:
     """Markdown and LaTeX of a table target; ``learning`` (per dataset, :func:`aggregate.learning_status`) marks
-    the tasks not learned and says why in the caption."""
+    the tasks not learned and says why in the caption; ``shown``: further planned settings, as columns."""
     learning = learning or {}
     not_learned = frozenset(dataset for dataset, status in learning.items() if not status.learned)
-    table = formatted(rows, variant, not_learned)
+    table = formatted(rows, variant, not_learned, shown)
     provenance = f"{provenance} {learning_note(learning)}"
     markdown = f"# {title}\n\n{provenance}\n\n{table.to_markdown(index=False, disable_numparse=True)}\n"
     latex = (f"% {title}\n% {provenance}\n"
