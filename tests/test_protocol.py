@@ -77,7 +77,8 @@ def test_cpu_scale_runs_minilm_on_local_glue_with_a_reduced_protocol():
     assert len(first["seed"]) == 3 and first["lr"] == [1e-3, 3e-3]
     assert second["importance"] == ["svd"] and "partial_lora" in second["method"]
     assert [group["method"] for group in related] == [["losia"], ["partial_lora"]] and related[1]["strategy"] == ["coto"]
-    assert cfg.dataset.train_size == 2000 and cfg.protocol.top_k == 3 and cfg.ratios.rule == "above_chance"
+    assert cfg.dataset.train_size == 2000 and cfg.protocol.top_k == 3 and cfg.ratios.rule == "paper"
+    assert cfg.ratios.probe == "heldout" and cfg.ratios.scope == "isolated"  # the protocol chosen in conf/scale/cpu.yaml
     assert cfg.backbone.pooling == "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
 
 

@@ -437,13 +437,16 @@ def test_probe_and_scope_at_their_original_values_keep_earlier_run_ids():
 
     from partial_lora.results import config_hash
 
-    def run_id(*overrides: str) -> str:
-        return config_hash(OmegaConf.to_container(compose_config("method=partial_lora", "importance=svd",
-                                                                 *overrides), resolve=True))
+    def config(probe: str = "in_sample", *overrides: str) -> dict:
+        return OmegaConf.to_container(compose_config("method=partial_lora", "importance=svd", f"ratios.probe={probe}",
+                                                     *overrides), resolve=True)
 
-    config = OmegaConf.to_container(compose_config("method=partial_lora", "importance=svd"), resolve=True)
-    before = config | {"ratios": {key: value for key, value in config["ratios"].items()
-                                  if key not in ("probe", "probe_examples", "scope")}}
-    assert run_id() == config_hash(before) == run_id("ratios.probe_examples=500")
-    assert len({run_id(), run_id("ratios.probe=heldout"), run_id("ratios.scope=cumulative"),
-                run_id("ratios.probe=heldout", "ratios.probe_examples=500")}) == 4
+    def run_id(probe: str = "in_sample", *overrides: str) -> str:
+        return config_hash(config(probe, *overrides))
+
+    original = config()
+    before = original | {"ratios": {key: value for key, value in original["ratios"].items()
+                                    if key not in ("probe", "probe_examples", "scope")}}
+    assert run_id() == config_hash(before) == run_id("in_sample", "ratios.probe_examples=500")
+    assert len({run_id(), run_id("heldout"), run_id("in_sample", "ratios.scope=cumulative"),
+                run_id("heldout", "ratios.probe_examples=500")}) == 4
