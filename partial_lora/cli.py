@@ -41,7 +41,7 @@ def expand_ranges(argv: list[str]) -> list[str]:
             continue
         key, start, stop = match["key"], match["start"].strip(), match["stop"].strip()
         if not (start and stop) or any(separator in start + stop for separator in "/\\"):
-            expanded.append(arg)  # a path (data_dir=../shared/data, results_dir=..), not a range
+            expanded.append(arg)  # a path (data_dir=../data, results_dir=..), not a range
             continue
         if not (_INTEGER.match(start) and _INTEGER.match(stop)):
             raise ConfigError(

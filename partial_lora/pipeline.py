@@ -25,7 +25,7 @@ from partial_lora.masks import derives_counts
 from partial_lora.ratios import DerivedCounts, derive_counts
 from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
                                   write_record)
-from partial_lora.results.record import no_space_reported
+from partial_lora.files import no_space_reported
 from partial_lora.training import (AdaLoraBudget, ClassificationModule, FiniteLoss, RngState, RunClock,
                                    SigtermCheckpoint)
 

@@ -31,10 +31,9 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from derivation_stability import derive  # noqa: E402
 
 from partial_lora.config import register_resolvers  # noqa: E402
-from partial_lora.ratios.counts import DerivedCounts  # noqa: E402
 from partial_lora.ratios.search import AcceptanceRule  # noqa: E402
 from partial_lora.ratios.stability import agreement, kept_shares  # noqa: E402
-from partial_lora.results.record import write_record  # noqa: E402
+from partial_lora.files import write_record  # noqa: E402
 
 # Each row: (name, what it changes from the cpu preset, Hydra overrides). Single departures first, then the
 # combinations that follow the paper's text where it speaks. MRPC's 2% is 69 examples, under the preset's cap of

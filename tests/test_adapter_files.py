@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from partial_lora import PartialLoraError, convert_to_peft, load_partial_lora, save_partial_lora
 from partial_lora.adapters import count_parameters, load_adapter
-from partial_lora.adapters.compact import COL_MASK, ROW_MASK
+from partial_lora.adapters.compact import ROW_MASK
 from partial_lora.adapters.files import COMPACT_LAYOUT, KEPT, LAYOUT_KEY, SHAPES_KEY
 from partial_lora.adapters.masked import ADAPTER, apply_masks, factor, lora_layers
 from partial_lora.backbones import build_backbone

@@ -188,7 +188,6 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
 def test_planned_run_ids_are_the_ids_run_py_gives(tmp_path: Path, glue_dir: Path, monkeypatch):
     """A run launched as the sweep launches it is found by the plan (and so skipped on relaunch)."""
     import subprocess
-    import sys
 
     from tests.conftest import ROOT
 

@@ -21,7 +21,6 @@ from partial_lora.ratios import DerivedCounts, RatioCache
 from partial_lora.importance import LayerScores
 from partial_lora.ratios.search import LayerCounts
 from partial_lora.results import write_record
-from partial_lora.results.aggregate import load_records
 from tests.conftest import CONF, ROOT
 
 TARGETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml") if path.stem not in ("demo", "claims"))

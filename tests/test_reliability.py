@@ -215,7 +215,7 @@ def test_foreign_records_never_stop_a_launch_or_the_summary(tiny_cfg, tmp_path: 
     import subprocess
     import sys
 
-    from partial_lora.results.record import write_record
+    from partial_lora.files import write_record
     from partial_lora.results.store import read_records
     from tests.conftest import ROOT
 

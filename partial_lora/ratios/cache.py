@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora.ratios.counts import DerivedCounts, damage, digest
-from partial_lora.results.record import read_json, valid_files
-from partial_lora.results.store import LOCKS, file_lock
+from partial_lora.files import LOCKS, file_lock, read_json, valid_files
 
 log = logging.getLogger(__name__)
 

@@ -19,8 +19,7 @@ import torch
 from partial_lora.errors import PartialLoraError
 from partial_lora.importance import LayerScores
 from partial_lora.ratios.search import LayerCounts
-from partial_lora.results import write_record
-from partial_lora.results.record import read_json
+from partial_lora.files import read_json, write_record
 
 
 LAYER_KEYS = {"k_row", "k_col", "evaluations", "row_scores", "col_scores"}

@@ -21,9 +21,6 @@ unless the filesystem forwards it (Linux NFS clients map it onto NFS byte-range 
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -33,11 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from partial_lora.config import is_int, is_number
-from partial_lora.errors import StorageError
-from partial_lora.results.record import config_hash, valid_files
+from partial_lora.files import LOCKS, file_lock, valid_files
+from partial_lora.results.record import config_hash
 
 LAST_CHECKPOINT = "last.ckpt"
-LOCKS = ".locks"  # under results_dir; record readers take *.json files only
 STATUSES = ("finished", "failed")
 
 
@@ -52,34 +48,6 @@ FINISHED_FIELDS = {"backbone": TEXT, "dataset": TEXT, "method": TEXT, "seed": (i
 OPTIONAL_FIELDS = {"wall_time_s": NUMBER, "masks": OBJECT, "residual_norms": OBJECT}
 # The config's blocks that run ids (derives_counts), aggregation and figures read, each with a ``name``.
 CONFIG_BLOCKS = ("backbone", "dataset", "method", "importance", "scale")
-
-
-@contextmanager
-def file_lock(path: Path, wait: bool) -> Iterator[bool]:
-    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block. Yields ``True`` once held;
-    with ``wait=False``, ``False`` at once when another process holds it. The kernel releases it if we die."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.parent.is_symlink():
-        raise StorageError(f"lock folder {path.parent} is a symbolic link, which could point the locks anywhere: "
-                           "remove it (it holds only lock files) and launch again.")
-    # Read-only suffices for flock: anyone who can read the lock file (the group sharing the store) can lock.
-    # O_NOFOLLOW: in a shared store, a link planted at the lock's name must not make us create files elsewhere.
-    try:
-        descriptor = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666)
-    except OSError as error:
-        if error.errno != errno.ELOOP:
-            raise
-        raise StorageError(f"lock file {path} is a symbolic link: remove it (lock files hold nothing) and launch "
-                           "again.") from None
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        yield True
-    finally:
-        os.close(descriptor)  # closing releases the lock
 
 
 def record_problem(record: Any) -> str | None:
