@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from transformers import AutoTokenizer
 
 from partial_lora.config import _minilm_path
 from partial_lora.data import GlueDataModule, load_glue_splits
+from partial_lora.data.glue import glue_splits
 from partial_lora.errors import DataError
 from tests.conftest import compose_config, write_jsonl
 
@@ -58,3 +60,19 @@ def test_held_out_rows_are_disjoint_from_training_rows(glue_dir: Path):
     rows = load_glue_splits("sst2", str(glue_dir))["train"]
     held_out = rows.train_test_split(test_size=8, seed=0)
     assert not set(held_out["train"]["idx"]) & set(held_out["test"]["idx"])
+
+
+def test_a_dev_only_task_divides_its_dev_split_once_for_every_seed(tmp_path: Path):
+    rows = [{"question": f"q{i}", "sentence": f"s{i}", "label": i % 2, "idx": i} for i in range(60)]
+    write_jsonl(tmp_path / "glue" / "qnli" / "validation.jsonl", rows)  # no train split, as in the local data
+    dataset = compose_config("dataset=qnli_dev", "dataset.val_size=10", "dataset.dev_division.test_size=20").dataset
+    built = {seed: glue_splits(dataset, str(tmp_path), data_seed=seed) for seed in (0, 1)}
+    ids = {seed: {name: set(split["idx"]) for name, split in parts.items()} for seed, parts in built.items()}
+    for parts in ids.values():
+        assert len(parts["test"]) == 20 and len(parts["val"]) == 10 and len(parts["train"]) == 30
+        assert not parts["test"] & (parts["train"] | parts["val"]) and not parts["train"] & parts["val"]
+    # one test part for every seed; the validation part moves with the seed, inside the same train part
+    assert ids[0]["test"] == ids[1]["test"] and ids[0]["val"] != ids[1]["val"]
+    assert ids[0]["train"] | ids[0]["val"] == ids[1]["train"] | ids[1]["val"]
+    with pytest.raises(DataError, match="dev_division.test_size=60 must leave rows"):
+        glue_splits(OmegaConf.merge(dataset, {"dev_division": {"test_size": 60}}), str(tmp_path), data_seed=0)

@@ -27,10 +27,10 @@ HUB_DATASET = "nyu-mll/glue"
 SPLITS = ("train", "validation")
 
 
-def load_glue_splits(task: str, data_dir: str | None) -> DatasetDict:
-    """Return the ``train`` and ``validation`` splits of a GLUE task, local when ``data_dir`` is set."""
+def load_glue_splits(task: str, data_dir: str | None, splits: Sequence[str] = SPLITS) -> DatasetDict:
+    """Return the ``splits`` (default ``train`` and ``validation``) of a GLUE task, local when ``data_dir`` is set."""
     if data_dir is not None:
-        files = {split: Path(data_dir) / "glue" / task / f"{split}.jsonl" for split in SPLITS}
+        files = {split: Path(data_dir) / "glue" / task / f"{split}.jsonl" for split in splits}
         for split, path in files.items():
             if not path.is_file():
                 raise DataError(
@@ -45,17 +45,17 @@ def load_glue_splits(task: str, data_dir: str | None) -> DatasetDict:
         except Exception as error:  # pyarrow's JSON reader names no line; find it to say where the file is broken
             for path in files.values():
                 _check_json_lines(path)
-            raise DataError(f"GLUE task '{task}' could not be read from {files['train'].parent} "
+            raise DataError(f"GLUE task '{task}' could not be read from {Path(data_dir) / 'glue' / task} "
                             f"({type(error).__name__}: {error}).") from error
     try:
-        splits = load_dataset(HUB_DATASET, task)
+        hub = load_dataset(HUB_DATASET, task)
     except Exception as error:  # the hub raises many types (offline, missing config, HTTP)
         raise DataError(
             f"GLUE task '{task}' could not be loaded from the Hugging Face hub ({type(error).__name__}): "
             f"set data_dir=... or {DATA_DIR_ENV} to a folder holding glue/{task}/{{train,validation}}.jsonl "
             "for offline use, or make the hub reachable."
         ) from error
-    return DatasetDict({split: splits[split] for split in SPLITS})
+    return DatasetDict({split: hub[split] for split in splits})
 
 
 def content_digest(paths: Iterable[Path]) -> str:
@@ -141,12 +141,24 @@ def check_split(split: Dataset, where: str, fields: list[str], num_labels: int, 
 def glue_splits(dataset: DictConfig, data_dir: str | None, data_seed: int) -> dict[str, Dataset]:
     """The untokenised ``train`` (capped at ``dataset.train_size``), ``val`` (``dataset.val_size`` rows held out
     of the train split with ``data_seed``) and ``test`` (the official dev split, capped at ``dataset.test_size``)
-    splits of a run, checked, and the ``derivation_pool`` (the train split without ``val``, uncapped)."""
-    raw = load_glue_splits(dataset.task, data_dir)
+    splits of a run, checked, and the ``derivation_pool`` (the train split without ``val``, uncapped).
+
+    A task with ``dataset.dev_division`` ({test_size, seed}) is built from the dev split alone, for a task whose
+    train split is not at hand (the local data holds QNLI's dev split only): the dev split is divided once, by
+    the division's own seed and not the run's, so every seed trains on one train part and reports on one test
+    part; ``val`` is then held out of that train part as usual."""
+    division = dataset.get("dev_division")
+    raw = load_glue_splits(dataset.task, data_dir, ("validation",) if division else SPLITS)
     for name, split in raw.items():
         path = None if data_dir is None else Path(data_dir) / "glue" / dataset.task / f"{name}.jsonl"
         where = f"{HUB_DATASET} {dataset.task} {name} split" if path is None else str(path)
         check_split(split, where, list(dataset.text_fields), dataset.num_labels, path)
+    if division:
+        if not 0 < division.test_size < len(raw["validation"]):
+            raise DataError(f"dataset.dev_division.test_size={division.test_size} must leave rows of GLUE "
+                            f"{dataset.task}'s {len(raw['validation'])}-row dev split on both sides.")
+        parts = raw["validation"].train_test_split(test_size=division.test_size, seed=division.seed)
+        raw = DatasetDict(train=parts["train"], validation=parts["test"])
     if len(raw["train"]) <= dataset.val_size:
         raise DataError(f"GLUE {dataset.task}'s train split has {len(raw['train'])} rows and dataset.val_size="
                         f"{dataset.val_size} holds them all out: nothing is left to train on or derive ratios "
