@@ -74,5 +74,8 @@ def test_a_dev_only_task_divides_its_dev_split_once_for_every_seed(tmp_path: Pat
     # one test part for every seed; the validation part moves with the seed, inside the same train part
     assert ids[0]["test"] == ids[1]["test"] and ids[0]["val"] != ids[1]["val"]
     assert ids[0]["train"] | ids[0]["val"] == ids[1]["train"] | ids[1]["val"]
+    # the test part in the dev split's order: a part left shuffled by the division, split again with an equal
+    # seed, replays the division's random stream
+    assert list(built[0]["test"]["idx"]) == sorted(ids[0]["test"])
     with pytest.raises(DataError, match="dev_division.test_size=60 must leave rows"):
         glue_splits(OmegaConf.merge(dataset, {"dev_division": {"test_size": 60}}), str(tmp_path), data_seed=0)

@@ -157,8 +157,12 @@ def glue_splits(dataset: DictConfig, data_dir: str | None, data_seed: int) -> di
         if not 0 < division.test_size < len(raw["validation"]):
             raise DataError(f"dataset.dev_division.test_size={division.test_size} must leave rows of GLUE "
                             f"{dataset.task}'s {len(raw['validation'])}-row dev split on both sides.")
-        parts = raw["validation"].train_test_split(test_size=division.test_size, seed=division.seed)
-        raw = DatasetDict(train=parts["train"], validation=parts["test"])
+        # Both parts keep the dev split's order: a part left in the division's shuffled order and then split
+        # again with an equal seed (data_seed = division seed) replays the same random stream, which drew a
+        # validation part of 63% one label from QNLI's balanced dev split.
+        order = np.random.default_rng(division.seed).permutation(len(raw["validation"]))
+        raw = DatasetDict(train=raw["validation"].select(np.sort(order[division.test_size:])),
+                          validation=raw["validation"].select(np.sort(order[:division.test_size])))
     if len(raw["train"]) <= dataset.val_size:
         raise DataError(f"GLUE {dataset.task}'s train split has {len(raw['train'])} rows and dataset.val_size="
                         f"{dataset.val_size} holds them all out: nothing is left to train on or derive ratios "
