@@ -1,4 +1,4 @@
-"""A method leaderboard beyond the paper's anchors: ``results/leaderboard_<scale>.{md,png}``, from the run records alone.
+"""A method leaderboard beyond the paper's anchors, ``results/leaderboard_<scale>.{md,png}``, from the records alone.
 
 Per method and task: the test metric's mean over seeds with its 95% Student-t interval, the runs found of those
 planned, the trainable adapter parameters, the saved adapter file's size, a training step's time and the peak memory
@@ -69,7 +69,8 @@ def planned_settings(scale: str, extra: list[str] | tuple[str, ...] = (),
     claims = ClaimPlan(compose_claims(scale, extra), scale, extra)
     for run in claims.planned_runs(swept=False):
         setting_id = launched_run_id("claims", scale, [f"dataset={run.dataset}", *SETTING_AT, *run.overrides, *extra])
-        add(setting_id, run.dataset, f"claims: {run.arm}", [claims.run_id(run.dataset, run.seed, run.lr, run.overrides)])
+        add(setting_id, run.dataset, f"claims: {run.arm}",
+            [claims.run_id(run.dataset, run.seed, run.lr, run.overrides)])
     return list(settings.values())
 
 
@@ -109,7 +110,9 @@ def leaderboard_rows(settings: list[Setting], records: pd.DataFrame) -> pd.DataF
 def _bytes(value: float) -> str:
     if not np.isfinite(value):
         return "-"
-    return f"{value / 1e9:.2f} GB" if value >= 1e9 else f"{value / 1e6:.1f} MB" if value >= 1e6 else f"{value / 1e3:.1f} KB"
+    if value >= 1e9:
+        return f"{value / 1e9:.2f} GB"
+    return f"{value / 1e6:.1f} MB" if value >= 1e6 else f"{value / 1e3:.1f} KB"
 
 
 def _metric(row: pd.Series, not_learned: frozenset[str]) -> str:
@@ -155,9 +158,9 @@ def render_leaderboard(scale: str, extra: list[str] | tuple[str, ...] = (),
             f"test: the mean over those seeds with a 95% Student-t interval (none from one seed). Trainable params: "
             f"adapter parameters, the per-seed runs' mean (the classifier head apart). Adapter file: the saved "
             f"safetensors file (`adapter_bytes`); step time: the median training step (forward, backward, optimiser "
-            f"step; `step_time_s`); peak memory: CUDA's peak allocated over the fit, or on CPU (RSS) the process's peak "
-            f"resident set, which covers all it did before, earlier runs of one multirun process included: an upper "
-            f"bound. Costs are the per-seed runs' median; `-` where their records predate these fields. Pareto: "
+            f"step; `step_time_s`); peak memory: CUDA's peak allocated over the fit, or on CPU (RSS) the process's "
+            f"peak resident set, which covers all it did before, earlier runs of one multirun process included: an "
+            f"upper bound. Costs are the per-seed runs' median; `-` where their records predate these fields. Pareto: "
             f"**front** where no other row of the task has at least its test mean with at most its parameters. "
             f"{rule_note(learning)} Rendered by `make leaderboard SCALE={scale}` "
             f"(`partial_lora/results/leaderboard.py`) from the records alone.")
