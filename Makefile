@@ -13,7 +13,7 @@ LAUNCHER ?= local     # hydra/launcher: local, parallel (joblib) or slurm (submi
 TABLES := table1 table2 table3 table4 table5 table6
 FIGURES := fig2 fig3 fig4 fig5 fig6 fig7 fig11 fig12 fig17
 
-.PHONY: install demo test test-all bench clean tables claims $(TABLES) $(FIGURES)
+.PHONY: install demo test test-all bench clean tables claims leaderboard $(TABLES) $(FIGURES)
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -36,10 +36,16 @@ test-all: $(PYTHON)
 $(TABLES) $(FIGURES): $(PYTHON)
 	$(PYTHON) scripts/reproduce.py $@ --scale $(strip $(SCALE)) --launcher $(strip $(LAUNCHER))
 
-# Every table and figure from the records and caches present, and results/README.md (every target's state at
-# every scale); runs nothing.
+# Every table and figure from the records and caches present, the leaderboard, and results/README.md (every
+# target's state at every scale); runs nothing.
 tables: $(PYTHON)
-	$(PYTHON) scripts/reproduce.py $(TABLES) $(FIGURES) index --scale $(strip $(SCALE)) --render-only
+	$(PYTHON) scripts/reproduce.py $(TABLES) $(FIGURES) leaderboard index --scale $(strip $(SCALE)) --render-only
+
+# Per method and task: test metric with its 95% interval over seeds, parameters, adapter file size, step time, peak
+# memory and the Pareto front, from the records of Table 6's and the claims' runs (make table6 / make claims run
+# them): results/leaderboard_<scale>.{md,png}. Runs nothing.
+leaderboard: $(PYTHON)
+	$(PYTHON) scripts/reproduce.py leaderboard --scale $(strip $(SCALE)) --render-only
 
 # The paper's claims as paired comparisons with verdicts: runs what is missing, then renders
 # results/claims/claims_<scale>.{md,png} (conf/experiment/claims.yaml).

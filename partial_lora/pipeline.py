@@ -27,7 +27,7 @@ from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environ
                                   write_record)
 from partial_lora.files import no_space_reported
 from partial_lora.training import (AdaLoraBudget, ClassificationModule, FiniteLoss, RngState, RunClock,
-                                   SigtermCheckpoint)
+                                   SigtermCheckpoint, TrainingCost)
 
 
 def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
@@ -119,6 +119,10 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
     stopped = SigtermCheckpoint(slot.checkpoints / LAST_CHECKPOINT)
     callbacks = [checkpoint, latest, RngState(), clock, FiniteLoss(), stopped, *extra]
     callbacks += [AdaLoraBudget()] if rank_allocation else []
+    # Last: a step's time then holds what the method does after the optimiser step (AdaLoRA's reallocation,
+    # LoSiA's re-localisation).
+    cost = TrainingCost()
+    callbacks.append(cost)
     # A step limit inside the first epoch would end training before any validation, with no best checkpoint
     # to test: validate at the limit instead.
     within_first_epoch = 0 < cfg.trainer.max_steps < datamodule.steps_per_epoch()
@@ -178,6 +182,7 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
         "masks": mask_summary,
         "residual_norms": residual_norms(model),
         "adapter_file": None if adapter_file is None else portable_path(adapter_file),
+        "adapter_bytes": None if adapter_file is None else adapter_file.stat().st_size,
         "metric": cfg.dataset.metric,
         "majority_rates": datamodule.majority_rates(),  # chance for accuracy: whether the task was learned at all
         "best_val": 100 * float(checkpoint.best_model_score),
@@ -185,6 +190,7 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         **clock.record_fields(),
+        **cost.record_fields(),
         "environment": environment(),
     }
     if logger:

@@ -1,6 +1,7 @@
 """Run the sweep a table or figure target names (skipping finished runs), then render it; ``claims`` runs what
 the paper's claims need, pilots first, and renders their verdicts (results/claims/claims_<scale>.{md,png});
-``index`` writes results/README.md, the state of every target at every scale (it runs nothing).
+``leaderboard`` renders results/leaderboard_<scale>.{md,png} from the records of Table 6's and the claims' runs, and
+``index`` writes results/README.md, the state of every target at every scale (both run nothing).
 
     python scripts/reproduce.py table6 --scale cpu                 # sweep, then render
     python scripts/reproduce.py table6 fig4 --scale cpu --render-only
@@ -8,6 +9,7 @@ the paper's claims need, pilots first, and renders their verdicts (results/claim
     python scripts/reproduce.py table5 --scale paper --launcher slurm -- trainer=gpu
     python scripts/reproduce.py table6 --scale cpu --dry-run        # the multirun commands, nothing run
     python scripts/reproduce.py claims --scale cpu --launcher parallel
+    python scripts/reproduce.py leaderboard --scale cpu            # per method: metric, interval, costs, Pareto
     python scripts/reproduce.py index                              # results/README.md: every target's state
 
 Arguments after ``--`` are passed to every run (Hydra overrides).
@@ -27,6 +29,7 @@ from partial_lora.errors import (INTERRUPTED_EXIT, RUNS_FAILED_EXIT, PartialLora
 from partial_lora.protocol import compose_target, launch, planned_multiruns  # noqa: E402
 from partial_lora.protocol.claims import ClaimPlan, compose_claims, evaluate_claims, render_report, run_claims  # noqa: E402
 from partial_lora.protocol.targets import render_index, render_target  # noqa: E402
+from partial_lora.results.leaderboard import render_leaderboard  # noqa: E402
 
 
 def claims(arguments: argparse.Namespace, extra: list[str]) -> int:
@@ -47,7 +50,7 @@ def claims(arguments: argparse.Namespace, extra: list[str]) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("targets", nargs="+", help="experiment configs with a sweep: table1..table6, fig2..fig17, "
-                        "claims, index")
+                        "claims, leaderboard, index")
     parser.add_argument("--scale", default="paper", help="conf/scale preset: paper or cpu")
     parser.add_argument("--launcher", default="local", help="hydra/launcher preset: local, parallel or slurm")
     parser.add_argument("--domains", nargs="*", help="only these domains of the targets (language, vision, llm)")
@@ -62,6 +65,11 @@ def main() -> None:
         for target in arguments.targets:
             if target == "claims":
                 with_failures += claims(arguments, extra)
+                continue
+            if target == "leaderboard":
+                if not arguments.dry_run:
+                    for path in render_leaderboard(arguments.scale, extra):
+                        print(f"leaderboard: wrote {path}")
                 continue
             if target == "index":
                 if not arguments.dry_run:

@@ -13,7 +13,7 @@ from partial_lora.results import write_record
 
 RECORD_KEYS = {"run_id", "status", "config", "seed", "backbone", "dataset", "method", "rank", "lr", "params",
                "metric", "best_val", "test", "epochs", "steps", "wall_time_s", "wall_time_carried_s",
-               "environment"}
+               "step_time_s", "peak_memory_bytes", "peak_memory_kind", "adapter_bytes", "environment"}
 
 
 def test_fit_writes_a_complete_record(tiny_cfg, tmp_path: Path):
@@ -27,6 +27,11 @@ def test_fit_writes_a_complete_record(tiny_cfg, tmp_path: Path):
     assert 0 <= saved["test"] <= 100 and 0 <= saved["best_val"] <= 100
     assert saved["steps"] == 5  # 40 training rows / batch 8, one epoch
     assert saved["wall_time_s"] > 0 and saved["wall_time_carried_s"] == 0  # never resumed
+    # What the fit cost: a step takes time, but less than the whole run; the process holds at least the model
+    # (CPU: its peak resident set); the adapter file's size is the one on disk.
+    assert 0 < saved["step_time_s"] < saved["wall_time_s"] / saved["steps"]
+    assert saved["peak_memory_kind"] == "cpu_max_rss" and saved["peak_memory_bytes"] > 10 * 2**20
+    assert saved["adapter_bytes"] == Path(saved["adapter_file"]).stat().st_size > 0
     assert set(saved["environment"]) == {"torch", "transformers", "peft", "git_commit"}
     assert saved["config"]["dataset"]["name"] == "sst2"
     assert saved["majority_rates"]["test"] == 50.0 and 50.0 <= saved["majority_rates"]["val"] <= 100.0  # chance

@@ -99,9 +99,10 @@ def test_unknown_target_and_domain_are_refused():
 
 
 def fake_record(store: Path, name: str, overrides: list[str], val: float, test: float, params: int,
-                scale: str = "cpu") -> str:
+                scale: str = "cpu", **fields) -> str:
     """A finished record of the run ``run.py experiment=table6 scale=<scale> <overrides>``, its config composed by
-    Hydra in full as run.py composes it (not by the plan's faster path); returns its run id."""
+    Hydra in full as run.py composes it (not by the plan's faster path), with further record ``fields``; returns its
+    run id."""
     cfg = compose_target("table6", scale, overrides)
     cfg.output_dir = None
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -109,7 +110,7 @@ def fake_record(store: Path, name: str, overrides: list[str], val: float, test: 
               "method": cfg.method.name, "rank": 8, "seed": cfg.seed, "lr": cfg.lr, "best_val": val, "test": test,
               "params": {"adapter": params, "unmasked_adapter": 331_776},
               "residual_norms": {f"encoder.layer.{block}.intermediate.dense": {"delta": 0.1 * (block + 1), "weight": 10.0}
-                                 for block in range(6)}}
+                                 for block in range(6)}} | fields
     write_record(record, store, name)
     return config_hash(config)
 

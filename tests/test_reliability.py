@@ -208,6 +208,11 @@ FOREIGN = [
     ({"rank": "8"}, "its rank is '8', not an integer or null"),
     ({"config": {"importance": {"name": "svd"}, "scale": "cpu"}}, "its config's scale is 'cpu'"),
     ({"wall_time_s": "long"}, "its wall_time_s is 'long', not a finite number"),
+    # the fit's cost, absent from older records (finished_record has none), is checked where present
+    ({"step_time_s": 0}, "its step_time_s is 0, not a positive number of seconds or null"),
+    ({"peak_memory_bytes": 1.5e9}, "its peak_memory_bytes is 1500000000.0, not a count of bytes or null"),
+    ({"peak_memory_kind": "rss"}, "its peak_memory_kind is 'rss', not one of cuda_max_allocated, cpu_max_rss"),
+    ({"adapter_bytes": -1}, "its adapter_bytes is -1, not a count of bytes or null"),
 ]
 
 

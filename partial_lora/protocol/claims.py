@@ -450,7 +450,8 @@ def _verdict(row: dict[str, Any]) -> str:
     return cell
 
 
-def _count(value: float) -> str:
+def parameter_count(value: float) -> str:
+    """A parameter count as 4.4K / 1.41M; ``-`` where unknown."""
     if value is None or not np.isfinite(value):
         return "-"
     return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}K" if value >= 1e3 else f"{value:.0f}"
@@ -557,7 +558,7 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
     for row in verdicts.to_dict("records"):
         params = "-"
         if np.isfinite(row.get("params_treatment", np.nan)):
-            params = f"{_count(row['params_treatment'])} / {_count(row['params_control'])}"
+            params = f"{parameter_count(row['params_treatment'])} / {parameter_count(row['params_control'])}"
             if np.isfinite(row["param_reduction"]):
                 params += f" ({row['param_reduction']:.0%})"
         margin = {"noninferior": f"-{row['margin']:g}", "equivalent": f"±{row['margin']:g}"}.get(row["test"], "0")

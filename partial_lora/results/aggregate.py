@@ -28,8 +28,10 @@ from partial_lora.results.record import config_hash
 from partial_lora.results.store import read_records
 
 GROUP_KEYS = ["backbone", "dataset", "method", "importance", "rank"]
+# What a fit cost (results/store.py): absent from records written before they were measured.
+COST_FIELDS = ["step_time_s", "peak_memory_bytes", "peak_memory_kind", "adapter_bytes"]
 COLUMNS = ["scale", *GROUP_KEYS, "seed", "lr", "metric", "val", "test", "val_majority", "test_majority", "params",
-           "unmasked_params", "path", "wall_time_s"]
+           "unmasked_params", "path", "wall_time_s", *COST_FIELDS, "run_id"]
 
 # The learning rule: the method whose best run decides whether a task was learned, and the points (x100)
 # above chance on the validation split it must clear, per metric (issue 32: LoRA at MCC 4.8 had learned nothing).
@@ -59,6 +61,7 @@ def load_records(directory: str | Path) -> pd.DataFrame:
             "test_majority": majority.get("test", math.nan), "params": record["params"]["adapter"],
             "unmasked_params": record["params"]["unmasked_adapter"], "path": str(path),
             "wall_time_s": record.get("wall_time_s", math.nan),
+            **{key: math.nan if record.get(key) is None else record[key] for key in COST_FIELDS},
             "residual_norms": record.get("residual_norms"), "masks": record.get("masks"),
             "run_id": config_hash(config),
             **pd.json_normalize(config, sep=".").add_prefix("config.").iloc[0].to_dict(),

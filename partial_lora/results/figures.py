@@ -226,3 +226,35 @@ def claims_forest(verdicts: pd.DataFrame, title: str) -> Figure:
         axis.set_title(dataset)
     figure.tight_layout()
     return figure
+
+
+def leaderboard(rows: pd.DataFrame, title: str) -> Figure:
+    """The leaderboard (``results/leaderboard.py``): per task, each setting's test mean with its 95% interval against
+    its trainable adapter parameters (log axis), the Pareto front drawn as the best metric reachable with at most
+    that many parameters. A setting without adapter parameters (the head alone) has no place on the log axis: the
+    panel names it."""
+    scored = rows[rows["seeds"] > 0]
+    datasets = sorted(scored["dataset"].unique())
+    figure, axes = _panels(datasets, title)
+    for axis, dataset in zip(axes, datasets):
+        task = scored[scored["dataset"] == dataset]
+        drawn = task[task["params"] > 0]
+        for row in drawn.itertuples():
+            spread = [[row.mean - row.low], [row.high - row.mean]] if row.seeds > 1 else None
+            axis.errorbar(row.params, row.mean, yerr=spread, fmt="o", capsize=3,
+                          color="tab:blue" if row.pareto else "tab:gray")
+            axis.annotate(row.setting.split("; ")[0].split(": ", 1)[1], (row.params, row.mean), fontsize=7,
+                          xytext=(4, 3), textcoords="offset points")
+        front = drawn[drawn["pareto"]].sort_values("params")
+        axis.step(front["params"], front["mean"], where="post", color="tab:blue", linewidth=1, label="Pareto front")
+        left_out = task[task["params"] <= 0]
+        if not left_out.empty:
+            axis.text(0.02, 0.02, "0 params, not drawn: " + ", ".join(left_out["setting"]), transform=axis.transAxes,
+                      fontsize=6, va="bottom")
+        _log_parameters(axis)
+        if not drawn.empty:  # at least a decade either side: settings within one decade still get labelled ticks
+            axis.set_xlim(drawn["params"].min() / 4, drawn["params"].max() * 4)
+        axis.set(title=dataset, xlabel="trainable adapter parameters", ylabel="test metric, mean over seeds (95% CI)")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    return figure

@@ -45,7 +45,17 @@ OBJECT = (lambda value: value is None or isinstance(value, dict), "an object or 
 FINISHED_FIELDS = {"backbone": TEXT, "dataset": TEXT, "method": TEXT, "seed": (is_int, "an integer"),
                    "rank": (lambda value: value is None or is_int(value), "an integer or null"), "lr": NUMBER,
                    "best_val": NUMBER, "test": NUMBER}
-OPTIONAL_FIELDS = {"wall_time_s": NUMBER, "masks": OBJECT, "residual_norms": OBJECT}
+# What a fit cost (``training.TrainingCost``, the adapter file's size), recorded since the leaderboard: older
+# records lack them. ``None`` where there is nothing to measure: no training step (a fit resumed after its last
+# one), no adapter file (the head alone trains).
+MEMORY_KINDS = ("cuda_max_allocated", "cpu_max_rss")
+BYTES = (lambda value: value is None or (is_int(value) and value >= 0), "a count of bytes or null")
+OPTIONAL_FIELDS = {"wall_time_s": NUMBER, "masks": OBJECT, "residual_norms": OBJECT,
+                   "step_time_s": (lambda value: value is None or (is_number(value) and value > 0),
+                                   "a positive number of seconds or null"),
+                   "peak_memory_bytes": BYTES, "peak_memory_kind": (lambda value: value in MEMORY_KINDS,
+                                                                    f"one of {', '.join(MEMORY_KINDS)}"),
+                   "adapter_bytes": BYTES}
 # The config's blocks that run ids (derives_counts), aggregation and figures read, each with a ``name``.
 CONFIG_BLOCKS = ("backbone", "dataset", "method", "importance", "scale")
 

@@ -89,9 +89,14 @@ def formatted(rows: pd.DataFrame, variant: str | None = None, not_learned: froze
 
 
 def learning_note(learning: dict[str, Learning]) -> str:
-    """The caption's account of the learning rule and of the tasks it finds not learned."""
-    note = (f"val - test: the selected runs' mean validation minus test metric, {LARGE_GAP} beyond {VAL_TEST_GAP:g} "
-            f"points (the validation split then does not predict the reported one). {describe_rule()}")
+    """The caption's account of the validation-test gap, the learning rule and the tasks it finds not learned."""
+    return (f"val - test: the selected runs' mean validation minus test metric, {LARGE_GAP} beyond {VAL_TEST_GAP:g} "
+            f"points (the validation split then does not predict the reported one). {rule_note(learning)}")
+
+
+def rule_note(learning: dict[str, Learning]) -> str:
+    """The learning rule, and each task it finds not learned (marked :data:`NOT_LEARNED`) with the reason."""
+    note = describe_rule()
     unknown = sorted(dataset for dataset, status in learning.items() if not status.known)
     if unknown:
         note += f" Chance is unknown for {', '.join(unknown)} (no majority rate in the records or the local data)."

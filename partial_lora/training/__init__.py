@@ -1,6 +1,8 @@
 """Lightning training: one module for every backbone and adapter."""
 
-from partial_lora.training.callbacks import AdaLoraBudget, FiniteLoss, RngState, RunClock, SigtermCheckpoint
+from partial_lora.training.callbacks import (AdaLoraBudget, FiniteLoss, RngState, RunClock, SigtermCheckpoint,
+                                            TrainingCost)
 from partial_lora.training.module import ClassificationModule
 
-__all__ = ["AdaLoraBudget", "ClassificationModule", "FiniteLoss", "RngState", "RunClock", "SigtermCheckpoint"]
+__all__ = ["AdaLoraBudget", "ClassificationModule", "FiniteLoss", "RngState", "RunClock", "SigtermCheckpoint",
+           "TrainingCost"]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import signal
+import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -184,6 +187,65 @@ class RunClock(L.Callback):
         # trainer.test(ckpt_path="best") restores callback states too: only a resumed fit carries time over.
         if self.stage == "fit":
             self.carried = float(state["elapsed_s"])
+
+
+class TrainingCost(L.Callback):
+    """What a fit costs per step: the median wall time of a training step and the peak memory, for the run record.
+
+    A step is timed from ``on_train_batch_start`` to ``on_train_batch_end``: forward, backward and optimiser step,
+    not the loader's fetch of the batch. A callback rather than a profiler (Lightning's ``SimpleProfiler``, PyTorch's
+    profiler): a profiler is a trainer setting, so turning it on would enter the config and change every run's id,
+    and it instruments every hook and writes reports; this times one interval and is always on. On CUDA each end
+    synchronises, so the interval holds the step's kernels and not only their launch.
+
+    Peak memory (``peak_memory_kind`` says which): on CUDA, ``torch.cuda.max_memory_allocated`` over the fit (the
+    tensors' peak, reset when training starts); on CPU, the process's peak resident set from
+    ``resource.getrusage``, which the kernel never resets: it covers everything the process did before, the
+    backbone's loading and, under a multirun launched in one process, the earlier runs.
+
+    A resumed fit times the steps of its last segment only: a median needs no earlier steps to stand."""
+
+    def __init__(self) -> None:
+        self.step_times: list[float] = []
+        self.started: float | None = None
+        self.cuda: torch.device | None = None
+        self.peak_cuda_bytes: int | None = None
+
+    def _now(self) -> float:
+        if self.cuda is not None:
+            torch.cuda.synchronize(self.cuda)
+        return time.perf_counter()
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self.cuda = trainer.strategy.root_device if trainer.strategy.root_device.type == "cuda" else None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.cuda is not None:
+            torch.cuda.reset_peak_memory_stats(self.cuda)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.started = self._now()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        self.step_times.append(self._now() - self.started)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.cuda is not None:  # read here: testing the best checkpoint afterwards allocates too
+            self.peak_cuda_bytes = torch.cuda.max_memory_allocated(self.cuda)
+
+    def record_fields(self) -> dict[str, Any]:
+        """``step_time_s`` (median over the timed steps; ``None`` when the fit took none), ``peak_memory_bytes``
+        and ``peak_memory_kind`` (``cuda_max_allocated`` or ``cpu_max_rss``, see the class docstring)."""
+        step_time = statistics.median(self.step_times) if self.step_times else None
+        if self.cuda is not None:  # no peak where the fit trained nothing (resumed after its last step)
+            return {"step_time_s": step_time, "peak_memory_bytes": self.peak_cuda_bytes,
+                    "peak_memory_kind": "cuda_max_allocated"}
+        max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return {"step_time_s": step_time, "peak_memory_kind": "cpu_max_rss",
+                "peak_memory_bytes": max_rss if sys.platform == "darwin" else 1024 * max_rss}  # Linux counts KiB
 
 
 class SubnetRelocalization(L.Callback):
