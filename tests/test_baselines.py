@@ -6,11 +6,12 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from partial_lora.adapters import adapt, count_parameters
+from partial_lora.adapters import count_parameters
 from partial_lora.adapters.sparse_delta import SparseDeltaLinear
 from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.pipeline import run
+from partial_lora.settings import adapt
 from tests.conftest import compose_config
 
 

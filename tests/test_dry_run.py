@@ -14,10 +14,11 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from partial_lora.adapters import adapt, count_parameters, uses_rank_allocation
+from partial_lora.adapters import count_parameters
 from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.pipeline import run
+from partial_lora.settings import adapt, uses_rank_allocation
 from tests.conftest import ROOT, compose_config
 
 

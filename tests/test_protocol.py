@@ -357,7 +357,7 @@ def test_derivation_settings_identify_only_runs_that_derive_counts():
 def test_the_seed_names_a_derivation_only_where_the_head_starts_random():
     """A probed head starts from the seed's random init, so its counts are derived per seed; CLIP's zero-shot
     head is the same for every seed, so one derivation serves them all."""
-    from partial_lora.adapters.build import derivation_settings
+    from partial_lora.settings import derivation_settings
 
     def source(*overrides: str) -> dict:
         cfg = compose_target("table6", "cpu", ["method=partial_lora", "importance=svd", *overrides])
