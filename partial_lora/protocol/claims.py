@@ -55,7 +55,7 @@ from partial_lora.errors import ConfigError
 from partial_lora.protocol.sweep import ROOT, command, launched_run_id, run_multirun
 from partial_lora.results.aggregate import (REFERENCE_METHOD, VAL_TEST_GAP, Learning, describe_rule,
                                             fill_majority_rates, large_gap, learning_status, load_records)
-from partial_lora.results.tables import load_paper, paper_kept_share
+from partial_lora.results.tables import load_paper, paper_kept_share, parameter_count
 
 TESTS = ("noninferior", "equivalent", "superior", "shrinking")
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, MISSING = "supported", "contradicted", "inconclusive", "missing runs"
@@ -450,12 +450,6 @@ def _verdict(row: dict[str, Any]) -> str:
     return cell
 
 
-def _count(value: float) -> str:
-    if value is None or not np.isfinite(value):
-        return "-"
-    return f"{value / 1e6:.2f}M" if value >= 1e6 else f"{value / 1e3:.1f}K" if value >= 1e3 else f"{value:.0f}"
-
-
 def _shrinking_lines(row: pd.Series) -> list[str]:
     lines = []
     for variant, leads in row["leads"].items():
@@ -557,7 +551,7 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
     for row in verdicts.to_dict("records"):
         params = "-"
         if np.isfinite(row.get("params_treatment", np.nan)):
-            params = f"{_count(row['params_treatment'])} / {_count(row['params_control'])}"
+            params = f"{parameter_count(row['params_treatment'])} / {parameter_count(row['params_control'])}"
             if np.isfinite(row["param_reduction"]):
                 params += f" ({row['param_reduction']:.0%})"
         margin = {"noninferior": f"-{row['margin']:g}", "equivalent": f"±{row['margin']:g}"}.get(row["test"], "0")
