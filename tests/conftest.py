@@ -14,9 +14,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from partial_lora.config import register_resolvers
+from partial_lora.protocol import Checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+CHECKOUT = Checkout(ROOT)  # the protocol runs this checkout's configs and run.py
 
 POSITIVE = ["a great and moving film", "wonderful acting , lovely story", "brilliant , funny and warm",
             "an absolute delight", "superb direction and a fine cast"]

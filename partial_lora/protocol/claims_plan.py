@@ -7,13 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import pandas as pd
-from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora.config import register_resolvers
 from partial_lora.errors import ConfigError
 from partial_lora.protocol.claims_statistics import TESTS
-from partial_lora.protocol.sweep import ROOT, command, launched_run_id, run_multirun
+from partial_lora.protocol.sweep import Checkout, command, compose, launched_run_id, run_multirun
 from partial_lora.results.aggregate import fill_majority_rates, load_records
 
 
@@ -39,10 +37,8 @@ class Claim:
 
 
 
-def compose_claims(scale: str, overrides: list[str] = ()) -> DictConfig:
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=["experiment=claims", f"scale={scale}", *overrides])
+def compose_claims(checkout: Checkout, scale: str, overrides: list[str] = ()) -> DictConfig:
+    return compose(checkout.conf, ["experiment=claims", f"scale={scale}", *overrides])
 
 
 def claims_of(cfg: DictConfig) -> list[Claim]:
@@ -71,8 +67,8 @@ class PlannedRun:
 class ClaimPlan:
     """Every run the claims of one scale need, and their records once present."""
 
-    def __init__(self, cfg: DictConfig, scale: str, extra: list[str] = ()) -> None:
-        self.cfg, self.scale, self.extra = cfg, scale, list(extra)
+    def __init__(self, checkout: Checkout, cfg: DictConfig, scale: str, extra: list[str] = ()) -> None:
+        self.checkout, self.cfg, self.scale, self.extra = checkout, cfg, scale, list(extra)
         self.claims = claims_of(cfg)
         self.arms = OmegaConf.to_container(cfg.claims.arms, resolve=True)
         self.pilot = OmegaConf.to_container(cfg.claims.pilot, resolve=True)
@@ -117,8 +113,8 @@ class ClaimPlan:
         """The id ``run.py`` gives this run: the hash of its resolved config (see ``RunSlot``)."""
         key = (dataset, str(seed), repr(lr), *overrides)
         if key not in self._ids:
-            self._ids[key] = launched_run_id("claims", self.scale, [f"dataset={dataset}", f"seed={seed}", f"lr={lr}",
-                                                                    *overrides, *self.extra])
+            self._ids[key] = launched_run_id(self.checkout, "claims", self.scale,
+                                             [f"dataset={dataset}", f"seed={seed}", f"lr={lr}", *overrides, *self.extra])
         return self._ids[key]
 
     def record(self, run: PlannedRun) -> dict[str, Any] | None:
@@ -200,7 +196,8 @@ class ClaimPlan:
 
     def paper_backbone(self) -> str:
         """The paper's backbone for the claims' domain (``conf/scale/paper.yaml``), whose shares the report cites."""
-        return OmegaConf.load(ROOT / "conf" / "scale" / "paper.yaml").scale.domains[self.cfg.claims.domain].backbone
+        paper = OmegaConf.load(self.checkout.conf / "scale" / "paper.yaml")
+        return paper.scale.domains[self.cfg.claims.domain].backbone
 
     # launching --------------------------------------------------------------------------------------------
     def commands(self, launcher: str = "local") -> list[list[str]]:
@@ -229,7 +226,7 @@ class ClaimPlan:
     def _multirun(self, dataset: str, seeds: list[int], lrs: list[float], overrides: tuple[str, ...],
                   launcher: str) -> list[str]:
         settings = {"dataset": [dataset], "seed": seeds, "lr": lrs}
-        return command("claims", self.scale, settings, launcher, [*overrides, *self.extra])
+        return command(self.checkout, "claims", self.scale, settings, launcher, [*overrides, *self.extra])
 
 
 def run_claims(plan: ClaimPlan, launcher: str = "local") -> int:
@@ -245,5 +242,5 @@ def run_claims(plan: ClaimPlan, launcher: str = "local") -> int:
             return failures
         launched.add(tuple(pending[0]))
         print("+", " ".join(pending[0][1:]), flush=True)
-        failures += run_multirun(pending[0]) != 0
+        failures += run_multirun(pending[0], plan.checkout.root) != 0
 

@@ -17,7 +17,7 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
     """One row per (claim, dataset): the effect, its interval, parameter counts, kept shares, validation-test
     gaps and the verdict (none on a task not learned; the seeds that would decide an inconclusive one)."""
     budget = plan.budget_records()
-    learning, paper, backbone = learning_status(budget), load_paper(), plan.paper_backbone()
+    learning, paper, backbone = learning_status(budget), load_paper(plan.checkout.paper_tables), plan.paper_backbone()
     reference = budget[budget["method"] == REFERENCE_METHOD] if not budget.empty else budget
     reference_params = {} if reference.empty else reference.groupby("dataset")["params"].mean()
     rows = []

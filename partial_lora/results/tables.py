@@ -18,11 +18,10 @@ import pandas as pd
 
 from partial_lora.results.aggregate import VAL_TEST_GAP, Learning, describe_rule, large_gap
 
-PAPER_TABLES = Path(__file__).resolve().parents[2] / "results" / "paper" / "tables.csv"
 ROW_KEYS = ["method", "importance"]
 
 
-def load_paper(path: str | Path = PAPER_TABLES) -> pd.DataFrame:
+def load_paper(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"variant": str}, keep_default_na=False, na_values={"value": [""], "params": [""]})
 
 
