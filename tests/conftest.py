@@ -70,6 +70,18 @@ def compose_config(*overrides: str) -> DictConfig:
     return cfg
 
 
+def options(group: str) -> list[str]:
+    """The options of config group ``group``: the files of ``conf/<group>/``, so a new one is tested unasked."""
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+def methods(derive: bool) -> list[str]:
+    """The methods of ``conf/method/`` that derive per-layer counts before training (``derive``) or do not."""
+    from partial_lora.settings import derives_counts
+
+    return [method for method in options("method") if derives_counts(compose_config(f"method={method}")) == derive]
+
+
 @pytest.fixture
 def tiny_cfg(glue_dir: Path, tmp_path: Path) -> DictConfig:
     """Tiny random BERT on the tiny local SST-2, one short epoch, records under ``tmp_path``."""

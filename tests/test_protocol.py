@@ -21,7 +21,7 @@ from partial_lora.ratios import DerivedCounts, RatioCache
 from partial_lora.importance import LayerScores
 from partial_lora.ratios.search import LayerCounts
 from partial_lora.results import write_record
-from tests.conftest import CHECKOUT, CONF, ROOT
+from tests.conftest import CHECKOUT, CONF, ROOT, methods
 
 TARGETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml") if path.stem not in ("demo", "claims"))
 MAKE_TARGETS = ["table1", "table2", "table3", "table4", "table5", "table6",
@@ -349,9 +349,9 @@ def test_derivation_settings_identify_only_runs_that_derive_counts():
         cfg = compose_target(CHECKOUT, "table6", "cpu", [f"method={method}", "seed=1", "output_dir=x", *overrides])
         return config_hash(OmegaConf.to_container(cfg, resolve=True))
 
-    for method in ("lora", "balanced", "adalora"):
+    for method in methods(derive=False):
         assert run_id(method) == run_id(method, "ratios.rule=loss", "ratios.threshold=0.5")
-    for method in ("partial_lora", "targeted_lora", "partial_adalora"):
+    for method in methods(derive=True):
         assert run_id(method) != run_id(method, "ratios.rule=loss")
 
 
