@@ -148,7 +148,7 @@ def validate(cfg: DictConfig) -> None:
 
 def _written_folders(cfg: DictConfig) -> dict[str, str]:
     """The folders this run writes to, by setting: a dry run writes only the ratio cache it derives."""
-    from partial_lora.masks import derives_counts
+    from partial_lora.settings import derives_counts
 
     folders = {}
     if not cfg.dry_run:
@@ -218,7 +218,7 @@ def validate_max_length(cfg: DictConfig, model: torch.nn.Module) -> None:
 
 def _validate_method(cfg: DictConfig) -> None:
     """Can this backbone host this method: matching modality, layers to adapt, factors to mask, scores?"""
-    from partial_lora.masks import derives_counts  # imports torch: not at the top, run.py loads this module first
+    from partial_lora.settings import derives_counts  # imports torch: not at the top, run.py loads this module first
 
     method, backbone = cfg.method, cfg.backbone
     image_data, image_backbone = cfg.dataset.kind == "vision", backbone.get("kind", "text") == "clip"

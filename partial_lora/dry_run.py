@@ -10,12 +10,13 @@ from __future__ import annotations
 
 from omegaconf import DictConfig, open_dict
 
-from partial_lora.adapters import adapt, count_parameters, derivation_settings, mask_settings, uses_rank_allocation
+from partial_lora.adapters import count_parameters
 from partial_lora.adapters.masked import base_weights
 from partial_lora.backbones import build_backbone
 from partial_lora.config import validate, validate_max_length, validate_rank
 from partial_lora.masks import NEEDS_DERIVATION, make_masks
 from partial_lora.ratios import RatioCache, derivation_inputs
+from partial_lora.settings import adapt, derivation_settings, mask_settings, uses_rank_allocation
 
 
 def dry_run(cfg: DictConfig) -> None:

@@ -7,29 +7,19 @@ masks on any machine and in any layer order.
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from partial_lora.errors import ConfigError
+from partial_lora.layers import block_of
 
 if TYPE_CHECKING:  # the derivation package builds on the adapters, which build on this module
     from partial_lora.ratios import DerivedCounts
 
 MODES = ("partial", "targeted", "inverted", "stochastic", "balanced", "pyramidal")
 NEEDS_DERIVATION = ("partial", "targeted", "inverted", "stochastic")
-
-
-def derives_counts(config: Mapping[str, Any]) -> bool:
-    """Whether a run of ``config`` (a resolved dict or a DictConfig) derives per-layer counts before training."""
-    mask = (config.get("method") or {}).get("mask")
-    return isinstance(mask, Mapping) and mask.get("mode") in NEEDS_DERIVATION
-
-
-_BLOCK_INDEX = re.compile(r"\.(\d+)\.")
 
 
 @dataclass
@@ -45,10 +35,10 @@ def layer_generator(seed: int, layer: str) -> torch.Generator:
 
 def block_depth(layer: str) -> int:
     """1-based index of the block holding ``layer`` (the first number in its dotted name)."""
-    match = _BLOCK_INDEX.search(f".{layer}.")
-    if match is None:
+    block = block_of(layer)
+    if block is None:
         raise ConfigError(f"pyramidal masks need a block index in the layer name, found none in {layer!r}.")
-    return int(match.group(1)) + 1
+    return block + 1
 
 
 def _bernoulli(size: int, keep: float, generator: torch.Generator) -> torch.Tensor:

@@ -14,18 +14,17 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora.adapters import (adapt, count_parameters, derivation_settings, kept_fractions, residual_norms,
-                                   save_partial_lora, uses_rank_allocation)
+from partial_lora.adapters import count_parameters, kept_fractions, residual_norms, save_partial_lora
 from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate, validate_max_length, validate_rank
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
 from partial_lora.dry_run import dry_run
 from partial_lora.errors import RunInterrupted, TrainingDiverged
-from partial_lora.masks import derives_counts
 from partial_lora.ratios import DerivedCounts, derive_counts
 from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
                                   write_record)
 from partial_lora.files import no_space_reported
+from partial_lora.settings import adapt, derivation_settings, derives_counts, uses_rank_allocation
 from partial_lora.training import (AdaLoraBudget, ClassificationModule, FiniteLoss, RngState, RunClock,
                                    SigtermCheckpoint, TrainingCost)
 

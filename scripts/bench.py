@@ -42,14 +42,14 @@ from peft.utils import SAFETENSORS_WEIGHTS_NAME
 from torch.nn.functional import cross_entropy
 from torch.profiler import ProfilerActivity, profile
 
-from partial_lora.adapters import (PartialLoraConfig, adapt, count_parameters, get_partial_lora_model,
-                                   save_partial_lora)
+from partial_lora.adapters import PartialLoraConfig, count_parameters, get_partial_lora_model, save_partial_lora
 from partial_lora.adapters.targets import targeted_linears
-from partial_lora.backbones.base import in_head
 from partial_lora.config import register_resolvers
+from partial_lora.layers import in_head
 from partial_lora.pipeline import backbone_and_data, derive_for_run
 from partial_lora.ratios import DerivedCounts, DerivationMetric
 from partial_lora.ratios.search import literal_evaluations
+from partial_lora.settings import adapt
 from partial_lora.training.optim import adamw
 
 CONF = Path(__file__).resolve().parents[1] / "conf"

@@ -26,16 +26,18 @@ sys.path.insert(0, str(ROOT))
 
 from partial_lora.errors import (INTERRUPTED_EXIT, RUNS_FAILED_EXIT, PartialLoraError,  # noqa: E402
                                  RunInterrupted)
-from partial_lora.protocol import compose_target, launch, planned_multiruns  # noqa: E402
+from partial_lora.protocol import Checkout, compose_target, launch, planned_multiruns  # noqa: E402
 from partial_lora.protocol.claims import ClaimPlan, compose_claims, evaluate_claims, render_report, run_claims  # noqa: E402
 from partial_lora.protocol.targets import render_index, render_target  # noqa: E402
 from partial_lora.results.leaderboard import render_leaderboard  # noqa: E402
+
+CHECKOUT = Checkout(ROOT)  # the configs and run.py of this checkout
 
 
 def claims(arguments: argparse.Namespace, extra: list[str]) -> int:
     """The claims target: its runs (planned anew after each multirun, since pilots decide learning rates), then
     the report. Returns how many multiruns exited non-zero."""
-    plan = ClaimPlan(compose_claims(arguments.scale, extra), arguments.scale, extra)
+    plan = ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, arguments.scale, extra), arguments.scale, extra)
     if arguments.dry_run:  # what the records present let us plan: later stages wait on the pilots' results
         for argv in plan.commands(arguments.launcher):
             print("+", " ".join(argv[1:]))
@@ -68,20 +70,20 @@ def main() -> None:
                 continue
             if target == "leaderboard":
                 if not arguments.dry_run:
-                    for path in render_leaderboard(arguments.scale, extra):
+                    for path in render_leaderboard(CHECKOUT, arguments.scale, extra):
                         print(f"leaderboard: wrote {path}")
                 continue
             if target == "index":
                 if not arguments.dry_run:
-                    print(f"index: wrote {render_index(extra=extra)}")
+                    print(f"index: wrote {render_index(CHECKOUT, extra=extra)}")
                 continue
-            cfg = compose_target(target, arguments.scale, extra)
+            cfg = compose_target(CHECKOUT, target, arguments.scale, extra)
             if not arguments.render_only:
-                with_failures += launch(target, arguments.scale, planned_multiruns(cfg, arguments.domains),
+                with_failures += launch(CHECKOUT, target, arguments.scale, planned_multiruns(cfg, arguments.domains),
                                         arguments.launcher, extra, dry_run=arguments.dry_run)
             if arguments.dry_run:
                 continue
-            for path in render_target(cfg, extra=extra):  # from the finished runs: failed ones are left out
+            for path in render_target(CHECKOUT, cfg, extra=extra):  # from the finished runs: failed ones are left out
                 print(f"{target}: wrote {path}")
     except RunInterrupted as stop:
         print(f"error: {stop}", file=sys.stderr)

@@ -14,9 +14,11 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
 from partial_lora.config import register_resolvers
+from partial_lora.protocol import Checkout
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
+CHECKOUT = Checkout(ROOT)  # the protocol runs this checkout's configs and run.py
 
 POSITIVE = ["a great and moving film", "wonderful acting , lovely story", "brilliant , funny and warm",
             "an absolute delight", "superb direction and a fine cast"]
@@ -66,6 +68,18 @@ def compose_config(*overrides: str) -> DictConfig:
     with open_dict(cfg):
         cfg.output_dir = "outputs/test"
     return cfg
+
+
+def options(group: str) -> list[str]:
+    """The options of config group ``group``: the files of ``conf/<group>/``, so a new one is tested unasked."""
+    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
+
+
+def methods(derive: bool) -> list[str]:
+    """The methods of ``conf/method/`` that derive per-layer counts before training (``derive``) or do not."""
+    from partial_lora.settings import derives_counts
+
+    return [method for method in options("method") if derives_counts(compose_config(f"method={method}")) == derive]
 
 
 @pytest.fixture

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from partial_lora.adapters import adapt, count_parameters
+from partial_lora.adapters import count_parameters
 from partial_lora.backbones import build_backbone
+from partial_lora.settings import adapt
 from tests.conftest import compose_config
 
 

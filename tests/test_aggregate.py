@@ -35,3 +35,12 @@ def test_empty_store_gives_an_empty_summary(tmp_path: Path):
     assert protocol_summary(load_records(tmp_path)).empty
     (tmp_path / "broken.json").write_text(json.dumps({"status": "failed"}))
     assert load_records(tmp_path).empty
+
+
+def test_parameter_counts_read_the_same_in_tables_claims_and_figure_axes():
+    from partial_lora.results.tables import _parameters, parameter_count
+
+    assert [parameter_count(count) for count in (331_776, 2_500_000, 12, None, float("nan"))] == [
+        "331.8K", "2.50M", "12", "-", "-"]
+    assert [_parameters(count) for count in (150_000, 99_999, float("nan"))] == ["0.15M", "100.0K", ""]
+    assert [parameter_count(count, fixed=False) for count in (1e6, 20_000, 5)] == ["1M", "20K", "5"]

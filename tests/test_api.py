@@ -187,3 +187,47 @@ def test_the_readme_example_runs_as_written(tmp_path: Path):
     assert "trainable params" in result.stdout
     assert (tmp_path / "counts.json").is_file() and (tmp_path / "adapter" / "adapter_config.json").is_file()
     assert DerivedCounts.load(tmp_path / "counts.json").counts
+
+
+WITHOUT_HYDRA = r"""
+import importlib.abc, sys, tempfile
+
+
+class Blocked(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("hydra", "omegaconf"):
+            raise ImportError(f"{name} is blocked: the library API must not need it")
+
+
+sys.meta_path.insert(0, Blocked())
+import torch
+from transformers import BertConfig, BertForSequenceClassification
+
+from partial_lora import (DerivationSettings, PartialLoraConfig, derive_counts, get_partial_lora_model,
+                          load_partial_lora, save_partial_lora)
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    return BertForSequenceClassification(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=2))
+
+
+targets = r".*\.(query|value)"
+batch = {"input_ids": torch.randint(0, 50, (8, 6), generator=torch.Generator().manual_seed(0)),
+         "labels": torch.tensor([0, 1] * 4)}
+counts = derive_counts(tiny_bert(), [batch], DerivationSettings(target_modules=targets, probe_head_steps=0))
+model = get_partial_lora_model(tiny_bert(), PartialLoraConfig(r=2, target_modules=targets, counts=counts, seed=0))
+with tempfile.TemporaryDirectory() as folder:
+    save_partial_lora(model, folder)
+    loaded = load_partial_lora(tiny_bert(), folder)
+assert {"hydra", "omegaconf"}.isdisjoint(name.split(".")[0] for name in sys.modules)
+print("layers", len(counts.counts), "trainable", sum(p.numel() for p in loaded.parameters() if p.requires_grad))
+"""
+
+
+def test_the_library_api_runs_where_hydra_and_omegaconf_cannot_be_imported():
+    result = subprocess.run([sys.executable, "-c", WITHOUT_HYDRA], capture_output=True, text=True, cwd=ROOT,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"}, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert re.fullmatch(r"layers 4 trainable \d+\n", result.stdout)

@@ -17,7 +17,7 @@ from partial_lora.protocol.claims import (CONTRADICTED, INCONCLUSIVE, MISSING, N
 from partial_lora.protocol.sweep import compose_target
 from partial_lora.protocol.targets import render_target
 from partial_lora.results import write_record
-from tests.conftest import CONF, write_jsonl
+from tests.conftest import CHECKOUT, CONF, write_jsonl
 
 
 def test_paired_interval_is_students_t_over_the_differences():
@@ -103,7 +103,7 @@ def fake_record(plan: ClaimPlan, store: Path, run: PlannedRun, score: float | tu
     (or ``(validation, test)``); without ``majority_rates``, as records written before they were recorded."""
     val, test = score if isinstance(score, tuple) else (score, score)
     overrides = [f"dataset={run.dataset}", f"seed={run.seed}", f"lr={run.lr}", *run.overrides, *plan.extra]
-    cfg = compose_claims(plan.scale, overrides)
+    cfg = compose_claims(CHECKOUT, plan.scale, overrides)
     cfg.output_dir = None
     params = {"lora": 1000, "adalora": 1200, "partial_adalora": 300, "head_only": 0}.get(run.arm, 200)
     record = {"status": "finished", "config": OmegaConf.to_container(cfg, resolve=True), "backbone": "minilm",
@@ -118,7 +118,7 @@ def fake_record(plan: ClaimPlan, store: Path, run: PlannedRun, score: float | tu
 def test_one_datasets_unfinished_pilot_does_not_hold_back_another_datasets_claim_runs(tmp_path: Path):
     store = tmp_path / "runs"
     extra = [*SMALL, f"results_dir={store}"]
-    plan = ClaimPlan(compose_claims("cpu", extra), "cpu", extra)
+    plan = ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", extra), "cpu", extra)
     c6 = next(claim for claim in plan.claims if claim.id == "C6")
     assert plan.claim_runs(c6) == []
     for index, run in enumerate(plan.pilot_runs("adalora", "sst2") + plan.pilot_runs("partial_adalora", "sst2")):
@@ -136,7 +136,7 @@ def test_one_datasets_unfinished_pilot_does_not_hold_back_another_datasets_claim
 def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     store = tmp_path / "runs"
     extra = [*SMALL, f"results_dir={store}"]
-    plan = ClaimPlan(compose_claims("cpu", extra), "cpu", extra)
+    plan = ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", extra), "cpu", extra)
 
     def test_of(arm, dataset, seed, lr, overrides):
         noise = 0.1 * seed  # the same in both arms: a paired comparison removes it
@@ -179,7 +179,7 @@ def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
     # The same records against a plan of three seeds: every claim lacks seed 2, so none has a verdict yet,
     # though C1's effect over the two seeds present is still reported.
     more_seeds = [*extra, "claims.seeds=[0,1,2]", "claims.headline_seeds=[0,1,2]"]
-    unfinished = evaluate_claims(ClaimPlan(compose_claims("cpu", more_seeds), "cpu", more_seeds))
+    unfinished = evaluate_claims(ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", more_seeds), "cpu", more_seeds))
     assert set(unfinished["verdict"]) == {MISSING}
     c1 = unfinished.set_index(["claim", "dataset"]).loc[("C1", "sst2")]
     assert (c1["runs"], c1["planned_runs"], c1["pairs"]) == (4, 6, 2) and c1["effect"] == pytest.approx(-0.1)
@@ -196,7 +196,7 @@ def test_planned_run_ids_are_the_ids_run_py_gives(tmp_path: Path, glue_dir: Path
              f"checkpoint.dir={tmp_path / 'ckpt'}", f"ratios.cache_dir={tmp_path / 'ratios'}", "dataset.val_size=8",
              "dataset.max_length=16", "dataset.train_size=16", "train.batch_size=8", "train.epochs=1", "logger=none",
              "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
-    plan = ClaimPlan(compose_claims("cpu", extra), "cpu", extra)
+    plan = ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", extra), "cpu", extra)
     pilot = plan.commands()[0]
     assert "seed=100" in pilot and "lr=0.001,0.003" in pilot
     subprocess.run(pilot, cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -224,7 +224,7 @@ def test_a_task_lora_did_not_learn_gets_no_verdict(tmp_path: Path):
     decide an inconclusive one, and the large validation-test gap of one arm."""
     store = tmp_path / "runs"
     extra = [*SMALL, f"results_dir={store}"]
-    plan = only_claims(ClaimPlan(compose_claims("cpu", extra), "cpu", extra), "C1", "C2")
+    plan = only_claims(ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", extra), "cpu", extra), "C1", "C2")
 
     def test_of(arm, dataset, seed, lr, overrides):
         if dataset == "mrpc":
@@ -266,7 +266,7 @@ def test_a_glue_task_added_to_the_data_folder_and_the_scale_joins_the_claims_and
     task = [f"results_dir={store}", f"data_dir={data}", f"hydra.searchpath=[file://{conf}]",
             "scale.domains.language.datasets=[sst2,wnli]"]
     extra = [*SMALL, *task]
-    plan = only_claims(ClaimPlan(compose_claims("cpu", extra), "cpu", extra), "C1")
+    plan = only_claims(ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", extra), "cpu", extra), "C1")
     assert plan.datasets == ["sst2", "wnli"]
     pending = [" ".join(argv) for argv in plan.commands()]
     assert any("dataset=wnli seed=100 lr=0.001,0.003 method=lora" in argv and f"file://{conf}" in argv
@@ -287,8 +287,9 @@ def test_a_glue_task_added_to_the_data_folder_and_the_scale_joins_the_claims_and
     assert report_row(text, "C1", "sst2").endswith("**supported** |")
     assert "| sst2 | accuracy | 80.00 | 50.00 | 5 | yes |" in text  # from its records
 
-    table_cfg = compose_target("table6", "cpu", task)  # the claim runs serve Table 6 (same settings, same ids)
-    markdown, _ = render_target(table_cfg, tmp_path / "tables", tmp_path / "figures", extra=task)
+    # the claim runs serve Table 6 (same settings, same ids)
+    table_cfg = compose_target(CHECKOUT, "table6", "cpu", task)
+    markdown, _ = render_target(CHECKOUT, table_cfg, tmp_path / "tables", tmp_path / "figures", extra=task)
     table = markdown.read_text()
     wnli = [line for line in table.splitlines() if "| wnli " in line and "| 0 of 6 " not in line]  # cells with runs
     assert len(wnli) == 2 and all(f"{chance + 2:.2f} ± 0.00 (not learned)" in line for line in wnli)  # LoRA, Partial
@@ -299,9 +300,9 @@ def test_a_glue_task_added_to_the_data_folder_and_the_scale_joins_the_claims_and
 def test_a_claim_with_its_own_seeds_plans_and_judges_on_them_alone(tmp_path: Path):
     store = tmp_path / "runs"
     extra = [*SMALL, f"results_dir={store}"]
-    fake_records(ClaimPlan(compose_claims("cpu", extra), "cpu", extra), store, lambda arm, *_: 80.0)
+    fake_records(ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", extra), "cpu", extra), store, lambda arm, *_: 80.0)
     c1_on_three = [*extra, "claims.items.0.seeds=[0,1,2]"]
-    plan = ClaimPlan(compose_claims("cpu", c1_on_three), "cpu", c1_on_three)
+    plan = ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", c1_on_three), "cpu", c1_on_three)
     c1 = next(claim for claim in plan.claims if claim.id == "C1")
     assert plan.seeds_of(c1) == [0, 1, 2] and {t.seed for t, _, _ in plan.claim_runs(c1)} == {0, 1, 2}
     verdicts = evaluate_claims(plan).set_index(["claim", "dataset"])

@@ -11,13 +11,9 @@ from omegaconf import OmegaConf
 from partial_lora.config import register_resolvers
 from partial_lora.masks import NEEDS_DERIVATION
 from partial_lora.results import config_hash
-from tests.conftest import CONF, compose_config
+from tests.conftest import CONF, compose_config, methods, options
 
 GROUPS = ["dataset", "backbone", "method", "importance", "strategy", "trainer", "logger", "experiment"]
-
-
-def options(group: str) -> list[str]:
-    return sorted(path.stem for path in (CONF / group).glob("*.yaml"))
 
 
 @pytest.mark.parametrize("group, option", [(group, option) for group in GROUPS for option in options(group)])
@@ -66,7 +62,7 @@ def test_masked_methods_derive_with_svd_unless_told_otherwise():
         assert compose_config(f"method={method}", "importance=snip").importance.name == "snip"
         assert compose_config("importance=imp", f"method={method}").importance.name == "imp"
         assert compose_config(f"method={method}", "importance=none").importance.name == "none"
-    for method in ("lora", "balanced", "pyramidal", "adalora"):
+    for method in methods(derive=False):
         assert compose_config(f"method={method}").importance.name == "none"
 
 

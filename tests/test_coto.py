@@ -10,10 +10,10 @@ import torch
 from omegaconf import open_dict
 from safetensors.torch import load_file
 
-from partial_lora.adapters import adapt
 from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.pipeline import run
+from partial_lora.settings import adapt
 from partial_lora.training.coto import CoTo, activation_probability, sample_active_blocks, tuner_layers
 from tests.conftest import compose_config
 

@@ -13,6 +13,7 @@ from scipy import stats
 
 from partial_lora.protocol.targets import render_index
 from partial_lora.results.leaderboard import pareto_front, render_leaderboard
+from tests.conftest import CHECKOUT
 from tests.test_protocol import PARTIAL, fake_record
 
 LRS = (1e-3, 3e-3)
@@ -63,7 +64,7 @@ def rows_of(markdown: str) -> dict[tuple[str, str], list[str]]:
 
 def test_the_leaderboard_renders_the_plans_runs_with_intervals_costs_and_the_front(store):
     tmp_path, extra = store
-    report, image = render_leaderboard("cpu", extra, tmp_path / "results")
+    report, image = render_leaderboard(CHECKOUT, "cpu", extra, tmp_path / "results")
     assert image.is_file() and image.stat().st_size > 0
     text = report.read_text()
     rows = rows_of(text)
@@ -93,7 +94,7 @@ def test_the_leaderboard_renders_the_plans_runs_with_intervals_costs_and_the_fro
     assert rows[("mrpc", "table6: lora; claims: lora")][0] == "68.00 (not learned)"
     assert "(not learned) mrpc: not learned at this budget" in text
     # The index of results links it under its scale.
-    index = render_index(report.parent / "README.md", tmp_path / "tables", tmp_path / "figures", extra,
+    index = render_index(CHECKOUT, report.parent / "README.md", tmp_path / "tables", tmp_path / "figures", extra,
                          targets=["table6"]).read_text()
     assert "[leaderboard_cpu.md](leaderboard_cpu.md)" in index.split("## Scale `cpu`")[1].split("## Scale")[0]
     assert "leaderboard_paper" not in index

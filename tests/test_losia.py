@@ -8,11 +8,12 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from partial_lora.adapters import adapt, count_parameters
+from partial_lora.adapters import count_parameters
 from partial_lora.adapters.losia import SubnetLinear, greedy_subnet, subnet_layers, subnet_size
 from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.pipeline import run
+from partial_lora.settings import adapt
 from partial_lora.training.callbacks import SubnetRelocalization
 from tests.conftest import compose_config
 

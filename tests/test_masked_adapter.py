@@ -10,12 +10,13 @@ import torch
 from omegaconf import open_dict
 from safetensors import safe_open
 
-from partial_lora.adapters import adapt, count_parameters, load_adapter
+from partial_lora.adapters import count_parameters, load_adapter
 from partial_lora.adapters.files import COMPACT_LAYOUT, LAYOUT_KEY, read_tensors
 from partial_lora.adapters.masked import ADAPTER, COL_MASK, ROW_MASK, factor, is_compact, lora_layers
 from partial_lora.backbones import build_backbone
 from partial_lora.masks import LayerMask, make_mask
 from partial_lora.pipeline import run
+from partial_lora.settings import adapt
 from tests.conftest import compose_config
 
 
@@ -90,7 +91,7 @@ def write_legacy_adapter(model: torch.nn.Module, path: Path, head_modules: list[
     from safetensors.torch import save_file
 
     from partial_lora.adapters.compact import full_factors
-    from partial_lora.backbones import in_head
+    from partial_lora.layers import in_head
 
     tensors = {}
     for name, layer in lora_layers(model).items():

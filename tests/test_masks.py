@@ -63,3 +63,12 @@ def test_bad_mask_settings_are_refused():
         draw("stochastic", temperature=0.0)
     with pytest.raises(ConfigError, match="sparsity"):
         make_mask("balanced", "layer.0.x", 0, SHAPE, sparsity=1.5)
+
+
+def test_one_rule_numbers_blocks_for_masks_replay_and_figures():
+    from partial_lora.layers import block_of
+
+    name = "bert.encoder.layer.11.attention.self.query"
+    assert block_of(name) == block_of(name, "bert.encoder.layer") == 11 == block_depth(name) - 1
+    assert block_of("bert.pooler.dense", "bert.encoder.layer") is None and block_of("classifier") is None
+    assert block_of("visual.transformer.resblocks.2.attn.out_proj", "visual.transformer.resblocks") == 2

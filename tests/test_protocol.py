@@ -21,7 +21,7 @@ from partial_lora.ratios import DerivedCounts, RatioCache
 from partial_lora.importance import LayerScores
 from partial_lora.ratios.search import LayerCounts
 from partial_lora.results import write_record
-from tests.conftest import CONF, ROOT
+from tests.conftest import CHECKOUT, CONF, ROOT, methods
 
 TARGETS = sorted(path.stem for path in (CONF / "experiment").glob("*.yaml") if path.stem not in ("demo", "claims"))
 MAKE_TARGETS = ["table1", "table2", "table3", "table4", "table5", "table6",
@@ -38,7 +38,7 @@ def test_every_paper_table_and_figure_has_a_target():
 @pytest.mark.parametrize("scale", ["paper", "cpu"])
 @pytest.mark.parametrize("target", TARGETS)
 def test_target_composes_and_plans_existing_configs(target: str, scale: str):
-    cfg = compose_target(target, scale)
+    cfg = compose_target(CHECKOUT, target, scale)
     planned = planned_multiruns(cfg)
     assert planned, f"{target} plans no runs"
     for settings in planned:
@@ -48,7 +48,7 @@ def test_target_composes_and_plans_existing_configs(target: str, scale: str):
         if cfg.sweep.get("protocol", True):
             protocol = Protocol.from_config(cfg.protocol)
             assert len(settings["seed"]) * len(settings["lr"]) == protocol.models
-        assert command(target, scale, settings, "local")[3:6] == [f"experiment={target}", f"scale={scale}",
+        assert command(CHECKOUT, target, scale, settings, "local")[3:6] == [f"experiment={target}", f"scale={scale}",
                                                                  "hydra/launcher=local"]
 
 
@@ -60,7 +60,7 @@ def test_group_configs_are_recorded_under_their_file_name():
 
 
 def test_protocol_counts_and_bad_protocols():
-    paper = Protocol.from_config(compose_target("table6", "paper").protocol)
+    paper = Protocol.from_config(compose_target(CHECKOUT, "table6", "paper").protocol)
     assert paper.models == 20 and paper.top_k == 5 and len(paper.seeds) * len(paper.lrs) == 20
     assert min(paper.lrs) == 1e-4 and max(paper.lrs) == 5e-3
     with pytest.raises(ConfigError, match="multiple of the number of learning rates"):
@@ -70,7 +70,7 @@ def test_protocol_counts_and_bad_protocols():
 
 
 def test_cpu_scale_runs_minilm_on_local_glue_with_a_reduced_protocol():
-    cfg = compose_target("table6", "cpu")
+    cfg = compose_target(CHECKOUT, "table6", "cpu")
     first, second, *related = planned_multiruns(cfg)
     assert first["backbone"] == ["minilm"] and first["dataset"] == ["sst2", "mrpc"]
     assert len(first["seed"]) == 3 and first["lr"] == [1e-3, 3e-3]
@@ -85,17 +85,17 @@ def test_cpu_scale_budgets_mrpc_apart_and_a_command_line_size_still_wins():
     """On the default 2,000 examples x 2 epochs LoRA beats MRPC's majority class by only 4-7 points: the preset gives
     MRPC its whole train split for 3 epochs, and SST-2 keeps the default; C7's command-line sizes override both."""
     budget = {name: (cfg.dataset.train_size, cfg.train.epochs) for name in ("sst2", "mrpc", "cifar10_fewshot")
-              for cfg in [compose_target("table6", "cpu", [f"dataset={name}"])]}
+              for cfg in [compose_target(CHECKOUT, "table6", "cpu", [f"dataset={name}"])]}
     assert budget == {"sst2": (2000, 2), "mrpc": (None, 3), "cifar10_fewshot": (2000, 2)}
-    larger = compose_target("table6", "cpu", ["dataset=mrpc", "dataset.train_size=500"])
+    larger = compose_target(CHECKOUT, "table6", "cpu", ["dataset=mrpc", "dataset.train_size=500"])
     assert (larger.dataset.train_size, larger.train.epochs) == (500, 3)
 
 
 def test_unknown_target_and_domain_are_refused():
     with pytest.raises(ConfigError, match="no experiment config"):
-        compose_target("table99", "cpu")
+        compose_target(CHECKOUT, "table99", "cpu")
     with pytest.raises(ConfigError, match="covers domains"):
-        planned_multiruns(compose_target("table6", "cpu"), domains=["vision"])
+        planned_multiruns(compose_target(CHECKOUT, "table6", "cpu"), domains=["vision"])
 
 
 def fake_record(store: Path, name: str, overrides: list[str], val: float, test: float, params: int,
@@ -103,7 +103,7 @@ def fake_record(store: Path, name: str, overrides: list[str], val: float, test: 
     """A finished record of the run ``run.py experiment=table6 scale=<scale> <overrides>``, its config composed by
     Hydra in full as run.py composes it (not by the plan's faster path), with further record ``fields``; returns its
     run id."""
-    cfg = compose_target("table6", scale, overrides)
+    cfg = compose_target(CHECKOUT, "table6", scale, overrides)
     cfg.output_dir = None
     config = OmegaConf.to_container(cfg, resolve=True)
     record = {"status": "finished", "config": config, "backbone": cfg.backbone.name, "dataset": cfg.dataset.name,
@@ -123,7 +123,7 @@ def table6(tmp_path: Path):
     """Table 6's LoRA and Partial-LoRA SST-2 cells complete (6 runs each), one MRPC LoRA run, and records of other
     settings beside them that no cell may take."""
     store = tmp_path / "runs"
-    cfg = compose_target("table6", "cpu", [f"results_dir={store}"])
+    cfg = compose_target(CHECKOUT, "table6", "cpu", [f"results_dir={store}"])
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "out")
     for seed in range(3):
@@ -148,7 +148,7 @@ def table6(tmp_path: Path):
 
 
 def cells_found(cfg, extra=()) -> dict[str, int]:
-    cells, _ = TargetPlan(cfg, extra).cell_frame()
+    cells, _ = TargetPlan(CHECKOUT, cfg, extra).cell_frame()
     return {f"{row.method}/{row.strategy}/{row.dataset}": row.found for row in cells.itertuples() if row.found}
 
 
@@ -171,14 +171,15 @@ def test_the_plans_run_ids_are_the_ids_run_py_gives():
     for overrides in (["dataset=mrpc", "seed=2", "lr=0.003", *PARTIAL, "ratios.max_examples=512"],
                       ["dataset=mrpc", "seed=1", "lr=0.001", "method=lora", "dataset.train_size=6000"],
                       ["backbone=minilm", "dataset=sst2", "seed=0", "lr=0.001", *PARTIAL, "strategy=coto"]):
-        cfg = compose_target("table6", "cpu", overrides)
+        cfg = compose_target(CHECKOUT, "table6", "cpu", overrides)
         cfg.output_dir = None
-        assert launched_run_id("table6", "cpu", overrides) == config_hash(OmegaConf.to_container(cfg, resolve=True))
+        expected = config_hash(OmegaConf.to_container(cfg, resolve=True))
+        assert launched_run_id(CHECKOUT, "table6", "cpu", overrides) == expected
 
 
 def test_table_shows_top_k_mean_next_to_the_paper(table6):
     cfg, tmp_path = table6
-    markdown, latex = render_target(cfg, tmp_path / "tables", tmp_path / "figures")
+    markdown, latex = render_target(CHECKOUT, cfg, tmp_path / "tables", tmp_path / "figures")
     text = markdown.read_text()
     # top 3 by validation: seed 2 (both lrs) and seed 1 at lr 3e-3; their test = val - 5
     expected = (82.03 + 82.01 + 81.03) / 3 - 5
@@ -208,14 +209,14 @@ def test_index_states_each_target_from_its_plan_and_the_store(table6):
     with a link to the rendered file."""
     cfg, tmp_path = table6
     extra = [f"results_dir={cfg.results_dir}", f"ratios.cache_dir={tmp_path / 'ratios'}"]
-    assert target_state(cfg, extra) == {"state": "partial", "found": 13, "planned": 108, "unit": "runs", "cells": 18,
-                                        "cells_complete": 2, "reason": ""}
-    only_sst2_lora = compose_target("table6", "cpu", [*extra, "scale.domains.language.datasets=[sst2]"])
+    assert target_state(CHECKOUT, cfg, extra) == {"state": "partial", "found": 13, "planned": 108, "unit": "runs",
+                                                  "cells": 18, "cells_complete": 2, "reason": ""}
+    only_sst2_lora = compose_target(CHECKOUT, "table6", "cpu", [*extra, "scale.domains.language.datasets=[sst2]"])
     with open_dict(only_sst2_lora):
         only_sst2_lora.sweep.groups = [{"method": ["lora"]}]
-    assert target_state(only_sst2_lora, extra)["state"] == "complete"
-    render_target(cfg, tmp_path / "tables", tmp_path / "figures")
-    index = render_index(tmp_path / "README.md", tmp_path / "tables", tmp_path / "figures", extra,
+    assert target_state(CHECKOUT, only_sst2_lora, extra)["state"] == "complete"
+    render_target(CHECKOUT, cfg, tmp_path / "tables", tmp_path / "figures")
+    index = render_index(CHECKOUT, tmp_path / "README.md", tmp_path / "tables", tmp_path / "figures", extra,
                          targets=["table2", "table6", "fig17"]).read_text()
     rows = {(scale.split("`")[0], line.split(":")[0].strip("| ")): line
             for scale in index.split("## Scale `")[1:] for line in scale.splitlines() if line.startswith("| t")
@@ -251,23 +252,23 @@ def test_learning_rule_is_a_margin_over_chance_on_the_validation_split():
 def test_figures_render_from_records(table6):
     cfg, tmp_path = table6
     for target in ("fig4", "fig2"):
-        figure_cfg = compose_target(target, "cpu", [f"results_dir={cfg.results_dir}"])
-        image, caption = render_target(figure_cfg, tmp_path / "tables", tmp_path / "figures")
+        figure_cfg = compose_target(CHECKOUT, target, "cpu", [f"results_dir={cfg.results_dir}"])
+        image, caption = render_target(CHECKOUT, figure_cfg, tmp_path / "tables", tmp_path / "figures")
         assert image.suffix == ".png" and image.stat().st_size > 10_000
         assert "Scale `cpu`" in caption.read_text() and "Missing runs: " in caption.read_text()
 
 
 def test_residual_norm_figure_reads_the_selected_records(table6, tmp_path: Path):
     cfg, _ = table6
-    figure_cfg = compose_target("fig7", "cpu", [f"results_dir={cfg.results_dir}"])
+    figure_cfg = compose_target(CHECKOUT, "fig7", "cpu", [f"results_dir={cfg.results_dir}"])
     with open_dict(figure_cfg):
         figure_cfg.scale.domains.vision = {"backbone": "minilm", "datasets": ["sst2"]}
-    image, _ = render_target(figure_cfg, tmp_path / "tables", tmp_path / "figures")
+    image, _ = render_target(CHECKOUT, figure_cfg, tmp_path / "tables", tmp_path / "figures")
     assert image.stat().st_size > 10_000
 
 
 def test_index_figures_render_from_ratio_caches(tmp_path: Path):
-    cfg = compose_target("fig12", "cpu", [f"ratios.cache_dir={tmp_path / 'ratios'}"])
+    cfg = compose_target(CHECKOUT, "fig12", "cpu", [f"ratios.cache_dir={tmp_path / 'ratios'}"])
     cache = RatioCache(cfg.ratios.cache_dir)
     layers = [f"visual.transformer.resblocks.{block}.mlp.c_fc" for block in range(2)]
     for importance in ("svd", "snip"):
@@ -280,8 +281,8 @@ def test_index_figures_render_from_ratio_caches(tmp_path: Path):
             cache.save(DerivedCounts(counts=counts, scores=scores, inputs=inputs, baseline_accuracy=0.9,
                                      wall_time_s=1.0))
     for target in ("fig12", "fig17"):
-        image, caption = render_target(compose_target(target, "cpu", [f"ratios.cache_dir={tmp_path / 'ratios'}"]),
-                                       tmp_path / "tables", tmp_path / "figures")
+        target_cfg = compose_target(CHECKOUT, target, "cpu", [f"ratios.cache_dir={tmp_path / 'ratios'}"])
+        image, caption = render_target(CHECKOUT, target_cfg, tmp_path / "tables", tmp_path / "figures")
         assert image.stat().st_size > 10_000 and "ratio caches" in caption.read_text()
 
 
@@ -325,18 +326,18 @@ def test_targets_sharing_a_setting_share_its_runs():
     from partial_lora.results import config_hash
 
     overrides = ["method=lora", "seed=1", "lr=0.003", "output_dir=x"]
-    hashes = {config_hash(OmegaConf.to_container(compose_target(target, "cpu", overrides), resolve=False))
+    hashes = {config_hash(OmegaConf.to_container(compose_target(CHECKOUT, target, "cpu", overrides), resolve=False))
               for target in ("table6", "fig4", "fig2")}
     assert len(hashes) == 1
-    other_scale = OmegaConf.to_container(compose_target("table6", "paper", overrides), resolve=False)
+    other_scale = OmegaConf.to_container(compose_target(CHECKOUT, "table6", "paper", overrides), resolve=False)
     assert config_hash(other_scale) not in hashes
     # The default strategy changes nothing: records from before strategies existed keep their id.
-    plain = OmegaConf.to_container(compose_target("table6", "cpu", overrides), resolve=False)
+    plain = OmegaConf.to_container(compose_target(CHECKOUT, "table6", "cpu", overrides), resolve=False)
     assert config_hash({key: value for key, value in plain.items() if key != "strategy"}) in hashes
-    coto = OmegaConf.to_container(compose_target("table6", "cpu", [*overrides, "strategy=coto"]), resolve=False)
+    coto = OmegaConf.to_container(compose_target(CHECKOUT, "table6", "cpu", [*overrides, "strategy=coto"]), resolve=False)
     assert config_hash(coto) not in hashes
     # Execution settings with identical outputs (compact vs dense masked layers) keep the id too.
-    dense = OmegaConf.to_container(compose_target("table6", "cpu", [*overrides, "adapter.compact=false"]),
+    dense = OmegaConf.to_container(compose_target(CHECKOUT, "table6", "cpu", [*overrides, "adapter.compact=false"]),
                                    resolve=False)
     assert config_hash(dense) in hashes and config_hash({k: v for k, v in dense.items() if k != "adapter"}) in hashes
 
@@ -346,22 +347,22 @@ def test_derivation_settings_identify_only_runs_that_derive_counts():
     from partial_lora.results import config_hash
 
     def run_id(method: str, *overrides: str) -> str:
-        cfg = compose_target("table6", "cpu", [f"method={method}", "seed=1", "output_dir=x", *overrides])
+        cfg = compose_target(CHECKOUT, "table6", "cpu", [f"method={method}", "seed=1", "output_dir=x", *overrides])
         return config_hash(OmegaConf.to_container(cfg, resolve=True))
 
-    for method in ("lora", "balanced", "adalora"):
+    for method in methods(derive=False):
         assert run_id(method) == run_id(method, "ratios.rule=loss", "ratios.threshold=0.5")
-    for method in ("partial_lora", "targeted_lora", "partial_adalora"):
+    for method in methods(derive=True):
         assert run_id(method) != run_id(method, "ratios.rule=loss")
 
 
 def test_the_seed_names_a_derivation_only_where_the_head_starts_random():
     """A probed head starts from the seed's random init, so its counts are derived per seed; CLIP's zero-shot
     head is the same for every seed, so one derivation serves them all."""
-    from partial_lora.adapters.build import derivation_settings
+    from partial_lora.settings import derivation_settings
 
     def source(*overrides: str) -> dict:
-        cfg = compose_target("table6", "cpu", ["method=partial_lora", "importance=svd", *overrides])
+        cfg = compose_target(CHECKOUT, "table6", "cpu", ["method=partial_lora", "importance=svd", *overrides])
         return derivation_settings(cfg)[1]
 
     assert source("seed=3")["seed"] == 3 and source("seed=3") != source("seed=4")
@@ -380,16 +381,17 @@ def test_a_relaunched_target_skips_its_finished_runs(glue_dir: Path, tmp_path: P
                f"ratios.cache_dir={tmp_path / 'ratios'}", "dataset.val_size=8", "dataset.max_length=16",
                "train.batch_size=8", "train.epochs=1", "logger=none", "trainer.enable_progress_bar=false",
                f"hydra.sweep.dir={tmp_path / 'multirun'}"]
-    cfg = compose_target("table1", "cpu", shrink + per_run[:-1])  # as reproduce.py composes it, Hydra's keys aside
+    # as reproduce.py composes it, Hydra's keys aside
+    cfg = compose_target(CHECKOUT, "table1", "cpu", shrink + per_run[:-1])
     planned = planned_multiruns(cfg)
-    launch("table1", "cpu", planned, extra=shrink + per_run)
+    launch(CHECKOUT, "table1", "cpu", planned, extra=shrink + per_run)
     records = sorted(path.name for path in (tmp_path / "runs").glob("*.json"))
     assert len(records) == 4  # full_ft, lora, random_masking, partial_lora (svd)
     for path in (tmp_path / "runs").glob("*.json"):  # records carry no path of this machine
         config = json.loads(path.read_text())["config"]
         assert "data_dir" not in config and "output_dir" not in config and "default_root_dir" not in config["trainer"]
     capsys.readouterr()
-    launch("table1", "cpu", planned, extra=shrink + per_run)
+    launch(CHECKOUT, "table1", "cpu", planned, extra=shrink + per_run)
     assert sorted(path.name for path in (tmp_path / "runs").glob("*.json")) == records
-    table, _ = render_target(cfg, tmp_path / "tables", tmp_path / "figures", extra=shrink + per_run[:-1])
+    table, _ = render_target(CHECKOUT, cfg, tmp_path / "tables", tmp_path / "figures", extra=shrink + per_run[:-1])
     assert "Protocol: 1 models per setting" in table.read_text() and "94.70" in table.read_text()

@@ -16,7 +16,7 @@ from omegaconf import open_dict
 from partial_lora.errors import INTERRUPTED_EXIT, RunInterrupted, StorageError
 from partial_lora.pipeline import run
 from partial_lora.training import FiniteLoss
-from tests.conftest import compose_config, run_py
+from tests.conftest import ROOT, compose_config, run_py
 from tests.test_store import TINY, final_state, launch, longer_glue_dir, one_thread, records, store_overrides  # noqa: F401
 
 STEPS_PER_EPOCH = 20  # longer_glue_dir: 160 training rows in batches of 8
@@ -359,10 +359,10 @@ def test_a_plan_passes_sigterm_on_to_its_multirun_and_stops_with_it():
     from partial_lora.protocol.sweep import run_multirun
 
     before = signal.getsignal(signal.SIGTERM)
-    assert run_multirun([sys.executable, "-c", "raise SystemExit(2)"]) == 2  # refused runs: the plan goes on
+    assert run_multirun([sys.executable, "-c", "raise SystemExit(2)"], ROOT) == 2  # refused runs: the plan goes on
     child = "import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); time.sleep(60)"
     threading.Timer(2.0, os.kill, (os.getpid(), signal.SIGTERM)).start()  # a scheduler stopping the launcher
     with pytest.raises(RunInterrupted, match="SIGTERM stopped the multirun .* launching the same command again "
                                              "resumes it"):
-        run_multirun([sys.executable, "-c", child])
+        run_multirun([sys.executable, "-c", child], ROOT)
     assert signal.getsignal(signal.SIGTERM) == before  # this process's own handling is back

@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from partial_lora.adapters import adapt, residual_norms
+from partial_lora.adapters import residual_norms
 from partial_lora.adapters.masked import factor, lora_layers
 from partial_lora.backbones import build_backbone
+from partial_lora.settings import adapt
 from tests.conftest import compose_config
 
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from partial_lora.adapters import adapt, load_adapter
+from partial_lora.adapters import load_adapter
 from partial_lora.backbones import build_backbone
 from partial_lora.config import validate
 from partial_lora.data import VisionDataModule
@@ -25,6 +25,7 @@ from partial_lora.importance import LayerScores
 from partial_lora.pipeline import run
 from partial_lora.ratios import DerivedCounts, LayerCounts, RatioCache
 from partial_lora.ratios.cache import load_entries
+from partial_lora.settings import adapt
 from tests.conftest import TINY_ANY_LR, compose_config, run_py
 from tests.test_masked_adapter import write_legacy_adapter
 

@@ -14,13 +14,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.utils import get_class
 from omegaconf import OmegaConf, open_dict
 
-from partial_lora.adapters import adapt, count_parameters
+from partial_lora.adapters import count_parameters
 from partial_lora.backbones import build_backbone
 from partial_lora.backbones.clip import SplitAttention, class_text_embeddings, split_attention
 from partial_lora.cli import expand_ranges
 from partial_lora.data import VisionDataModule, few_shot_split
 from partial_lora.errors import DataError
 from partial_lora.pipeline import run
+from partial_lora.settings import adapt
 from tests.conftest import compose_config
 
 TORCHVISION_CLASSES = {"pets": "OxfordIIITPet", "flowers": "Flowers102", "cifar10": "CIFAR10", "cifar100": "CIFAR100",

@@ -1,7 +1,7 @@
-"""Adapters: turn a backbone into the model a method trains, and count what it trains."""
+"""Adapters: turn a backbone into the model a method trains, and count what it trains (no Hydra: a run's config
+reaches them through ``partial_lora.settings``)."""
 
-from partial_lora.adapters.build import (ParameterCounts, adapt, count_parameters, derivation_settings, mask_settings,
-                                         uses_rank_allocation)
+from partial_lora.adapters.counting import ParameterCounts, count_parameters
 from partial_lora.adapters.files import convert_to_peft, save_partial_lora
 from partial_lora.adapters.masked import apply_masks, kept_fractions, load_adapter
 from partial_lora.adapters.partial import (
@@ -14,7 +14,6 @@ from partial_lora.adapters.partial import (
 from partial_lora.adapters.residuals import residual_norms
 from partial_lora.adapters.targets import merge_and_unload
 
-__all__ = ["ParameterCounts", "PartialAdaLoraConfig", "PartialLoraConfig", "adapt", "apply_masks", "convert_to_peft",
-           "count_parameters", "derivation_settings", "get_partial_lora_model", "mask_settings", "kept_fractions",
-           "load_adapter", "load_partial_lora", "merge_and_unload", "partial_config", "residual_norms",
-           "save_partial_lora", "uses_rank_allocation"]
+__all__ = ["ParameterCounts", "PartialAdaLoraConfig", "PartialLoraConfig", "apply_masks", "convert_to_peft",
+           "count_parameters", "get_partial_lora_model", "kept_fractions", "load_adapter", "load_partial_lora",
+           "merge_and_unload", "partial_config", "residual_norms", "save_partial_lora"]

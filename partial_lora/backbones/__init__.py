@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from omegaconf import DictConfig
 
-from partial_lora.backbones.base import Backbone, in_head
+from partial_lora.backbones.base import Backbone
 from partial_lora.backbones.clip import build_clip_backbone
 from partial_lora.backbones.text import build_text_backbone
 
@@ -20,4 +20,4 @@ def build_backbone(cfg: DictConfig, num_labels: int, class_names: list[str] | No
     return build_text_backbone(cfg, num_labels, shapes_only)
 
 
-__all__ = ["Backbone", "build_backbone", "in_head"]
+__all__ = ["Backbone", "build_backbone"]

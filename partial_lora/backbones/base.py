@@ -29,27 +29,3 @@ def fetching(what: str, remedy: str, errors: tuple[type[Exception], ...] = (OSEr
         yield
     except errors as error:
         raise ConfigError(f"{what} could not be loaded ({type(error).__name__}): {remedy}.") from error
-
-
-def in_head(name: str, head_modules: list[str]) -> bool:
-    """Whether the dotted module or parameter ``name`` lies under one of the backbone's head modules."""
-    parts = name.split(".")
-    return any(head in parts for head in head_modules)
-
-
-def block_of(name: str, blocks_path: str) -> int | None:
-    """Index of the transformer block (``backbone.blocks``, e.g. ``bert.encoder.layer``) holding the dotted
-    module ``name``, or ``None`` when it lies outside every block."""
-    prefix = f"{blocks_path}."
-    if not name.startswith(prefix):
-        return None
-    return int(name[len(prefix):].split(".", 1)[0])
-
-
-def group_by_block(names: list[str], blocks_path: str) -> list[list[str]]:
-    """``names`` grouped per transformer block, in block order; names outside every block form a last group."""
-    groups: dict[int, list[str]] = {}
-    for name in names:
-        block = block_of(name, blocks_path)
-        groups.setdefault(-1 if block is None else block, []).append(name)
-    return [groups[key] for key in sorted(groups, key=lambda key: (key < 0, key))]

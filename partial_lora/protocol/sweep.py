@@ -23,7 +23,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
+from hydra import compose as hydra_compose
+from hydra import initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
@@ -31,9 +32,30 @@ from partial_lora.config import register_resolvers
 from partial_lora.errors import INTERRUPTED_EXIT, RUNS_FAILED_EXIT, ConfigError, RunInterrupted
 from partial_lora.results.record import config_hash
 
-ROOT = Path(__file__).resolve().parents[2]
 # Config groups are selected by file name and recorded by their ``name`` field.
 GROUPS = ("backbone", "dataset", "method", "importance", "strategy")
+
+
+@dataclass(frozen=True)
+class Checkout:
+    """The project folder a protocol runs in: its Hydra configs (``conf/``), the script that runs one config
+    (``run.py``, run from the folder) and the paper's numbers the renderings cite. Given by the caller (``scripts/reproduce.py``, the tests), never looked for:
+    the package may be installed elsewhere."""
+
+    root: Path
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "conf"
+
+    @property
+    def run_script(self) -> Path:
+        return self.root / "run.py"
+
+    @property
+    def paper_tables(self) -> Path:
+        """The paper's printed numbers, one row per cell (``results/paper/README.md``)."""
+        return self.root / "results" / "paper" / "tables.csv"
 
 
 @dataclass(frozen=True)
@@ -65,11 +87,11 @@ class Protocol:
                 f"top {self.top_k} by validation score")
 
 
-def compose_target(target: str, scale: str, overrides: list[str] = ()) -> DictConfig:
+def compose_target(checkout: Checkout, target: str, scale: str, overrides: list[str] = ()) -> DictConfig:
     """The resolved config of ``experiment=<target> scale=<scale>``, as each of its runs starts from."""
-    if not (ROOT / "conf" / "experiment" / f"{target}.yaml").is_file():
+    if not (checkout.conf / "experiment" / f"{target}.yaml").is_file():
         raise ConfigError(f"no experiment config conf/experiment/{target}.yaml for target {target!r}.")
-    cfg = copy.deepcopy(_composed(target, scale, tuple(overrides)))
+    cfg = copy.deepcopy(_composed(checkout.conf, target, scale, tuple(overrides)))
     if "sweep" not in cfg:
         raise ConfigError(f"experiment {target} has no `sweep:` block, so it is no table or figure target.")
     return cfg
@@ -101,17 +123,17 @@ def planned_multiruns(cfg: DictConfig, domains: list[str] | None = None) -> list
     return planned
 
 
-def command(target: str, scale: str, settings: dict[str, list[Any]], launcher: str,
+def command(checkout: Checkout, target: str, scale: str, settings: dict[str, list[Any]], launcher: str,
             extra: list[str] = ()) -> list[str]:
     swept = [f"{key}={','.join(_override_value(value) for value in values)}" for key, values in settings.items()]
-    return [sys.executable, str(ROOT / "run.py"), "-m", f"experiment={target}", f"scale={scale}",
+    return [sys.executable, str(checkout.run_script), "-m", f"experiment={target}", f"scale={scale}",
             f"hydra/launcher={launcher}", *swept, *extra]
 
 
-def run_multirun(argv: list[str]) -> int:
+def run_multirun(argv: list[str], cwd: Path) -> int:
     """Run one ``run.py -m ...`` command and return its exit status; SIGTERM sent to this process is passed on
     to it, and its stop by SIGTERM raises :class:`RunInterrupted`: a plan stops where its multirun did."""
-    process = subprocess.Popen(argv, cwd=ROOT)
+    process = subprocess.Popen(argv, cwd=cwd)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
     try:
         status = process.wait()
@@ -123,7 +145,7 @@ def run_multirun(argv: list[str]) -> int:
     return status
 
 
-def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launcher: str = "local",
+def launch(checkout: Checkout, target: str, scale: str, planned: list[dict[str, list[Any]]], launcher: str = "local",
            extra: list[str] = (), dry_run: bool = False) -> int:
     """Run every multirun of the plan; finished runs skip themselves, so this fills in what is missing.
     ``dry_run`` prints each command and its number of runs, and runs nothing.
@@ -133,12 +155,12 @@ def launch(target: str, scale: str, planned: list[dict[str, list[Any]]], launche
     """
     with_failures = 0
     for settings in planned:
-        argv = command(target, scale, settings, launcher, extra)
+        argv = command(checkout, target, scale, settings, launcher, extra)
         runs = math.prod(len(values) for values in settings.values())
         print("+", " ".join(argv[1:]), f"  # {runs} runs", flush=True)
         if dry_run:
             continue
-        status = run_multirun(argv)
+        status = run_multirun(argv, checkout.root)
         if status in (2, RUNS_FAILED_EXIT):
             with_failures += 1
         elif status:
@@ -156,20 +178,28 @@ def run_overrides(settings: dict[str, list[Any]]) -> list[list[str]]:
 _VALUE_KEY = re.compile(r"^[A-Za-z_][\w.]*$")
 
 
-def _is_value_override(override: str) -> bool:
+def _is_value_override(conf: Path, override: str) -> bool:
     key = override.partition("=")[0]
     return bool(_VALUE_KEY.match(key)) and not key.startswith("hydra") and (
-        "." in key or not (ROOT / "conf" / key).is_dir())
+        "." in key or not (conf / key).is_dir())
+
+
+def compose(conf: Path, overrides: list[str]) -> DictConfig:
+    """``conf/config.yaml`` composed with ``overrides``, as ``run.py`` composes it (Hydra's runtime keys aside)."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        return hydra_compose(config_name="config", overrides=overrides)
 
 
 @functools.lru_cache(maxsize=None)
-def _composed(experiment: str, scale: str, overrides: tuple[str, ...]) -> DictConfig:
-    register_resolvers()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name="config", overrides=[f"experiment={experiment}", f"scale={scale}", *overrides])
+def _composed(conf: Path, experiment: str, scale: str, overrides: tuple[str, ...]) -> DictConfig:
+    return compose(conf, [f"experiment={experiment}", f"scale={scale}", *overrides])
 
 
-def launched_config(experiment: str, scale: str, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+
+
+def launched_config(checkout: Checkout, experiment: str, scale: str,
+                    overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
     """The resolved config of the run ``run.py experiment=<experiment> scale=<scale> <overrides>``, Hydra's runtime
     folder aside (left out of the run id anyway): what :func:`launched_run_id` hashes.
 
@@ -177,18 +207,19 @@ def launched_config(experiment: str, scale: str, overrides: list[str] | tuple[st
     the thousands of runs of a paper-scale plan: the defaults are composed once per choice of config groups (and
     Hydra settings), and the value overrides applied to a copy as Hydra applies them (its parser, then
     ``OmegaConf.update``)."""
-    composed = tuple(override for override in overrides if not _is_value_override(override))
-    cfg = copy.deepcopy(_composed(experiment, scale, composed))
+    composed = tuple(override for override in overrides if not _is_value_override(checkout.conf, override))
+    cfg = copy.deepcopy(_composed(checkout.conf, experiment, scale, composed))
     parsed = OverridesParser.create().parse_overrides([override for override in overrides
-                                                       if _is_value_override(override)])
+                                                       if _is_value_override(checkout.conf, override)])
     for override in parsed:
         OmegaConf.update(cfg, override.key_or_group, override.value(), merge=True)
     cfg.output_dir = None
     return OmegaConf.to_container(cfg, resolve=True)
 
 
-def launched_run_id(experiment: str, scale: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+def launched_run_id(checkout: Checkout, experiment: str, scale: str,
+                    overrides: list[str] | tuple[str, ...] = ()) -> str:
     """The id ``run.py`` gives the run ``run.py experiment=<experiment> scale=<scale> <overrides>``: the hash of its
     resolved config (``results/store.py``). Targets and claims find their runs by it, so a record of any other
     setting (derivation, budget, strategy, rank) never stands in for a planned run."""
-    return config_hash(launched_config(experiment, scale, overrides))
+    return config_hash(launched_config(checkout, experiment, scale, overrides))

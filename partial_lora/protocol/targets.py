@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora.protocol.sweep import (GROUPS, ROOT, Protocol, compose_target, launched_config, launched_run_id,
+from partial_lora.protocol.sweep import (GROUPS, Checkout, Protocol, compose_target, launched_config, launched_run_id,
                                          planned_multiruns, run_overrides)
 from partial_lora.ratios.cache import load_entries
 from partial_lora.results import figures
@@ -75,9 +75,9 @@ class TargetPlan:
     """A target's cells at its scale, the run ids of their runs, and the finished records the store holds under
     them; ``extra`` are the overrides every run of the target is launched with (``reproduce.py ... -- <extra>``)."""
 
-    def __init__(self, cfg: DictConfig, extra: list[str] | tuple[str, ...] = (),
+    def __init__(self, checkout: Checkout, cfg: DictConfig, extra: list[str] | tuple[str, ...] = (),
                  records: pd.DataFrame | None = None) -> None:
-        self.cfg, self.extra = cfg, list(extra)
+        self.checkout, self.cfg, self.extra = checkout, cfg, list(extra)
         self.name, self.scale = cfg.sweep.name, cfg.scale.name
         self.cells = planned_cells(cfg)
         records = load_records(cfg.results_dir) if records is None else records
@@ -94,7 +94,8 @@ class TargetPlan:
 
     def run_ids(self, cell: Cell) -> list[str]:
         if cell not in self._ids:
-            self._ids[cell] = [launched_run_id(self.name, self.scale, [*run, *self.extra]) for run in cell.runs]
+            self._ids[cell] = [launched_run_id(self.checkout, self.name, self.scale, [*run, *self.extra])
+                               for run in cell.runs]
         return self._ids[cell]
 
     def found(self, cell: Cell) -> pd.DataFrame:
@@ -112,7 +113,7 @@ class TargetPlan:
         keys = _setting_keys(planned_multiruns(self.cfg))
         rows, found = [], []
         for index, cell in enumerate(self.cells):
-            config = launched_config(self.name, self.scale, [*cell.runs[0], *self.extra])
+            config = launched_config(self.checkout, self.name, self.scale, [*cell.runs[0], *self.extra])
             values = {key: setting_value(config, key) for key in keys}
             records = self.found(cell)
             rows.append(values | {"planned": len(cell.runs), "found": len(records)})
@@ -170,7 +171,7 @@ def _caches(cfg: DictConfig) -> tuple[int, pd.DataFrame]:
     return len(wanted), frame.sort_values(["dataset", "importance", "data_seed"]).reset_index(drop=True)
 
 
-def render_target(cfg: DictConfig, tables_dir: str | Path = "results/tables",
+def render_target(checkout: Checkout, cfg: DictConfig, tables_dir: str | Path = "results/tables",
                   figures_dir: str | Path = "results/figures", extra: list[str] | tuple[str, ...] = ()) -> list[Path]:
     """Write the target's Markdown and LaTeX (tables) or PNG and a Markdown caption (figures); return the paths.
     ``extra``: the overrides its runs were launched with, which their run ids include."""
@@ -187,7 +188,7 @@ def render_target(cfg: DictConfig, tables_dir: str | Path = "results/tables",
                 f"{', '.join(Path(path).name for path in caches['path'])}.")
         return _save_figure(figure, Path(figures_dir), stem, sweep.title, note)
 
-    plan = TargetPlan(cfg, extra)
+    plan = TargetPlan(checkout, cfg, extra)
     cells, records = plan.cell_frame()
     if records.empty:
         print(f"{sweep.name}: none of the {plan.planned} planned runs has a finished record at scale {scale} under "
@@ -203,8 +204,9 @@ def render_target(cfg: DictConfig, tables_dir: str | Path = "results/tables",
                  and cells[key].astype(str).nunique() > 1]
         # The paper's numbers stand beside the setting it ran: the target's own value of each extra swept key.
         paper_setting = {key: setting_value(OmegaConf.to_container(cfg), key) for key in shown}
-        rows = table_rows(cells, load_paper(), sweep.name, variant, paper_setting)
-        paper_backbones = ", ".join(sorted(load_paper().query("table == @sweep.name")["backbone"].unique()))
+        paper = load_paper(checkout.paper_tables)
+        rows = table_rows(cells, paper, sweep.name, variant, paper_setting)
+        paper_backbones = ", ".join(sorted(paper.query("table == @sweep.name")["backbone"].unique()))
         note += f" The paper column is the paper's {sweep.name} ({paper_backbones}); diff = this run - paper."
         learning = learning_status(fill_majority_rates(records, cfg.data_dir))
         markdown, latex = render(rows, sweep.title, note, variant, learning, shown)
@@ -238,18 +240,18 @@ def _save_figure(figure, directory: Path, stem: str, title: str, note: str) -> l
 
 # --- the index of results ---------------------------------------------------------------------------------------
 
-def target_names() -> list[str]:
+def target_names(checkout: Checkout) -> list[str]:
     """Every experiment config with a ``sweep:`` block (a table or figure target), tables first."""
-    names = [path.stem for path in (ROOT / "conf" / "experiment").glob("*.yaml")
+    names = [path.stem for path in (checkout.conf / "experiment").glob("*.yaml")
              if "sweep" in (OmegaConf.load(path) or {})]
     return sorted(names, key=lambda name: (not name.startswith("table"), int("".join(filter(str.isdigit, name)))))
 
 
-def scale_names() -> list[str]:
-    return sorted(path.stem for path in (ROOT / "conf" / "scale").glob("*.yaml"))
+def scale_names(checkout: Checkout) -> list[str]:
+    return sorted(path.stem for path in (checkout.conf / "scale").glob("*.yaml"))
 
 
-def target_state(cfg: DictConfig, extra: list[str] | tuple[str, ...] = (),
+def target_state(checkout: Checkout, cfg: DictConfig, extra: list[str] | tuple[str, ...] = (),
                  records: pd.DataFrame | None = None) -> dict[str, Any]:
     """What the store holds of a target at its scale: ``state`` (complete, partial, not run, cannot run here),
     ``found`` of ``planned`` runs (ratio caches for the cache figures), ``cells_complete`` of ``cells``, and why it
@@ -258,7 +260,7 @@ def target_state(cfg: DictConfig, extra: list[str] | tuple[str, ...] = (),
         planned, caches = _caches(cfg)
         found, cells, complete, unit = len(caches), planned, len(caches), "ratio caches"
     else:
-        plan = TargetPlan(cfg, extra, records)
+        plan = TargetPlan(checkout, cfg, extra, records)
         counts = [(len(plan.found(cell)), len(cell.runs)) for cell in plan.cells]
         found, planned = sum(found for found, _ in counts), plan.planned
         cells, complete, unit = len(counts), sum(found == planned for found, planned in counts), "runs"
@@ -270,7 +272,7 @@ def target_state(cfg: DictConfig, extra: list[str] | tuple[str, ...] = (),
             "cells_complete": complete, "reason": "; ".join(reasons) if state == "cannot run here" else ""}
 
 
-def render_index(path: str | Path = "results/README.md", tables_dir: str | Path = "results/tables",
+def render_index(checkout: Checkout, path: str | Path = "results/README.md", tables_dir: str | Path = "results/tables",
                  figures_dir: str | Path = "results/figures", extra: list[str] | tuple[str, ...] = (),
                  targets: list[str] | None = None) -> Path:
     """Write the index of results: each table and figure target (``targets``, default all) at every scale, its state
@@ -283,14 +285,14 @@ def render_index(path: str | Path = "results/README.md", tables_dir: str | Path 
              "the counts, not run, or cannot run here (and why). `make <target> SCALE=<scale>` runs what is missing "
              "and renders it.", ""]
     stores: dict[str, pd.DataFrame] = {}
-    for scale in scale_names():
+    for scale in scale_names(checkout):
         lines += [f"## Scale `{scale}`", "", "| target | state | runs found / planned | cells complete | file |",
                   "|---|---|---|---|---|"]
-        for name in targets or target_names():
-            cfg = compose_target(name, scale, extra)
+        for name in targets or target_names(checkout):
+            cfg = compose_target(checkout, name, scale, extra)
             if cfg.results_dir not in stores:
                 stores[cfg.results_dir] = load_records(cfg.results_dir)
-            state = target_state(cfg, extra, stores[cfg.results_dir])
+            state = target_state(checkout, cfg, extra, stores[cfg.results_dir])
             directory = Path(tables_dir if cfg.sweep.render.kind == "table" else figures_dir)
             rendered = directory / f"{name}_{scale}.md"
             link = f"[{rendered.name}]({os.path.relpath(rendered, path.parent)})" if rendered.is_file() else "-"

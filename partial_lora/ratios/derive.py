@@ -73,6 +73,7 @@ class DerivationSettings:
         for name, choices in (("probe", PROBES), ("scope", SCOPES)):
             if getattr(self, name) not in choices:
                 raise ConfigError(f"ratios.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
+        AcceptanceRule(self.rule, self.threshold, max_loss_increase=self.max_loss_increase)  # checks all three
 
     @property
     def probes_held_out(self) -> bool:

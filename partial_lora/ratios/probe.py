@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.nn.functional import cross_entropy
 
-from partial_lora.backbones.base import in_head
+from partial_lora.layers import in_head
 
 
 def head_linear(model: torch.nn.Module, head_modules: list[str]) -> torch.nn.Linear:

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from partial_lora.backbones.base import block_of
+from partial_lora.layers import block_of
 
 
 class _Replay(torch.nn.Module):

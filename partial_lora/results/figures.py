@@ -18,7 +18,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import FuncFormatter, NullFormatter  # noqa: E402
 
-_BLOCK = re.compile(r"\.(\d+)\.")
+from partial_lora.layers import block_of  # noqa: E402
+from partial_lora.results.tables import parameter_count  # noqa: E402
 
 
 def save(figure: Figure, path) -> None:
@@ -36,14 +37,10 @@ def _panels(names: list[str], title: str) -> tuple[Figure, list[plt.Axes]]:
     return figure, list(axes.flat)
 
 
-def _count(value: float, _position: int | None = None) -> str:
-    return f"{value / 1e6:g}M" if value >= 1e6 else f"{value / 1e3:g}K" if value >= 1e3 else f"{value:g}"
-
-
 def _log_parameters(axis: plt.Axes) -> None:
     """Log x axis of parameter counts, labelled 10K / 1M rather than crowded 2x10^3 minor labels."""
     axis.set_xscale("log")
-    axis.xaxis.set_major_formatter(FuncFormatter(_count))
+    axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _position: parameter_count(value, fixed=False)))
     axis.xaxis.set_minor_formatter(NullFormatter())
 
 
@@ -110,11 +107,6 @@ def curve(summary: pd.DataFrame, title: str, x: str, series: list[str], log_x: b
     return figure
 
 
-def block_index(layer: str) -> int | None:
-    match = _BLOCK.search(f".{layer}.")
-    return None if match is None else int(match.group(1))
-
-
 def residuals(records: pd.DataFrame, title: str, layers: list[str], series: list[str]) -> Figure:
     """Figures 7-10: ||dW|| / ||W|| per block for the layers matching ``layers`` (regexes), averaged over
     the runs given (the protocol's selected models)."""
@@ -127,7 +119,7 @@ def residuals(records: pd.DataFrame, title: str, layers: list[str], series: list
             per_block: dict[int, list[float]] = {}
             for norms in runs["residual_norms"]:
                 for layer, norm in (norms or {}).items():
-                    block = block_index(layer)
+                    block = block_of(layer)
                     if block is not None and any(pattern.search(layer) for pattern in patterns):
                         per_block.setdefault(block, []).append(norm["delta"] / norm["weight"])
             if per_block:
@@ -143,7 +135,7 @@ def residuals(records: pd.DataFrame, title: str, layers: list[str], series: list
 def _per_block(layers: dict[str, dict], value) -> tuple[list[int], list[float]]:
     grouped: dict[int, list[float]] = {}
     for name, layer in layers.items():
-        block = block_index(name)
+        block = block_of(name)
         if block is not None:
             grouped.setdefault(block, []).append(value(layer))
     blocks = sorted(grouped)

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from partial_lora.protocol.claims import ClaimPlan, compose_claims, paired_interval, parameter_count
-from partial_lora.protocol.sweep import compose_target, launched_run_id
+from partial_lora.protocol.claims import ClaimPlan, compose_claims, paired_interval
+from partial_lora.protocol.sweep import Checkout, compose_target, launched_run_id
 from partial_lora.protocol.targets import TargetPlan
 from partial_lora.results import figures
 from partial_lora.results.aggregate import fill_majority_rates, learning_status, load_records
-from partial_lora.results.tables import NOT_LEARNED, rule_note
+from partial_lora.results.tables import NOT_LEARNED, parameter_count, rule_note
 
 TABLE = "table6"
 # The seed and learning rate a setting's id is computed at: any fixed pair names the setting, not a run.
@@ -48,7 +48,7 @@ class Setting:
     run_ids: set[str] = field(default_factory=set)
 
 
-def planned_settings(scale: str, extra: list[str] | tuple[str, ...] = (),
+def planned_settings(checkout: Checkout, scale: str, extra: list[str] | tuple[str, ...] = (),
                      records: pd.DataFrame | None = None) -> list[Setting]:
     """Every setting Table 6's plan and the claims' plan name at ``scale``, by setting id (see the module docstring);
     ``extra``: the overrides their runs were launched with."""
@@ -60,15 +60,15 @@ def planned_settings(scale: str, extra: list[str] | tuple[str, ...] = (),
         setting.labels += [] if label in setting.labels else [label]
         setting.run_ids.update(run_ids)
 
-    table = TargetPlan(compose_target(TABLE, scale, extra), extra, records)
+    table = TargetPlan(checkout, compose_target(checkout, TABLE, scale, extra), extra, records)
     for cell in table.cells:
         named = dict(override.split("=", 1) for override in cell.setting)
         label = " / ".join(value for key, value in named.items() if key not in ("backbone", "dataset"))
-        add(launched_run_id(TABLE, scale, [*cell.setting, *SETTING_AT, *extra]), named["dataset"],
+        add(launched_run_id(checkout, TABLE, scale, [*cell.setting, *SETTING_AT, *extra]), named["dataset"],
             f"{TABLE}: {label}", table.run_ids(cell))
-    claims = ClaimPlan(compose_claims(scale, extra), scale, extra)
+    claims = ClaimPlan(checkout, compose_claims(checkout, scale, extra), scale, extra)
     for run in claims.planned_runs(swept=False):
-        setting_id = launched_run_id("claims", scale, [f"dataset={run.dataset}", *SETTING_AT, *run.overrides, *extra])
+        setting_id = launched_run_id(checkout, "claims", scale, [f"dataset={run.dataset}", *SETTING_AT, *run.overrides, *extra])
         add(setting_id, run.dataset, f"claims: {run.arm}",
             [claims.run_id(run.dataset, run.seed, run.lr, run.overrides)])
     return list(settings.values())
@@ -135,12 +135,12 @@ def formatted(rows: pd.DataFrame, not_learned: frozenset[str] = frozenset()) -> 
         "peak memory": memory, "Pareto": rows["pareto"].map(lambda on: "**front**" if on else "")})
 
 
-def render_leaderboard(scale: str, extra: list[str] | tuple[str, ...] = (),
+def render_leaderboard(checkout: Checkout, scale: str, extra: list[str] | tuple[str, ...] = (),
                        directory: str | Path = "results") -> list[Path]:
     """Write ``leaderboard_<scale>.md`` and ``.png`` under ``directory`` from the records of the two plans' runs."""
-    cfg = compose_target(TABLE, scale, extra)
+    cfg = compose_target(checkout, TABLE, scale, extra)
     records = load_records(cfg.results_dir)
-    settings = planned_settings(scale, extra, records)
+    settings = planned_settings(checkout, scale, extra, records)
     rows = leaderboard_rows(settings, records)
     planned = set().union(*(setting.run_ids for setting in settings))
     used = records[records["run_id"].isin(planned)]

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from partial_lora.masks import derives_counts
+from partial_lora.settings import derives_counts
 
 log = logging.getLogger(__name__)
 

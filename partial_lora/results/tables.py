@@ -10,6 +10,7 @@ value, parameters and the difference; a cell without runs keeps its row. A task 
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -17,11 +18,10 @@ import pandas as pd
 
 from partial_lora.results.aggregate import VAL_TEST_GAP, Learning, describe_rule, large_gap
 
-PAPER_TABLES = Path(__file__).resolve().parents[2] / "results" / "paper" / "tables.csv"
 ROW_KEYS = ["method", "importance"]
 
 
-def load_paper(path: str | Path = PAPER_TABLES) -> pd.DataFrame:
+def load_paper(path: str | Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"variant": str}, keep_default_na=False, na_values={"value": [""], "params": [""]})
 
 
@@ -36,12 +36,18 @@ def paper_kept_share(paper: pd.DataFrame, backbone: str, dataset: str) -> float 
     return float(counts["partial_lora"].iloc[0] / counts["lora"].iloc[0])
 
 
+def parameter_count(count: float | None, millions_from: float = 1e6, fixed: bool = True, missing: str = "-") -> str:
+    """A parameter count as 1.23M / 45.6K / 789 (millions from ``millions_from`` on), with fixed decimals or, not
+    ``fixed``, as few as the value needs (axis ticks: 10K, 1M); ``missing`` where there is no count."""
+    if pd.isna(count) or not math.isfinite(count):
+        return missing
+    number, unit = (count / 1e6, "M") if count >= millions_from else (count / 1e3, "K") if count >= 1e3 else (count, "")
+    return f"{number:{ {'M': '.2f', 'K': '.1f', '': '.0f'}[unit] if fixed else 'g'}}{unit}"
+
+
 def _parameters(count: float) -> str:
-    if pd.isna(count):
-        return ""
-    if count < 1e3:
-        return f"{count:.0f}"
-    return f"{count / 1e6:.2f}M" if count >= 1e5 else f"{count / 1e3:.1f}K"
+    """Table cells: a tenth of a million reads as 0.15M, the paper's style."""
+    return parameter_count(count, millions_from=1e5, missing="")
 
 
 def table_rows(cells: pd.DataFrame, paper: pd.DataFrame, table: str, variant: str | None = None,

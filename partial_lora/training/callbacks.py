@@ -18,7 +18,7 @@ import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from partial_lora.adapters.losia import SubnetLinear, subnet_layers
-from partial_lora.backbones.base import group_by_block
+from partial_lora.layers import group_by_block
 from partial_lora.errors import ConfigError, TrainingDiverged
 
 

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from partial_lora.backbones.base import group_by_block
+from partial_lora.layers import group_by_block
 from partial_lora.errors import ConfigError
 
 
