@@ -11,12 +11,15 @@ evaluation count follows from the derived counts (``literal_evaluations``) and w
 count times the time of one full evaluation measured on a sample of layers; the configured search against a
 reference search (binary: O(log m) evaluations per layer), time and layer-by-layer counts, derived afresh in
 the same run. Then the cost curves: derivation time against the derivation set's size, and training-step
-time of LoRA and compact Partial-LoRA against the rank. Last, the saved adapter's bytes per trained parameter
-in the compact layout, PEFT's layout and for dense LoRA, at kept shares of 0.5-60% (``--only file-sizes``).
+time of LoRA and compact Partial-LoRA against the rank, and the four variants at kept shares of 0.5-60% of every
+matrix's rows and columns (``--only shares``) against the line ``floor + share x (LoRA - floor)``, the step time of an
+adapter whose cost scales with what it keeps. Last, the saved adapter's bytes per trained parameter in the compact
+layout, PEFT's layout and for dense LoRA, at the same shares (``--only file-sizes``).
 
     python scripts/bench.py                                    # MiniLM, SST-2, CPU (make bench)
     python scripts/bench.py --backbone tiny_bert --steps 3     # a quick check
     python scripts/bench.py --only file-sizes                  # the file-size table alone (seconds, no timing)
+    python scripts/bench.py --only shares --reuse-ratios       # the table across kept shares alone
     python scripts/bench.py --backbone clip_vit_b16 --device cuda --override backbone.pretrained=null
 """
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import gc
 import shutil
 import statistics
@@ -47,7 +51,7 @@ from partial_lora.adapters.targets import targeted_linears
 from partial_lora.config import register_resolvers
 from partial_lora.layers import in_head
 from partial_lora.pipeline import backbone_and_data, derive_for_run
-from partial_lora.ratios import DerivedCounts, DerivationMetric
+from partial_lora.ratios import DerivedCounts, DerivationMetric, LayerCounts
 from partial_lora.ratios.search import literal_evaluations
 from partial_lora.settings import adapt
 from partial_lora.training.optim import adamw
@@ -247,6 +251,58 @@ def median_step_times(models: dict[str, tuple], batch: Batch, warmup: int, steps
     return {variant: statistics.median(values) for variant, values in times.items()}
 
 
+def measured(models: dict[str, tuple], batch: Batch, args: argparse.Namespace) -> dict[str, dict]:
+    """Per variant: median step time (the variants taking turns), the step's peak memory, the adapter + AdamW bytes
+    and the trainable adapter parameters (``None`` for the frozen floor)."""
+    steps = median_step_times(models, batch, args.warmup, args.steps, args.device)
+    rows = {}
+    for variant, (model, backbone, optimizer) in models.items():
+        gc.collect()
+        rows[variant] = {
+            "step": steps[variant],
+            "peak": peak_step_bytes(lambda: train_step(model, optimizer, batch), args.device),
+            "state": None if variant == "floor" else state_bytes(model, optimizer, backbone.head_modules),
+            "params": None if variant == "floor" else count_parameters(model, backbone.head_modules).adapter,
+        }
+    return rows
+
+
+def uniform_counts(derived: DerivedCounts, share: float) -> DerivedCounts:
+    """``derived`` with every matrix keeping ``share`` of its rows and of its columns (at least one of each), chosen
+    by the derivation's scores as its own counts would be."""
+    return dataclasses.replace(derived, counts={
+        name: LayerCounts(k_row=max(1, round(share * scores.row.numel())),
+                          k_col=max(1, round(share * scores.col.numel())), evaluations=0)
+        for name, scores in derived.scores.items()})
+
+
+def share_table(cfg: DictConfig, derived: DerivedCounts, batch: Batch, args: argparse.Namespace,
+                shares: tuple[float, ...] = SHARES) -> None:
+    """The four variants at each kept share, all four built afresh and taking turns at every share, against the line
+    ``floor + kept x (LoRA - floor)``, ``kept`` being compact's trainable parameters over LoRA's."""
+    print(f"\ntraining step across kept shares (one uniform share of every matrix's rows and columns, the highest-scored "
+          f"by {cfg.importance.name}; batch {args.batch_size}, median of {args.steps} steps; floor and LoRA measured "
+          "beside each share; line = floor + kept x (LoRA - floor); goals: compact/line <= 1.10, compact/LoRA <= 1):")
+    print(f"  {'share':>6} {'kept':>7} {'floor ms':>9} {'LoRA ms':>8} {'dense ms':>9} {'compact ms':>11} {'line ms':>8} "
+          f"{'compact/line':>13} {'compact/LoRA':>13} | step peak MiB: {'floor':>6} {'LoRA':>6} {'dense':>6} "
+          f"{'compact':>8} | adapter+AdamW KiB: {'LoRA':>7} {'dense':>7} {'compact':>8}")
+    for share in shares:
+        models = {variant: build(variant, cfg, uniform_counts(derived, share), args.device) for variant in VARIANTS}
+        rows = measured(models, batch, args)
+        del models
+        gc.collect()
+        floor, lora, dense, compact = (rows[variant] for variant in VARIANTS)
+        kept = compact["params"] / lora["params"]
+        line = floor["step"] + kept * (lora["step"] - floor["step"])
+        peaks = " ".join(f"{rows[variant]['peak'] / 2**20:>{width}.1f}" for variant, width in zip(VARIANTS, (6, 6, 6, 8)))
+        states = " ".join(f"{rows[variant]['state'] / 1024:>{width},.0f}"
+                          for variant, width in zip(VARIANTS[1:], (7, 7, 8)))
+        print(f"  {share:>6.1%} {kept:>7.2%} {1000 * floor['step']:>9.1f} {1000 * lora['step']:>8.1f} "
+              f"{1000 * dense['step']:>9.1f} {1000 * compact['step']:>11.1f} {1000 * line:>8.1f} "
+              f"{compact['step'] / line:>13.3f} {compact['step'] / lora['step']:>13.3f} | {'':15}{peaks} | "
+              f"{'':19}{states}", flush=True)
+
+
 def rank_curve(cfg: DictConfig, derived: DerivedCounts, batch: Batch, ranks: list[int], args: argparse.Namespace) -> None:
     """Training-step time of PEFT LoRA and compact Partial-LoRA (the derived counts) against the rank."""
     print(f"\ntraining step against rank (batch {args.batch_size}, median of {args.steps} steps):")
@@ -263,17 +319,22 @@ def rank_curve(cfg: DictConfig, derived: DerivedCounts, batch: Batch, ranks: lis
         gc.collect()
 
 
-def size_curve(cfg: DictConfig, sizes: list[int], measured: DerivedCounts) -> None:
-    """Derivation time and evaluations against the derivation set's size (``measured`` is the run at the
-    configured size, reused rather than derived twice)."""
-    print(f"\nratio derivation against derivation-set size ({cfg.ratios.search} search, fresh cache each):")
-    print(f"  {'examples':>8} {'evaluations':>12} {'seconds':>8} {'kept rows+cols':>15}")
+def size_curve(cfg: DictConfig, sizes: list[int], measured: DerivedCounts, measured_examples: int) -> None:
+    """Derivation time and evaluations against the derivation set's size: the first ``size`` rows of the derivation
+    pool (``ratios.fraction`` lifted to 1 so that sizes past the paper's 5% exist; below it, the same rows). ``measured``
+    is the run at the configured size, reused rather than derived twice."""
+    print(f"\nratio derivation against derivation-set size ({cfg.ratios.search} search, fresh cache each; read: the "
+          "share of the set's examples the evaluations ran, the rest skipped by the early decision):")
+    print(f"  {'examples':>8} {'evaluations':>12} {'seconds':>8} {'s / evaluation':>15} {'read':>7} "
+          f"{'kept rows+cols':>15}")
     for size in sizes:
         if size == cfg.ratios.max_examples:
-            derived = measured
+            derived, examples = measured, measured_examples
         else:
-            derived, _, _ = derive(with_ratios(cfg, max_examples=size), reuse=False)
-        print(f"  {size:>8} {derived.evaluations:>12,} {derived.wall_time_s:>8.1f} {derived.kept_fraction:>15.2%}",
+            derived, _, examples = derive(with_ratios(cfg, max_examples=size, fraction=1.0), reuse=False)
+        read = derived.examples_evaluated / (derived.evaluations * examples)
+        print(f"  {examples:>8} {derived.evaluations:>12,} {derived.wall_time_s:>8.1f} "
+              f"{derived.wall_time_s / derived.evaluations:>15.3f} {read:>7.1%} {derived.kept_fraction:>15.2%}",
               flush=True)
 
 
@@ -326,11 +387,13 @@ def main() -> None:
     parser.add_argument("--reference-search", default="binary",
                         help="derive again with this search and compare time and counts ('none': skip)")
     parser.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256, 512],
-                        help="derivation-set sizes of the cost curve (none: skip)")
+                        help="derivation-set sizes of the cost curve, e.g. 64 256 1024 3367 4096 (none: skip)")
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 4, 16, 64],
                         help="ranks of the step-time curve (none: skip)")
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. backbone.pretrained=null")
-    parser.add_argument("--only", choices=["file-sizes"], help="print this table alone (no timing)")
+    parser.add_argument("--only", choices=["file-sizes", "shares"],
+                        help="print this table alone: file-sizes (no timing) or shares (its scores from the ratio "
+                             "cache, derived there if absent)")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         # Before the ratio derivation, which would run minutes on the CPU first.
@@ -345,6 +408,11 @@ def main() -> None:
     print(f"backbone {cfg.backbone.name} | dataset {cfg.dataset.name} | device {args.device} | "
           f"torch threads {torch.get_num_threads()} | rank {args.rank} | batch {args.batch_size}"
           + ("" if cfg.dataset.kind == "vision" else f" x {args.length} tokens"), flush=True)
+    if args.only == "shares":
+        derived = derive(cfg, reuse=True)[0]
+        batch = training_batch(cfg, backbone_and_data(cfg)[0].tokenizer, args.batch_size, args.length, args.device)
+        share_table(cfg, derived, batch, args)
+        return
     started = time.perf_counter()
     derived, full_eval, examples = derive(cfg, args.reuse_ratios)
     derivation_wall = time.perf_counter() - started
@@ -352,16 +420,7 @@ def main() -> None:
     models = {variant: build(variant, cfg, derived, args.device) for variant in VARIANTS}
     tokenizer = models["floor"][1].tokenizer
     batch = training_batch(cfg, tokenizer, args.batch_size, args.length, args.device)
-    steps = median_step_times(models, batch, args.warmup, args.steps, args.device)
-    rows = {}
-    for variant, (model, backbone, optimizer) in models.items():
-        gc.collect()
-        rows[variant] = {
-            "step": steps[variant],
-            "peak": peak_step_bytes(lambda: train_step(model, optimizer, batch), args.device),
-            "state": None if variant == "floor" else state_bytes(model, optimizer, backbone.head_modules),
-            "params": None if variant == "floor" else count_parameters(model, backbone.head_modules).adapter,
-        }
+    rows = measured(models, batch, args)
 
     print(f"\n{'':22} {'step ms (median)':>17} {'step peak MiB':>14} {'adapter+AdamW KiB':>18} {'trainable':>10}")
     for variant, row in rows.items():
@@ -401,11 +460,12 @@ def main() -> None:
               f"of {len(derived.counts)}; kept rows+cols {reference.kept_fraction:.2%} -> {derived.kept_fraction:.2%}")
         print("\n".join(differences))
     if args.sizes and not args.reuse_ratios:
-        size_curve(cfg, args.sizes, derived)
+        size_curve(cfg, args.sizes, derived, examples)
+    del models
+    gc.collect()
     if args.ranks:
-        del models
-        gc.collect()
         rank_curve(cfg, derived, batch, args.ranks, args)
+    share_table(cfg, derived, batch, args)
     file_size_table(cfg)
 
 

@@ -43,6 +43,13 @@ def dense_and_compact(mask: LayerMask, dropout: float = 0.0):
 MASKS = {
     "some rows and columns": LayerMask(torch.tensor([1, 0, 1, 1, 0, 0, 1, 0, 1, 1], dtype=torch.bool),
                                        torch.tensor([0, 1, 1, 0, 1, 0, 0, 1, 1, 1, 0, 1], dtype=torch.bool)),
+    # Under GATHER_BELOW of a side kept, that side gathers (x's columns) or index_adds (the output's rows).
+    "few rows and columns": LayerMask(torch.tensor([0, 0, 1, 0, 0, 0, 1, 0, 0, 0], dtype=torch.bool),
+                                      torch.tensor([0, 1, 0, 0, 0, 0, 0, 1, 0, 1, 0, 0], dtype=torch.bool)),
+    "few rows, most columns": LayerMask(torch.tensor([0, 0, 0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool),
+                                        torch.tensor([1, 1, 1, 0, 1, 1, 0, 1, 1, 1, 1, 1], dtype=torch.bool)),
+    "most rows, few columns": LayerMask(torch.tensor([1, 1, 0, 1, 1, 1, 0, 1, 1, 1], dtype=torch.bool),
+                                        torch.tensor([0, 0, 1, 0, 0, 1, 0, 0, 0, 0, 1, 0], dtype=torch.bool)),
     "no rows": LayerMask(torch.zeros(10, dtype=torch.bool), torch.ones(12, dtype=torch.bool)),
     "all": LayerMask(torch.ones(10, dtype=torch.bool), torch.ones(12, dtype=torch.bool)),
 }

@@ -17,7 +17,7 @@ from partial_lora.importance import LayerScores, svd_scores
 from partial_lora.ratios import (AcceptanceRule, DerivationSettings, DerivedCounts, LayerCounts, PrefixReplay,
                                  RatioCache, DerivationMetric, derivation_inputs, derivation_warnings, derive_counts,
                                  largest_removable, majority_rate, search_counts, ticket_metric)
-from partial_lora.ratios.search import literal_evaluations
+from partial_lora.ratios.search import SCOPES, SEARCHES, literal_evaluations
 from partial_lora.ratios.probe import probed_head
 from partial_lora.ratios.stability import kept_shares, stability_summary
 from tests.conftest import compose_config
@@ -151,6 +151,61 @@ def test_early_stopping_evaluation_decides_like_the_full_one():
         assert 0 < full < 1
         for target in torch.linspace(0, 1, 31).tolist():
             assert (accuracy("bert.encoder.layer.1.output.dense", target) >= target) == (full >= target)
+
+
+@pytest.fixture
+def probed_tiny():
+    """:func:`tiny_model_and_batches` (8 batches of 6) with its head fitted as the derivation's probe (well above
+    chance), its targeted weights and their SVD scores."""
+    cfg, model, batches = tiny_model_and_batches(8, 6)
+    logits = lambda batch: model(**{k: v for k, v in batch.items() if k != "labels"}).logits  # noqa: E731
+    weights = {name: model.get_submodule(name).weight for name, _ in model.named_modules()
+               if re.fullmatch(cfg.backbone.target_modules, name)}
+    with probed_head(model, ["classifier"], batches, logits, steps=300):
+        yield cfg, model, batches, weights, {name: svd_scores(w.detach()) for name, w in weights.items()}
+
+
+def test_the_early_decision_equals_the_full_evaluations_on_random_removals(probed_tiny):
+    # Targets one example either side of the exact accuracy and random ones, while the batches run least confident
+    # first: an early stop that is off by one example, or that decides from part of the order, fails here.
+    cfg, model, batches, weights, _ = probed_tiny
+    early = DerivationMetric(model, batches, cfg.backbone.blocks)
+    full = DerivationMetric(model, batches)
+    baseline = early(None, None)
+    assert sorted(early.order) == list(range(len(batches))) and early.order != sorted(early.order)
+    generator = torch.Generator().manual_seed(3)
+    names, step = list(weights), 1 / full.total
+    for _ in range(40):
+        name = names[int(torch.randint(len(names), (1,), generator=generator))]
+        weight = weights[name]
+        rows = torch.randperm(weight.shape[0], generator=generator)[: int(torch.randint(weight.shape[0], (1,),
+                                                                                        generator=generator))]
+        saved = weight[rows].clone()
+        with torch.no_grad():
+            weight[rows] = 0
+        exact = full(name, None)
+        for target in (exact - step, exact, exact + step, float(torch.rand(1, generator=generator)) * baseline):
+            assert PAPER.passes(early(name, target), target) == PAPER.passes(exact, target)
+        with torch.no_grad():
+            weight[rows] = saved
+    assert early.examples_evaluated < full.total + 4 * full.examples_evaluated  # the baseline, then 4 targets a case
+
+
+@pytest.mark.parametrize("scope", SCOPES)
+@pytest.mark.parametrize("search", SEARCHES)
+def test_counts_are_the_same_with_and_without_the_early_decision(probed_tiny, search, scope):
+    cfg, model, batches, weights, scores = probed_tiny
+    early = DerivationMetric(model, batches, cfg.backbone.blocks)
+    full = DerivationMetric(model, batches, cfg.backbone.blocks)
+    rule = AcceptanceRule("paper", 0.97)  # at 0.9 every matrix of this model could go whole
+    settings = {"search": search, "step": 4, "progress": False, "scope": scope}
+    _, decided_early = search_counts(weights, scores, early, rule, weights_changed=early.weights_changed, **settings)
+    _, evaluated_whole = search_counts(weights, scores, lambda layer, target: full(layer, None), rule,
+                                       weights_changed=full.weights_changed, **settings)
+    assert decided_early == evaluated_whole
+    kept = [(c.k_row + c.k_col) / sum(weights[n].shape) for n, c in decided_early.items()]
+    assert min(kept) < 1 and max(kept) > 0  # some removals passed, some failed: both decisions were taken
+    assert early.examples_evaluated <= full.examples_evaluated
 
 
 def test_removing_everything_is_one_evaluation_for_both_axes():

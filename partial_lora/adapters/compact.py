@@ -9,15 +9,18 @@ trains. PEFT has no structured sparsity of its factors, so the computation is a 
 (its extension point, as DoRA uses it): PEFT's layer, dropout, scaling, merging and adapter switching
 stay in charge.
 
-How it computes: the stored factors are scattered into zero-padded d x n and m x d matrices (tiny, rebuilt
-each call so that gradients reach the stored entries only) and multiplied as LoRA does. On CPU, at
-MiniLM's shapes (2048 tokens, rank 8, 70% kept), gathering ``x[..., C]`` and adding into the output's
-columns ``R`` with ``index_add`` measured 10-40% slower per layer (forward + backward) than LoRA, the
-padded path as fast as LoRA: at rank 8 the work is reading and writing the activations, which both
-paths do whole, and the padded path lets autograd reuse the ``x`` the base layer already saves. The
-savings are the factors, their gradients and AdamW state, and every layer that keeps no row or no
-column, which is skipped outright. Dropout is applied to the whole ``x`` as PEFT's LoRA does, so one
-random state gives the dense masked layer's output.
+How it computes: each side of the product takes the cheaper of two paths, by the share it keeps. Below
+:data:`GATHER_BELOW` of the input columns, ``x[..., C]`` is gathered and multiplied by the stored ``A``;
+above it, the stored columns are scattered into a zero-padded d x n ``A`` (tiny, rebuilt each call so that
+gradients reach the stored entries only) and ``x`` is multiplied whole, as LoRA does. Likewise the output:
+below the share of rows, ``index_add`` adds the kept rows into the output's columns ``R``; above it, a
+zero-padded ``B`` gives the whole m-wide delta. A side that keeps everything uses the stored factor as it is.
+At rank 8 the work is reading and writing activations, not arithmetic: on CPU at MiniLM's shapes (2048
+tokens, forward + backward of one layer, measured side by side on a loaded machine), gathering cost 10-25%
+of the padded path's overhead over the frozen layer at 5% kept, half of it at 30%, the same at 60%, and more
+than it with everything kept (earlier, at 70% kept, 10-40% more). Every layer that keeps no row or no column
+is skipped outright. Dropout is applied to the whole ``x`` as PEFT's LoRA does, so one random state gives the
+dense masked layer's output.
 
 AdaLoRA (``partial_adalora``) stays dense: its P, Lambda, Q triplets are pruned by PEFT's rank
 allocator, which works on the full factors, and its layers have no variant hook.
@@ -35,6 +38,7 @@ from partial_lora.errors import PartialLoraError
 
 ROWS, COLS = "partial_rows", "partial_cols"  # kept indices (compact layers)
 ROW_MASK, COL_MASK = "partial_row_mask", "partial_col_mask"  # the masks (every masked layer; saved with the adapter)
+GATHER_BELOW = 0.5  # kept share of a side's indices under which gathering / index_add beats zero-padding
 
 
 def kept(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,12 +49,16 @@ def kept(layer: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 def padded_a(layer: LoraLayer, adapter: str) -> torch.Tensor:
     """``A`` (d x n) with the stored columns in place and zeros elsewhere (differentiable)."""
     weight = layer.lora_A[adapter].weight
+    if weight.shape[1] == layer.in_features:  # every column kept
+        return weight
     return weight.new_zeros(weight.shape[0], layer.in_features).index_copy(1, kept(layer)[1], weight)
 
 
 def padded_b(layer: LoraLayer, adapter: str) -> torch.Tensor:
     """``B`` (m x d) with the stored rows in place and zeros elsewhere (differentiable)."""
     weight = layer.lora_B[adapter].weight
+    if weight.shape[0] == layer.out_features:  # every row kept
+        return weight
     return weight.new_zeros(layer.out_features, weight.shape[1]).index_copy(0, kept(layer)[0], weight)
 
 
@@ -84,7 +92,15 @@ class CompactLora(LoraVariant):
         rows, cols = kept(module)
         if rows.numel() == 0 or cols.numel() == 0:
             return result
-        hidden = module.lora_dropout[active_adapter](x) @ padded_a(module, active_adapter).T
+        x = module.lora_dropout[active_adapter](x)
+        lora_a, lora_b = module.lora_A[active_adapter].weight, module.lora_B[active_adapter].weight
+        if cols.numel() < GATHER_BELOW * module.in_features:
+            hidden = x.index_select(-1, cols) @ lora_a.T
+        else:
+            hidden = x @ padded_a(module, active_adapter).T
+        if rows.numel() < GATHER_BELOW * module.out_features:
+            delta = (hidden @ lora_b.T * module.scaling[active_adapter]).to(result.dtype)
+            return result.index_add(-1, rows, delta)
         return result + (hidden @ padded_b(module, active_adapter).T * module.scaling[active_adapter]).to(result.dtype)
 
 
@@ -162,5 +178,5 @@ def _kept_factors_in(layer: LoraLayer, state_dict: dict[str, Any], prefix: str, 
 
 def full_factors(layer: LoraLayer, adapter: str) -> tuple[torch.Tensor, torch.Tensor]:
     """``A`` (d x n) and ``B`` (m x d) full-shaped, zero outside the masks, as the dense layer holds them."""
-    with torch.no_grad():
-        return padded_a(layer, adapter), padded_b(layer, adapter)
+    with torch.no_grad():  # detached: a side that keeps everything is the parameter itself
+        return padded_a(layer, adapter).detach(), padded_b(layer, adapter).detach()

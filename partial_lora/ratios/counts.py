@@ -44,6 +44,7 @@ class DerivedCounts:
     warnings: list[str] = field(default_factory=list)  # what makes the counts suspect (near chance, nearly empty)
     wall_time_s: float = 0.0
     cache_hit: bool = False  # how this object was obtained (from a cache), not part of the document
+    examples_evaluated: int | None = None  # examples the search ran (None: read from a cache); not in the document
     path: Path | None = None  # where it was read or written
 
     @property

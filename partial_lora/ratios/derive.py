@@ -120,9 +120,14 @@ class DerivationMetric:
     as Algorithm 1 measures it: ``metric(layer, target)``, ``layer`` being the one the search modifies
     (``None``: any or none).
 
-    Given a ``target``, evaluation may stop early and return a bound on the same side of it: accuracy once
-    the examples left cannot change the comparison, the loss once its running sum (which only grows) is
-    already above the target.
+    Given a ``target``, evaluation may stop early and return a bound on the same side of it: accuracy once the
+    batches left cannot change the comparison (the correct answers reach the target, or the wrong ones put it out
+    of reach), the loss once its running sum (which only grows) is already above the target. So that failing
+    removals fail after few batches, accuracy with a target runs the batches in the order fixed by the first
+    evaluation without one (the baseline): least confident first, by their examples' mean rank of the margin of
+    the true class's logit over the best other. Accuracy sums whole answers, so the order cannot change it; the
+    loss, a float sum, keeps the batches' own order, and so does every evaluation without a target.
+    ``examples_evaluated`` counts the examples run so far.
 
     With ``blocks_path`` (the model's sequence of blocks), the blocks before the searched layer's are
     replayed from a recording instead of recomputed; :meth:`weights_changed` keeps that recording true when a
@@ -138,6 +143,8 @@ class DerivationMetric:
         if blocks_path:
             self.replay = PrefixReplay(model.get_submodule(blocks_path), batches, lambda batch: _logits(model, batch))
         self.total = sum(len(batch["labels"]) for batch in batches)
+        self.order: list[int] | None = None  # of the batches, for accuracy against a target (see above)
+        self.examples_evaluated = 0
 
     def weights_changed(self, layer: str) -> None:
         if self.replay is not None:
@@ -148,23 +155,48 @@ class DerivationMetric:
         summed = seen = 0.0
         total, replay = self.total, self.replay
         start = 0 if replay is None or layer is None else replay.block_of(layer, self.blocks_path)
+        order = self.order if target is not None and self.metric == "accuracy" else None
+        margins = [] if self.order is None and target is None and self.metric == "accuracy" else None
         with nullcontext() if replay is None else replay.starting_at(start):
-            for batch in (self.batches if replay is None else replay.batches_in_order()):
+            for batch in (self._in_order(order) if replay is None else replay.batches_in_order(order)):
                 logits = _logits(self.model, batch)
                 seen += len(batch["labels"])
+                self.examples_evaluated += len(batch["labels"])
                 if self.metric == "loss":
                     summed += float(cross_entropy(logits.float(), batch["labels"], reduction="sum"))
                     if target is not None and summed / total > target:
                         return summed / total
                     continue
                 summed += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+                if margins is not None:
+                    margins.append(_margins(logits.float(), batch["labels"]))
                 if target is not None:
                     # Stop once the comparison with the target is settled, whatever the rest holds.
                     if (summed + total - seen) / total < target:
                         return (summed + total - seen) / total
                     if summed / total >= target:
                         return summed / total
+        if margins is not None:
+            self.order = _least_confident_first(margins)
         return summed / total
+
+    def _in_order(self, order: list[int] | None) -> Iterator[Batch]:
+        return iter(self.batches) if order is None else (self.batches[index] for index in order)
+
+
+def _margins(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each example's logit of its true class minus the best other class's (negative where it is misclassified)."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    return true - logits.scatter(1, labels[:, None], float("-inf")).amax(dim=1)
+
+
+def _least_confident_first(margins: list[torch.Tensor]) -> list[int]:
+    """Batch indices by the mean rank of their examples' margins, lowest first: ranks, not margins, so that a few
+    confident outliers do not hide a batch of near-ties."""
+    ranks = torch.empty(sum(len(batch) for batch in margins))
+    ranks[torch.argsort(torch.cat(margins), stable=True)] = torch.arange(len(ranks), dtype=ranks.dtype)
+    means = [chunk.mean().item() for chunk in ranks.split([len(batch) for batch in margins])]
+    return sorted(range(len(means)), key=means.__getitem__)
 
 
 def majority_rate(batches: list[Batch]) -> float:
@@ -288,5 +320,5 @@ def _derive(model: torch.nn.Module, batches: list[Batch], probe_batches: list[Ba
     derived = DerivedCounts(counts=counts, scores=scores, inputs=inputs, baseline=baseline,
                             baseline_accuracy=accuracy, ticket_accuracy=ticket_accuracy, majority_rate=rule.chance,
                             warnings=derivation_warnings(accuracy, rule.chance, counts, shapes),
-                            wall_time_s=time.perf_counter() - started)
+                            wall_time_s=time.perf_counter() - started, examples_evaluated=evaluate.examples_evaluated)
     return derived

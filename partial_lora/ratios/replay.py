@@ -88,8 +88,9 @@ class PrefixReplay:
             for index, original in enumerate(originals):
                 self.blocks[index] = original
 
-    def batches_in_order(self) -> Iterator[Any]:
-        """The recorded batches, moving the replay to each in turn."""
-        for index, batch in enumerate(self.batches):
+    def batches_in_order(self, order: list[int] | None = None) -> Iterator[Any]:
+        """The recorded batches (in ``order``, indices into them: default, as recorded), moving the replay to each
+        in turn."""
+        for index in range(len(self.batches)) if order is None else order:
             self.position[0] = index
-            yield batch
+            yield self.batches[index]
