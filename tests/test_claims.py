@@ -11,8 +11,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from partial_lora.errors import ConfigError
-from partial_lora.protocol.claims import (CONTRADICTED, INCONCLUSIVE, MISSING, NOT_LEARNED, SUPPORTED, Claim, ClaimPlan,
-                                          Interval, PlannedRun, compose_claims, evaluate_claims, paired_interval,
+from partial_lora.protocol.claims import (CONTRADICTED, INCONCLUSIVE, MISSING, NO_CONTRAST, NOT_LEARNED, SUPPORTED,
+                                          Claim, ClaimPlan, Interval, PlannedRun, compose_claims, evaluate_claims, paired_interval,
                                           render_report, seeds_to_decide, verdict)
 from partial_lora.protocol.sweep import compose_target
 from partial_lora.protocol.targets import render_target
@@ -80,10 +80,14 @@ SMALL = ["claims.seeds=[0,1]", "claims.headline_seeds=[0,1]", "claims.pilot.lrs=
 MAJORITY = {"val": 50.0, "test": 50.0}
 
 
-def fake_records(plan: ClaimPlan, store: Path, test_of, majority_of=lambda dataset: MAJORITY) -> int:
+ADAPTER_PARAMS = {"lora": 1000, "adalora": 1200, "partial_adalora": 300, "head_only": 0}  # any other arm: 200
+
+
+def fake_records(plan: ClaimPlan, store: Path, test_of, majority_of=lambda dataset: MAJORITY,
+                 params_of=lambda arm, dataset: ADAPTER_PARAMS.get(arm, 200)) -> int:
     """A finished record, under the id run.py would give it, for every run the plan asks for (pilots first),
-    with the metrics ``test_of(arm, dataset, seed, lr, overrides)`` and the majority rates ``majority_of(dataset)``
-    (see :func:`fake_record`). Returns how many were written."""
+    with the metrics ``test_of(arm, dataset, seed, lr, overrides)``, the majority rates ``majority_of(dataset)``
+    and the adapter parameters ``params_of(arm, dataset)`` (see :func:`fake_record`). Returns how many were written."""
     written = 0
     while True:
         plan.reload()
@@ -93,19 +97,19 @@ def fake_records(plan: ClaimPlan, store: Path, test_of, majority_of=lambda datas
             return written
         for run in new.values():
             fake_record(plan, store, run, test_of(run.arm, run.dataset, run.seed, run.lr, run.overrides), written,
-                        majority_of(run.dataset))
+                        majority_of(run.dataset), params_of(run.arm, run.dataset))
             written += 1
 
 
 def fake_record(plan: ClaimPlan, store: Path, run: PlannedRun, score: float | tuple[float, float], index: int,
-                majority_rates: dict[str, float] | None = MAJORITY) -> None:
+                majority_rates: dict[str, float] | None = MAJORITY, adapter_params: int | None = None) -> None:
     """A finished record of ``run`` under the id run.py would give it, scoring ``score`` on validation and test
     (or ``(validation, test)``); without ``majority_rates``, as records written before they were recorded."""
     val, test = score if isinstance(score, tuple) else (score, score)
     overrides = [f"dataset={run.dataset}", f"seed={run.seed}", f"lr={run.lr}", *run.overrides, *plan.extra]
     cfg = compose_claims(CHECKOUT, plan.scale, overrides)
     cfg.output_dir = None
-    params = {"lora": 1000, "adalora": 1200, "partial_adalora": 300, "head_only": 0}.get(run.arm, 200)
+    params = ADAPTER_PARAMS.get(run.arm, 200) if adapter_params is None else adapter_params
     record = {"status": "finished", "config": OmegaConf.to_container(cfg, resolve=True), "backbone": "minilm",
               "dataset": run.dataset, "method": cfg.method.name, "rank": 8, "seed": run.seed, "lr": run.lr,
               "best_val": val, "test": test, "params": {"adapter": params, "unmasked_adapter": 1000},
@@ -249,6 +253,30 @@ def test_a_task_lora_did_not_learn_gets_no_verdict(tmp_path: Path):
     needed = seeds_to_decide("equivalent", paired_interval([1.0, 0.0]), 1.0)
     assert needed == 11  # t(0.975, n - 1) x 0.707 / sqrt(n): 0.506 at n = 10, 0.475 at n = 11, below 0.5
     assert report_row(text, "C2", "sst2").endswith(f"**inconclusive**; {needed} seeds would decide it |")
+
+
+def test_comparisons_between_arms_without_adapter_parameters_get_no_verdict(tmp_path: Path):
+    """SST-2 under the cpu preset: every derived ticket is empty. C1 (an empty ticket against LoRA) is still judged;
+    C2 (two empty tickets) and C8 (an empty ticket against the head alone) read "no contrast", although their
+    differences alone would give a verdict; MRPC, whose tickets are not empty, keeps its verdicts."""
+    store = tmp_path / "runs"
+    extra = [*SMALL, f"results_dir={store}"]
+    plan = only_claims(ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", extra), "cpu", extra), "C1", "C2", "C8")
+
+    def test_of(arm, dataset, seed, lr, overrides):
+        return {"lora": 80.0, "partial": 76.0, "targeted": 76.0, "head_only": 72.0}[arm] + 0.1 * seed
+
+    ticket = {"sst2": 0, "mrpc": 150}
+    fake_records(plan, store, test_of,
+                 params_of=lambda arm, dataset: {"lora": 1000, "head_only": 0}.get(arm, ticket[dataset]))
+    plan.reload()
+    verdicts = evaluate_claims(plan).set_index(["claim", "dataset"])["verdict"]
+    assert verdicts[("C1", "sst2")] == CONTRADICTED  # 4 points below LoRA
+    assert verdicts[("C2", "sst2")] == verdicts[("C8", "sst2")] == NO_CONTRAST
+    assert verdicts[("C2", "mrpc")] == SUPPORTED and verdicts[("C8", "mrpc")] == SUPPORTED
+    text = render_report(plan, evaluate_claims(plan), tmp_path / "claims")[0].read_text()
+    assert report_row(text, "C8", "sst2").endswith("| **no contrast**: neither arm trains an adapter parameter (the "
+                                                   "classifier head alone), so the runs differ only by seed noise |")
 
 
 def test_a_glue_task_added_to_the_data_folder_and_the_scale_joins_the_claims_and_the_tables(tmp_path: Path):

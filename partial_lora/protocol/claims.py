@@ -32,9 +32,11 @@ is shown: a sweep still running must not read as evidence, and its first seeds a
 
 A task that LoRA did not learn at this budget (``results.aggregate.learning_status`` over
 :meth:`ClaimPlan.budget_records`) gets no verdict either ("not learned", with the reason): its comparisons are
-between models at chance. Beside each claim the report shows the treatment arm's adapter parameters as a share
-of LoRA's next to the paper's Partial-LoRA share (``results/paper/tables.csv``), the arms' validation-test gaps,
-and, where the interval is too wide to decide, how many seeds would decide it (:func:`seeds_to_decide`).
+between models at chance. Nor does a comparison in which neither arm trains an adapter parameter ("no contrast":
+both tickets empty, or an empty ticket against the head alone): the claims are about masks, counts and measures,
+and such runs differ only by the head's seed noise. Beside each claim the report shows the treatment arm's adapter
+parameters as a share of LoRA's next to the paper's Partial-LoRA share (``results/paper/tables.csv``), the arms'
+validation-test gaps, and, where the interval is too wide to decide, how many seeds would decide it (:func:`seeds_to_decide`).
 
 The parts: ``claims_statistics`` (intervals, verdicts, seeds to decide), ``claims_plan`` (``ClaimPlan``: runs, run
 ids, launching), ``claims_verdicts`` (:func:`evaluate_claims`) and ``claims_report`` (Markdown and figure); their
@@ -43,11 +45,12 @@ public names are importable from here.
 
 from partial_lora.protocol.claims_plan import Claim, ClaimPlan, PlannedRun, claims_of, compose_claims, run_claims
 from partial_lora.protocol.claims_report import render_report
-from partial_lora.protocol.claims_statistics import (CONTRADICTED, INCONCLUSIVE, MAX_SEEDS, MISSING, NOT_LEARNED,
-                                                     SUPPORTED, TESTS, Interval, boundaries, half_width,
+from partial_lora.protocol.claims_statistics import (CONTRADICTED, INCONCLUSIVE, MAX_SEEDS, MISSING, NO_CONTRAST,
+                                                     NOT_LEARNED, SUPPORTED, TESTS, Interval, boundaries, half_width,
                                                      paired_interval, seeds_to_decide, verdict)
 from partial_lora.protocol.claims_verdicts import evaluate_claims
 
-__all__ = ["CONTRADICTED", "INCONCLUSIVE", "MAX_SEEDS", "MISSING", "NOT_LEARNED", "SUPPORTED", "TESTS", "Claim",
-           "ClaimPlan", "Interval", "PlannedRun", "boundaries", "claims_of", "compose_claims", "evaluate_claims",
-           "half_width", "paired_interval", "render_report", "run_claims", "seeds_to_decide", "verdict"]
+__all__ = ["CONTRADICTED", "INCONCLUSIVE", "MAX_SEEDS", "MISSING", "NO_CONTRAST", "NOT_LEARNED", "SUPPORTED", "TESTS",
+           "Claim", "ClaimPlan", "Interval", "PlannedRun", "boundaries", "claims_of", "compose_claims",
+           "evaluate_claims", "half_width", "paired_interval", "render_report", "run_claims", "seeds_to_decide",
+           "verdict"]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from partial_lora.protocol.claims_plan import ClaimPlan
-from partial_lora.protocol.claims_statistics import INCONCLUSIVE, MAX_SEEDS, NOT_LEARNED, paired_interval
+from partial_lora.protocol.claims_statistics import INCONCLUSIVE, MAX_SEEDS, NO_CONTRAST, NOT_LEARNED, paired_interval
 from partial_lora.results.aggregate import (REFERENCE_METHOD, VAL_TEST_GAP, Learning, describe_rule, large_gap,
                                             learning_status)
 from partial_lora.results.tables import parameter_count
@@ -37,7 +37,7 @@ def _kept(row: dict[str, Any]) -> str:
 
 def _verdict(row: dict[str, Any]) -> str:
     cell = f"**{row['verdict']}**"
-    if row["verdict"] == NOT_LEARNED:
+    if row["verdict"] in (NOT_LEARNED, NO_CONTRAST):
         return f"{cell}: {row['reason']}"
     if row["verdict"] == INCONCLUSIVE:
         seeds = row.get("seeds_to_decide")
@@ -134,7 +134,8 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
              f"per-seed differences with a 95% Student-t interval. Verdicts: supported / contradicted when the "
              f"interval clears the claim's margin, inconclusive when it spans it (with the seeds that would decide it "
              f"if the mean and spread of the paired differences stayed as measured), missing runs until every seed has "
-             f"both arms, and not learned on a task {REFERENCE_METHOD} did not learn (see "
+             f"both arms, no contrast where neither arm trains an adapter parameter, and not learned on a task "
+             f"{REFERENCE_METHOD} did not learn (see "
              f"`partial_lora/protocol/claims.py` and Learned at this budget below). {describe_rule()} Kept: the "
              f"treatment's adapter parameters over {REFERENCE_METHOD}'s on the task, beside the paper's Partial-LoRA "
              f"share ({plan.paper_backbone()}, `results/paper/tables.csv`). val - test: each arm's mean validation "

@@ -14,6 +14,9 @@ from partial_lora.errors import ConfigError
 TESTS = ("noninferior", "equivalent", "superior", "shrinking")
 SUPPORTED, CONTRADICTED, INCONCLUSIVE, MISSING = "supported", "contradicted", "inconclusive", "missing runs"
 NOT_LEARNED = "not learned"
+# Both arms trained no adapter parameter (each an empty ticket or the head alone): their difference is the head's
+# seed noise, whatever the statistics say, so no claim about masks, counts or measures can be judged from it.
+NO_CONTRAST = "no contrast"
 MAX_SEEDS = 1000  # beyond this many seeds a claim is reported as undecidable at the measured spread
 
 

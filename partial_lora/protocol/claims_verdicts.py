@@ -7,15 +7,16 @@ import numpy as np
 import pandas as pd
 
 from partial_lora.protocol.claims_plan import ClaimPlan
-from partial_lora.protocol.claims_statistics import (CONTRADICTED, INCONCLUSIVE, MISSING, NOT_LEARNED, paired_interval,
-                                                     seeds_to_decide, verdict)
+from partial_lora.protocol.claims_statistics import (CONTRADICTED, INCONCLUSIVE, MISSING, NO_CONTRAST, NOT_LEARNED,
+                                                     paired_interval, seeds_to_decide, verdict)
 from partial_lora.results.aggregate import REFERENCE_METHOD, learning_status
 from partial_lora.results.tables import load_paper, paper_kept_share
 
 
 def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
     """One row per (claim, dataset): the effect, its interval, parameter counts, kept shares, validation-test
-    gaps and the verdict (none on a task not learned; the seeds that would decide an inconclusive one)."""
+    gaps and the verdict (none on a task not learned, nor where neither arm trains an adapter parameter; the seeds
+    that would decide an inconclusive one)."""
     budget = plan.budget_records()
     learning, paper, backbone = learning_status(budget), load_paper(plan.checkout.paper_tables), plan.paper_backbone()
     reference = budget[budget["method"] == REFERENCE_METHOD] if not budget.empty else budget
@@ -61,6 +62,9 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
                         "val_control": np.mean([c["val"] for _, c, _ in found]),
                         "kept_treatment": treatment_params / reference_params.get(dataset, np.nan)}
             row["verdict"] = outcome if chosen else MISSING
+            if row["verdict"] != MISSING and not any(t["params"] or c["params"] for t, c, _ in found):
+                row |= {"verdict": NO_CONTRAST, "reason": "neither arm trains an adapter parameter (the classifier "
+                        "head alone), so the runs differ only by seed noise"}
             if row["verdict"] == INCONCLUSIVE:
                 row["seeds_to_decide"] = seeds_to_decide(claim.test, interval, claim.margin)
             status = learning.get(dataset)
