@@ -1,5 +1,5 @@
 """The library API outside the harness: any transformers classifier or the CLIP visual tower, plain PEFT reading
-the saved adapter in a process without this package, transformers.Trainer, and the README's example."""
+the saved adapter in a process without this package, transformers.Trainer, and the example of docs/library.md."""
 
 from __future__ import annotations
 
@@ -175,7 +175,7 @@ def test_the_clip_visual_tower_takes_the_same_api(tmp_path: Path):
 
 
 def readme_example() -> str:
-    section = (ROOT / "README.md").read_text().split("## Use in your own code", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "library.md").read_text().split("## Use in your own code", 1)[1].split("\n## ", 1)[0]
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 

@@ -280,8 +280,8 @@ def test_comparisons_between_arms_without_adapter_parameters_get_no_verdict(tmp_
 
 
 def test_a_glue_task_added_to_the_data_folder_and_the_scale_joins_the_claims_and_the_tables(tmp_path: Path):
-    """The README's promise: a GLUE-schema task in the data folder, its dataset config beside the project's (here
-    through Hydra's search path) and its name in the scale's language datasets, and the claims plan, the claims
+    """The promise of docs/protocol.md ("A new task"): a GLUE-schema task in the data folder, its dataset config
+    beside the project's (here through Hydra's search path) and its name in the scale's language datasets, and the claims plan, the claims
     report and Table 6 take it up with no other edit (MRPC is left out for speed). Its records carry no majority rates (as records written
     before they were recorded): the learning rule reads them from its data, and finds LoRA at chance there."""
     data, conf, store = tmp_path / "data", tmp_path / "conf", tmp_path / "runs"
