@@ -8,10 +8,10 @@ run config for it. ``partial_lora.config`` checks the same config once, before a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from importlib import import_module
 from typing import Any
 
 import torch
-from hydra.utils import get_class
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora.errors import ConfigError
@@ -29,9 +29,10 @@ def derives_counts(config: Mapping[str, Any]) -> bool:
 def method_of(cfg: DictConfig) -> Method:
     """The method object of a run config: ``method.plugin`` names its class (``conf/method/*.yaml``)."""
     plugin = cfg.method.get("plugin")
+    module, _, name = plugin.rpartition(".") if isinstance(plugin, str) else ("", "", "")
     try:
-        kind = get_class(plugin)
-    except (ImportError, ValueError, TypeError):
+        kind = getattr(import_module(module), name, None)
+    except (ImportError, ValueError):  # ValueError: no module named
         kind = None
     if not (isinstance(kind, type) and issubclass(kind, Method)):
         raise ConfigError(f"method.plugin must name a method class (a partial_lora.methods.base.Method), got "
