@@ -32,7 +32,7 @@ def method_of(cfg: DictConfig) -> Method:
     module, _, name = plugin.rpartition(".") if isinstance(plugin, str) else ("", "", "")
     try:
         kind = getattr(import_module(module), name, None)
-    except (ImportError, ValueError):  # ValueError: no module named
+    except (ImportError, ValueError):  # ValueError: an empty module name (no dot in the plugin)
         kind = None
     if not (isinstance(kind, type) and issubclass(kind, Method)):
         raise ConfigError(f"method.plugin must name a method class (a partial_lora.methods.base.Method), got "
