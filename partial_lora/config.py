@@ -16,6 +16,8 @@ from partial_lora.errors import ConfigError
 if TYPE_CHECKING:
     import torch
 
+    from partial_lora.methods.base import Method
+
 DATA_DIR_ENV = "PARTIAL_LORA_DATA"
 
 
@@ -45,11 +47,11 @@ def is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
-def _at_least(low: int, none: bool = False) -> Callable[[object], bool]:
+def at_least(low: int, none: bool = False) -> Callable[[object], bool]:
     return lambda value: (none and value is None) or (is_int(value) and value >= low)
 
 
-def _share(low_open: bool, high_open: bool) -> Callable[[object], bool]:
+def share(low_open: bool, high_open: bool) -> Callable[[object], bool]:
     """A number between 0 and 1, each end excluded or not."""
     return lambda value: is_number(value) and (0 < value if low_open else 0 <= value) and \
         (value < 1 if high_open else value <= 1)
@@ -59,7 +61,7 @@ def _flag(value: object) -> bool:
     return isinstance(value, bool)
 
 
-def _positive(value: object) -> bool:
+def positive(value: object) -> bool:
     return is_number(value) and value > 0
 
 
@@ -70,43 +72,35 @@ def _seed(value: object) -> bool:
     return is_int(value) and 0 <= value <= SEED_MAX
 
 
-LOW_RANK_CONFIGS = ("peft.LoraConfig", "peft.AdaLoraConfig")  # the adapters with low-rank factors (and masks)
-
-# Settings (dotted) a run reads, what each accepts and how to say it. Absent keys (another method's or
-# dataset's) are skipped; the message is "<key> must be <description>, got <value>."
+# Settings (dotted) a run reads, what each accepts and how to say it; a method's own are its ``settings``. Absent
+# keys (another dataset's) are skipped; the message is "<key> must be <description>, got <value>."
 SETTINGS: tuple[tuple[str, Callable[[object], bool], str], ...] = (
     ("seed", _seed, f"an integer in 0..{SEED_MAX} (e.g. seed=3, or -m seed=0..19)"),
     ("data_seed", _seed, f"an integer in 0..{SEED_MAX}"),
-    ("rank", _at_least(1, none=True), "an integer >= 1"),
-    ("alpha", _positive, "a number > 0 (LoRA scales its update by alpha / rank)"),
-    ("lr", _positive, "a number > 0"),
-    ("train.epochs", _at_least(1), "an integer >= 1"),
-    ("train.batch_size", _at_least(1), "an integer >= 1"),
+    ("rank", at_least(1, none=True), "an integer >= 1"),
+    ("alpha", positive, "a number > 0 (LoRA scales its update by alpha / rank)"),
+    ("lr", positive, "a number > 0"),
+    ("train.epochs", at_least(1), "an integer >= 1"),
+    ("train.batch_size", at_least(1), "an integer >= 1"),
     ("train.weight_decay", lambda value: is_number(value) and value >= 0, "a number >= 0"),
-    ("train.num_workers", _at_least(0), "an integer >= 0"),
-    ("trainer.max_steps", lambda value: value == -1 or _at_least(1)(value), "-1 (no limit) or an integer >= 1"),
-    ("ratios.threshold", _share(True, False), "a number in (0, 1] (the share of baseline accuracy kept)"),
-    ("ratios.max_loss_increase", _positive, "a number > 0"),
-    ("ratios.max_examples", _at_least(1, none=True), "an integer >= 1 or null (the paper's fraction)"),
-    ("ratios.step", _at_least(1), "an integer >= 1"),
-    ("ratios.batch_size", _at_least(1), "an integer >= 1"),
-    ("ratios.probe_head_steps", _at_least(0), "an integer >= 0 (0: no probe)"),
-    ("ratios.probe_examples", _at_least(1), "an integer >= 1"),
-    ("importance.top_k", _at_least(1, none=True), "an integer >= 1 or null (all directions)"),
-    ("dataset.derivation_fraction", _share(True, False), "a number in (0, 1]"),
-    ("dataset.shots", _at_least(1, none=True), "an integer >= 1 (training images per class) or null"),
-    ("dataset.val_size", _at_least(1), "an integer >= 1"),
-    ("dataset.train_size", _at_least(1, none=True), "an integer >= 1 or null (all)"),
-    ("dataset.test_size", _at_least(1, none=True), "an integer >= 1 or null (all)"),
-    ("dataset.max_length", _at_least(1), "an integer >= 1"),
-    ("method.mask.temperature", _positive, "a number > 0"),
-    ("method.mask.sparsity", _share(False, False), "a number in [0, 1] (1: every row and column masked)"),
-    ("method.losia.rank_factor", _share(True, False), "a number in (0, 1]"),
-    ("method.losia.beta", _share(False, True), "a number in [0, 1)"),
-    ("method.losia.period", _at_least(1), "an integer >= 1"),
-    ("method.sparse_delta.trainable_fraction", _share(True, False), "a number in (0, 1]"),
-    ("strategy.initial_p", _share(True, False), "a number in (0, 1]"),
-    ("strategy.stage1_ratio", _share(True, False), "a number in (0, 1]"),
+    ("train.num_workers", at_least(0), "an integer >= 0"),
+    ("trainer.max_steps", lambda value: value == -1 or at_least(1)(value), "-1 (no limit) or an integer >= 1"),
+    ("ratios.threshold", share(True, False), "a number in (0, 1] (the share of baseline accuracy kept)"),
+    ("ratios.max_loss_increase", positive, "a number > 0"),
+    ("ratios.max_examples", at_least(1, none=True), "an integer >= 1 or null (the paper's fraction)"),
+    ("ratios.step", at_least(1), "an integer >= 1"),
+    ("ratios.batch_size", at_least(1), "an integer >= 1"),
+    ("ratios.probe_head_steps", at_least(0), "an integer >= 0 (0: no probe)"),
+    ("ratios.probe_examples", at_least(1), "an integer >= 1"),
+    ("importance.top_k", at_least(1, none=True), "an integer >= 1 or null (all directions)"),
+    ("dataset.derivation_fraction", share(True, False), "a number in (0, 1]"),
+    ("dataset.shots", at_least(1, none=True), "an integer >= 1 (training images per class) or null"),
+    ("dataset.val_size", at_least(1), "an integer >= 1"),
+    ("dataset.train_size", at_least(1, none=True), "an integer >= 1 or null (all)"),
+    ("dataset.test_size", at_least(1, none=True), "an integer >= 1 or null (all)"),
+    ("dataset.max_length", at_least(1), "an integer >= 1"),
+    ("strategy.initial_p", share(True, False), "a number in (0, 1]"),
+    ("strategy.stage1_ratio", share(True, False), "a number in (0, 1]"),
     ("adapter.compact", _flag, "true or false"),
     ("checkpoint.keep", _flag, "true or false"),
     ("dry_run", _flag, "true or false"),
@@ -119,13 +113,15 @@ def validate(cfg: DictConfig) -> None:
 
     Runs before any model or data loads, so a bad sweep fails in seconds, not after downloads, and
     nothing is written: every folder the run will write to is checked last. The adapter's rank against
-    the layers it adapts needs their shapes, which only the built backbone has: see :func:`validate_rank`.
+    the layers it adapts needs their shapes, which only the built backbone has: see ``Method.validate_model``.
     """
     from partial_lora.importance.measures import FLOWS, MEASURES  # import torch: run.py loads this module first
     from partial_lora.ratios.derive import PROBES
     from partial_lora.ratios.search import RULES, SCOPES, SEARCHES
+    from partial_lora.settings import method_of
 
-    for key, accepts, description in SETTINGS:
+    method = method_of(cfg)
+    for key, accepts, description in (*SETTINGS, *method.settings):
         value = OmegaConf.select(cfg, key, default=_ABSENT)
         _require(value is _ABSENT or accepts(value), f"{key} must be {description}, got {value!r}.")
     # importance.name also names ratio cache files: only a measure's name reaches a path.
@@ -133,8 +129,8 @@ def validate(cfg: DictConfig) -> None:
                          ("ratios.scope", SCOPES), ("importance.flow", FLOWS), ("importance.name", ("none", *MEASURES))):
         value = OmegaConf.select(cfg, key)
         _require(value in choices, f"{key} must be one of {', '.join(choices)}, got {value!r}.")
-    _validate_method(cfg)
-    _require(cfg.strategy.name != "coto" or cfg.method.peft_config is not None,
+    _validate_method(cfg, method)
+    _require(cfg.strategy.name != "coto" or method.peft_adapter,
              f"strategy=coto switches PEFT adapters on and off, and method {cfg.method.name} has none: "
              "pick a PEFT method (lora, dora, adalora, partial_lora, ...).")
     if cfg.data_dir is not None and not os.path.isdir(cfg.data_dir):
@@ -142,20 +138,18 @@ def validate(cfg: DictConfig) -> None:
             f"data_dir '{cfg.data_dir}' is not a directory; point data_dir (or {DATA_DIR_ENV}) at a folder "
             "holding glue/<task>/{train,validation}.jsonl, or unset both to use the Hugging Face hub."
         )
-    for key, folder in _written_folders(cfg).items():
+    for key, folder in _written_folders(cfg, method.derives_counts).items():
         _require_writable(key, folder)
 
 
-def _written_folders(cfg: DictConfig) -> dict[str, str]:
+def _written_folders(cfg: DictConfig, derives_counts: bool) -> dict[str, str]:
     """The folders this run writes to, by setting: a dry run writes only the ratio cache it derives."""
-    from partial_lora.settings import derives_counts
-
     folders = {}
     if not cfg.dry_run:
         folders = {"results_dir": cfg.results_dir, "checkpoint.dir": cfg.checkpoint.dir, "output_dir": cfg.output_dir}
         if cfg.logger and cfg.logger.get("save_dir"):
             folders["logger.save_dir"] = cfg.logger.save_dir
-    if derives_counts(cfg):
+    if derives_counts:
         folders["ratios.cache_dir"] = cfg.ratios.cache_dir
     return folders
 
@@ -178,31 +172,6 @@ def _require_writable(key: str, folder: str) -> None:
                           "write to.") from None
 
 
-def validate_rank(cfg: DictConfig, model: torch.nn.Module) -> None:
-    """A low-rank adapter's rank is at most the smaller side of every layer it adapts.
-
-    Called once the backbone is built (its shapes are not in the config), before the training data is read,
-    ratios derived or a step trained: a larger rank trains more parameters than the layer has.
-    """
-    from partial_lora.adapters.targets import targeted_linears
-
-    peft = cfg.method.peft_config
-    if peft is None or peft._target_ not in LOW_RANK_CONFIGS:
-        return
-    sides = {name: min(layer.in_features, layer.out_features)
-             for name, layer in targeted_linears(model, cfg.backbone.target_modules).items()}
-    smallest = min(sides, key=sides.get)
-    layer = model.get_submodule(smallest)
-    for key in ("r", "init_r", "target_r"):
-        rank = peft.get(key)
-        if rank is None:
-            continue
-        setting = "rank" if OmegaConf.is_interpolation(peft, key) else f"method.peft_config.{key}"
-        _require(rank <= sides[smallest],
-                 f"{setting}={rank} is larger than the smallest layer it adapts, {smallest} "
-                 f"({layer.out_features} x {layer.in_features}): choose {setting} <= {sides[smallest]}.")
-
-
 def validate_max_length(cfg: DictConfig, model: torch.nn.Module) -> None:
     """``dataset.max_length`` is at most the positions the backbone embeds (``max_position_embeddings``).
 
@@ -216,23 +185,14 @@ def validate_max_length(cfg: DictConfig, model: torch.nn.Module) -> None:
                                   f"{cfg.backbone.name} embeds: choose dataset.max_length <= {limit}.")
 
 
-def _validate_method(cfg: DictConfig) -> None:
-    """Can this backbone host this method: matching modality, layers to adapt, factors to mask, scores?"""
-    from partial_lora.settings import derives_counts  # imports torch: not at the top, run.py loads this module first
-
-    method, backbone = cfg.method, cfg.backbone
+def _validate_method(cfg: DictConfig, method: Method) -> None:
+    """Can this backbone host this method (matching modality, layers to adapt), and can the method run as set?"""
+    backbone = cfg.backbone
     image_data, image_backbone = cfg.dataset.kind == "vision", backbone.get("kind", "text") == "clip"
     _require(image_data == image_backbone,
              f"dataset {cfg.dataset.name} holds {'images' if image_data else 'text'} but backbone {backbone.name} "
              f"reads {'images' if image_backbone else 'text'}: pick a matching pair.")
-    adapts_layers = method.peft_config is not None or method.get("sparse_delta")
-    _require(not adapts_layers or bool(backbone.get("target_modules")),
-             f"method {method.name} adapts the backbone's target_modules, but backbone {backbone.name} names none: "
-             "set backbone.target_modules to a regex of its linear layers.")
-    mask = method.get("mask")
-    _require(not mask or (method.peft_config is not None and method.peft_config._target_ in LOW_RANK_CONFIGS),
-             f"method {method.name} puts row/column masks on low-rank factors, which only LoRA and AdaLoRA adapters "
-             "have (peft.LoraConfig or peft.AdaLoraConfig).")
-    _require(not derives_counts(cfg) or cfg.importance.name != "none",
-             f"method={method.name} derives its masks from importance scores, which importance=none does not give: "
-             "set importance=svd (the default), snip or imp.")
+    _require(not method.adapts_layers or bool(backbone.get("target_modules")),
+             f"method {cfg.method.name} adapts the backbone's target_modules, but backbone {backbone.name} names "
+             "none: set backbone.target_modules to a regex of its linear layers.")
+    method.validate()

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +15,9 @@ from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora.adapters import count_parameters, kept_fractions, residual_norms, save_partial_lora
+from partial_lora.adapters import ParameterCounts, count_parameters, residual_norms, save_partial_lora
 from partial_lora.backbones import Backbone, build_backbone
-from partial_lora.config import validate, validate_max_length, validate_rank
+from partial_lora.config import validate, validate_max_length
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
 from partial_lora.dry_run import dry_run
 from partial_lora.errors import RunInterrupted, TrainingDiverged
@@ -24,9 +25,9 @@ from partial_lora.ratios import DerivedCounts, derive_counts
 from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
                                   write_record)
 from partial_lora.files import no_space_reported
-from partial_lora.settings import adapt, derivation_settings, derives_counts, uses_rank_allocation
-from partial_lora.training import (AdaLoraBudget, ClassificationModule, FiniteLoss, RngState, RunClock,
-                                   SigtermCheckpoint, TrainingCost)
+from partial_lora.methods.base import Method
+from partial_lora.settings import derivation_settings, method_of
+from partial_lora.training import ClassificationModule, FiniteLoss, RngState, RunClock, SigtermCheckpoint, TrainingCost
 
 
 def backbone_and_data(cfg: DictConfig) -> tuple[Backbone, SplitDataModule]:
@@ -79,80 +80,94 @@ def run(cfg: DictConfig) -> dict[str, Any] | None:
             return _run(cfg, slot)
 
 
+@dataclass
+class Build:
+    """What a run trains: the adapted model in its Lightning module, with what it was built from."""
+
+    backbone: Backbone
+    datamodule: SplitDataModule
+    method: Method
+    module: ClassificationModule
+    params: ParameterCounts  # trainable before training (AdaLoRA prunes while training)
+    masks: dict[str, Any] | None  # the record's ``masks``
+
+
+@dataclass
+class Fit:
+    """How training ended: its trainer and the callbacks the record reads; the test metrics, or why it failed."""
+
+    trainer: L.Trainer
+    best: ModelCheckpoint
+    cost: TrainingCost
+    test: dict[str, float] | None
+    failure: TrainingDiverged | None
+
+
 def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
+    """Build, fit, record; ``None`` where this process writes no record (a DDP worker, a requeued job)."""
     clock = RunClock()  # first: the run's time includes building the backbone and deriving counts
     L.seed_everything(cfg.seed, workers=True)
+    build = _build(cfg)
+    fit = _fit(cfg, slot, build, clock)
+    if fit is None or not fit.trainer.is_global_zero:  # under DDP one process writes the adapter and the record
+        return None
+    return _record(cfg, slot, build, fit, clock)
 
+
+def _build(cfg: DictConfig) -> Build:
+    """Backbone and data, the derived counts where the method reads them, the adapted model."""
     backbone, datamodule = backbone_and_data(cfg)
-    validate_rank(cfg, backbone.model)  # needs the built model: before any training data, derivation or step
+    method = method_of(cfg)
+    method.validate_model(backbone.model)  # needs the built model: before any training data, derivation or step
     validate_max_length(cfg, backbone.model)
-    rank_allocation = uses_rank_allocation(cfg.method)
     total_steps = None
-    if rank_allocation:
+    if method.needs_total_steps:
         total_steps = datamodule.steps_per_epoch() * cfg.train.epochs
         if cfg.trainer.max_steps > 0:
             total_steps = min(total_steps, cfg.trainer.max_steps)
-    mask_summary = derived = None
-    if derives_counts(cfg):
-        derived = derive_for_run(cfg, backbone, datamodule)
-    model = adapt(backbone.model, cfg, total_steps, counts=derived)
-    if cfg.method.get("mask"):
-        mask_summary = {"mode": cfg.method.mask.mode, "kept_fraction": kept_fractions(model)}
-        if derived is not None:
-            # derived_fraction: what the counts keep of the adapter's rows and columns (Balanced matches it, claim C4).
-            mask_summary |= {"cache_hit": derived.cache_hit, "evaluations": derived.evaluations,
-                             "wall_time_s": derived.wall_time_s, "baseline_accuracy": derived.baseline_accuracy,
-                             "majority_rate": derived.majority_rate, "warnings": derived.warnings,
-                             "cache_file": str(derived.path), "derived_fraction": derived.kept_fraction}
-    counts = count_parameters(model, backbone.head_modules)
+    derived = derive_for_run(cfg, backbone, datamodule) if method.derives_counts else None
+    model = method.adapt(backbone.model, total_steps, derived)
     module = ClassificationModule(model, num_labels=cfg.dataset.num_labels, metric=cfg.dataset.metric,
-                                  optimizer=instantiate(cfg.method.optimizer))
-    output_dir = Path(cfg.output_dir)
+                                  optimizer=method.optimizer())
+    return Build(backbone, datamodule, method, module, count_parameters(model, backbone.head_modules),
+                 method.mask_summary(model, derived))
+
+
+def _fit(cfg: DictConfig, slot: RunSlot, build: Build, clock: RunClock) -> Fit | None:
+    """Train (resuming from the slot's last checkpoint) and test the best checkpoint; ``None`` where submitit
+    requeues the job."""
     checkpoint = ModelCheckpoint(dirpath=slot.checkpoints, monitor="val/metric", mode="max", save_top_k=1)
     # Lightning's save_last only follows improvements of the monitored metric: resuming needs every epoch.
     latest = ModelCheckpoint(dirpath=slot.checkpoints, filename=LAST_CHECKPOINT.removesuffix(".ckpt"), save_top_k=1)
     logger = instantiate(cfg.logger) if cfg.logger else False
-    # Training strategies (CoTo) and methods with their own schedule (LoSiA) bring a callback; CoTo's comes
-    # before AdaLoraBudget, which reads the gradients it completes.
-    extra = [instantiate(callback) for callback in (cfg.strategy.callback, cfg.method.get("callback")) if callback]
+    # Training strategies (CoTo) and methods with their own schedule (LoSiA, AdaLoRA) bring callbacks; CoTo's
+    # comes before AdaLoRA's, which reads the gradients it completes.
+    strategy = [instantiate(cfg.strategy.callback)] if cfg.strategy.callback else []
     stopped = SigtermCheckpoint(slot.checkpoints / LAST_CHECKPOINT)
-    callbacks = [checkpoint, latest, RngState(), clock, FiniteLoss(), stopped, *extra]
-    callbacks += [AdaLoraBudget()] if rank_allocation else []
     # Last: a step's time then holds what the method does after the optimiser step (AdaLoRA's reallocation,
     # LoSiA's re-localisation).
     cost = TrainingCost()
-    callbacks.append(cost)
+    callbacks = [checkpoint, latest, RngState(), clock, FiniteLoss(), stopped, *strategy, *build.method.callbacks(),
+                 cost]
     # A step limit inside the first epoch would end training before any validation, with no best checkpoint
     # to test: validate at the limit instead.
-    within_first_epoch = 0 < cfg.trainer.max_steps < datamodule.steps_per_epoch()
+    within_first_epoch = 0 < cfg.trainer.max_steps < build.datamodule.steps_per_epoch()
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=logger,
                                      **({"val_check_interval": cfg.trainer.max_steps} if within_first_epoch else {}))
     if logger:
-        logger.log_hyperparams({"params/adapter": counts.adapter, "params/head": counts.head})
-    resume = slot.resume_from({name: parameter.shape for name, parameter in module.named_parameters()
+        logger.log_hyperparams({"params/adapter": build.params.adapter, "params/head": build.params.head})
+    resume = slot.resume_from({name: parameter.shape for name, parameter in build.module.named_parameters()
                                if parameter.requires_grad})
     if resume is not None:
         print(f"resuming run {slot.run_id} from {resume}")
-    # A strategy makes another method of the protocol: "lora+coto" is aggregated apart from "lora".
-    method = cfg.method.name if cfg.strategy.name == "none" else f"{cfg.method.name}+{cfg.strategy.name}"
-    identity = {"run_id": slot.run_id, "config": portable_config(OmegaConf.to_container(cfg, resolve=True)),
-                "seed": cfg.seed, "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "method": method,
-                "rank": cfg.rank, "lr": cfg.lr}
-    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{method}_r{cfg.rank}_s{cfg.seed}_{slot.run_id}"
     try:
         with warnings.catch_warnings():
             # The train loader's position travels in the datamodule's state (data/base.py, ResumableLoader), which
             # Lightning's warning about a mid-epoch checkpoint and a loader without state_dict does not know.
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-            trainer.fit(module, datamodule=datamodule, ckpt_path=resume)
+            trainer.fit(build.module, datamodule=build.datamodule, ckpt_path=resume)
     except TrainingDiverged as failure:
-        if not trainer.is_global_zero:
-            return None
-        record = identity | {"status": "failed", "reason": str(failure), "step": failure.step,
-                             **clock.record_fields(), "environment": environment()}
-        record["path"] = _store(cfg, slot, record, name)
-        print(f"\nrun {slot.run_id} failed: {failure}\nrun record: {record['path']}")
-        return record
+        return Fit(trainer, checkpoint, cost, None, failure)
     except SIGTERMException:
         if stopped.requeue():  # under submitit: the job is requeued and this process exits
             return None
@@ -162,38 +177,54 @@ def _run(cfg: DictConfig, slot: RunSlot) -> dict[str, Any] | None:
         raise RunInterrupted(f"run {slot.run_id} was stopped by SIGTERM at step {trainer.global_step} (epoch "
                              f"{trainer.current_epoch}); {where} when the same command is launched again.") from None
     try:
-        (test,) = trainer.test(module, datamodule=datamodule, ckpt_path="best")
+        (test,) = trainer.test(build.module, datamodule=build.datamodule, ckpt_path="best")
     except SIGTERMException:
         raise RunInterrupted(f"run {slot.run_id} was stopped by SIGTERM while testing; its training is done, and "
                              "launching the same command again tests it.") from None
-    if not trainer.is_global_zero:  # under DDP one process writes the adapter and the record
-        return None
+    return Fit(trainer, checkpoint, cost, test, None)
+
+
+def _record(cfg: DictConfig, slot: RunSlot, build: Build, fit: Fit, clock: RunClock) -> dict[str, Any]:
+    """The run's record (failed or finished), written to the store, and the adapter file of a finished run."""
+    # A strategy makes another method of the protocol: "lora+coto" is aggregated apart from "lora".
+    method = cfg.method.name if cfg.strategy.name == "none" else f"{cfg.method.name}+{cfg.strategy.name}"
+    identity = {"run_id": slot.run_id, "config": portable_config(OmegaConf.to_container(cfg, resolve=True)),
+                "seed": cfg.seed, "backbone": cfg.backbone.name, "dataset": cfg.dataset.name, "method": method,
+                "rank": cfg.rank, "lr": cfg.lr}
+    name = f"{cfg.backbone.name}_{cfg.dataset.name}_{method}_r{cfg.rank}_s{cfg.seed}_{slot.run_id}"
+    if fit.failure is not None:
+        record = identity | {"status": "failed", "reason": str(fit.failure), "step": fit.failure.step,
+                             **clock.record_fields(), "environment": environment()}
+        record["path"] = _store(cfg, slot, record, name)
+        print(f"\nrun {slot.run_id} failed: {fit.failure}\nrun record: {record['path']}")
+        return record
+    model, trainer = build.module.model, fit.trainer
     adapter_file = None
-    if cfg.method.peft_config is not None:  # the best checkpoint's adapter, as loaded by trainer.test, compact
-        adapter_file = save_partial_lora(model, output_dir / "adapter")
+    if build.method.peft_adapter:  # the best checkpoint's adapter, as loaded by trainer.test, compact
+        adapter_file = save_partial_lora(model, Path(cfg.output_dir) / "adapter")
 
     # AdaLoRA prunes ranks while training: the paper reports what is left at the end.
-    final_counts = count_parameters(model, backbone.head_modules)
+    final_counts = count_parameters(model, build.backbone.head_modules)
     record = identity | {
         "status": "finished",
         "params": final_counts.as_dict(),
-        "params_initial": counts.as_dict(),
-        "masks": mask_summary,
+        "params_initial": build.params.as_dict(),
+        "masks": build.masks,
         "residual_norms": residual_norms(model),
         "adapter_file": None if adapter_file is None else portable_path(adapter_file),
         "adapter_bytes": None if adapter_file is None else adapter_file.stat().st_size,
         "metric": cfg.dataset.metric,
-        "majority_rates": datamodule.majority_rates(),  # chance for accuracy: whether the task was learned at all
-        "best_val": 100 * float(checkpoint.best_model_score),
-        "test": 100 * float(test["test/metric"]),
+        "majority_rates": build.datamodule.majority_rates(),  # chance for accuracy: whether the task was learned
+        "best_val": 100 * float(fit.best.best_model_score),
+        "test": 100 * float(fit.test["test/metric"]),
         "epochs": trainer.current_epoch,
         "steps": trainer.global_step,
         **clock.record_fields(),
-        **cost.record_fields(),
+        **fit.cost.record_fields(),
         "environment": environment(),
     }
-    if logger:
-        logger.log_metrics({"record/best_val": record["best_val"], "record/test": record["test"]})
+    if trainer.logger:
+        trainer.logger.log_metrics({"record/best_val": record["best_val"], "record/test": record["test"]})
     record["path"] = path = _store(cfg, slot, record, name)
     print(
         f"\n{cfg.dataset.name} | {method} (rank {cfg.rank}) | trainable adapter parameters "

@@ -8,18 +8,15 @@ run config for it. ``partial_lora.config`` checks the same config once, before a
 from __future__ import annotations
 
 from collections.abc import Mapping
+from importlib import import_module
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from peft import get_peft_model
 
-from partial_lora.adapters.losia import apply_losia
-from partial_lora.adapters.partial import get_partial_lora_model, partial_config
-from partial_lora.adapters.sparse_delta import apply_random_masking
-from partial_lora.layers import in_head
+from partial_lora.errors import ConfigError
 from partial_lora.masks import NEEDS_DERIVATION
+from partial_lora.methods.base import Method
 from partial_lora.ratios import DerivationSettings, DerivedCounts
 
 
@@ -29,43 +26,25 @@ def derives_counts(config: Mapping[str, Any]) -> bool:
     return isinstance(mask, Mapping) and mask.get("mode") in NEEDS_DERIVATION
 
 
-def uses_rank_allocation(method: DictConfig) -> bool:
-    """AdaLoRA-style methods: their schedule needs the run's total step count and a per-step callback."""
-    return method.peft_config is not None and "total_step" in method.peft_config
+def method_of(cfg: DictConfig) -> Method:
+    """The method object of a run config: ``method.plugin`` names its class (``conf/method/*.yaml``)."""
+    plugin = cfg.method.get("plugin")
+    module, _, name = plugin.rpartition(".") if isinstance(plugin, str) else ("", "", "")
+    try:
+        kind = getattr(import_module(module), name, None)
+    except (ImportError, ValueError):  # ValueError: an empty module name (no dot in the plugin)
+        kind = None
+    if not (isinstance(kind, type) and issubclass(kind, Method)):
+        raise ConfigError(f"method.plugin must name a method class (a partial_lora.methods.base.Method), got "
+                          f"{plugin!r}.")
+    return kind(cfg)
 
 
 def adapt(model: torch.nn.Module, cfg: DictConfig, total_steps: int | None = None,
           counts: DerivedCounts | None = None) -> torch.nn.Module:
-    """Wrap ``model`` with the method's PEFT adapter (head trainable too), masked for masked methods (by
-    :func:`get_partial_lora_model`, from ``counts`` where the mask mode needs them), a random sparse delta
-    (``random_masking``), LoSiA's subnets (``losia``), or unfreeze it all for ``full_ft``.
-
-    AdaLoRA's warm-up and final phases are configured as fractions of ``total_steps``.
-    """
-    method, head_modules = cfg.method, list(cfg.backbone.head_modules)
-    if method.get("sparse_delta") or method.get("losia"):
-        if method.get("sparse_delta"):
-            apply_random_masking(model, cfg.backbone.target_modules, method.sparse_delta.trainable_fraction,
-                                 cfg.seed)
-        else:
-            apply_losia(model, cfg.backbone.target_modules, method.losia.rank_factor, method.losia.beta, cfg.seed)
-        for name, module in model.named_modules():
-            if in_head(name, head_modules):
-                module.requires_grad_(True)
-        return model
-    if method.peft_config is None:
-        model.requires_grad_(True)
-        return model
-    schedule = {}
-    if uses_rank_allocation(method):
-        schedule = {"total_step": total_steps, "tinit": int(method.schedule.tinit * total_steps),
-                    "tfinal": int(method.schedule.tfinal * total_steps)}
-    # Plain Python values (not OmegaConf containers): PEFT writes the config to adapter_config.json.
-    peft_config = instantiate(method.peft_config, modules_to_save=head_modules, _convert_="all", **schedule)
-    if not method.get("mask"):
-        return get_peft_model(model, peft_config)
-    return get_partial_lora_model(model, partial_config(peft_config, counts=counts, compact=cfg.adapter.compact,
-                                                        **mask_settings(cfg)))
+    """``model`` as the run's method trains it (:meth:`Method.adapt`); ``total_steps`` sets AdaLoRA's schedule,
+    ``counts`` a masked method's masks where its mode reads them."""
+    return method_of(cfg).adapt(model, total_steps, counts)
 
 
 def mask_settings(cfg: DictConfig) -> dict[str, Any]:

@@ -10,7 +10,9 @@ from omegaconf import OmegaConf
 
 from partial_lora.config import register_resolvers
 from partial_lora.masks import NEEDS_DERIVATION
+from partial_lora.methods.base import Method
 from partial_lora.results import config_hash
+from partial_lora.settings import derives_counts, method_of
 from tests.conftest import CONF, compose_config, methods, options
 
 GROUPS = ["dataset", "backbone", "method", "importance", "strategy", "trainer", "logger", "experiment"]
@@ -72,3 +74,13 @@ def test_vision_datasets_pick_the_paper_image_backbone_unless_told_otherwise():
         assert cfg.backbone.name == ("clip_vit_b16" if cfg.dataset.kind == "vision" else "minilm")
     assert compose_config("dataset=cifar10_fewshot", "backbone=clip_tiny").backbone.name == "clip_tiny"
     assert compose_config("backbone=clip_tiny", "dataset=fgvc").backbone.name == "clip_tiny"
+
+
+@pytest.mark.parametrize("method", options("method"))
+def test_every_method_names_its_class_and_the_class_stays_out_of_the_run_id(method):
+    cfg = compose_config(f"method={method}")
+    plugin = method_of(cfg)
+    assert isinstance(plugin, Method) and plugin.derives_counts == derives_counts(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    without = resolved | {"method": {key: value for key, value in resolved["method"].items() if key != "plugin"}}
+    assert config_hash(resolved) == config_hash(without)

@@ -18,7 +18,7 @@ from partial_lora.adapters import count_parameters
 from partial_lora.backbones import build_backbone
 from partial_lora.errors import ConfigError
 from partial_lora.pipeline import run
-from partial_lora.settings import adapt, uses_rank_allocation
+from partial_lora.settings import adapt, method_of
 from tests.conftest import ROOT, compose_config, methods
 
 
@@ -35,7 +35,7 @@ def built_counts(*overrides: str):
     torch.manual_seed(0)
     names = [f"class {i}" for i in range(cfg.dataset.num_labels)] if cfg.dataset.kind == "vision" else None
     built = build_backbone(cfg.backbone, cfg.dataset.num_labels, names)
-    model = adapt(built.model, cfg, 10 if uses_rank_allocation(cfg.method) else None)  # masked too
+    model = adapt(built.model, cfg, 10 if method_of(cfg).needs_total_steps else None)  # masked too
     return count_parameters(model, built.head_modules)
 
 
@@ -53,7 +53,7 @@ def test_dry_run_counts_what_the_built_model_trains_without_tokenizer_or_data(ov
     assert printed_counts(out) == (expected.adapter, expected.head)
     if cfg.method.get("mask"):
         assert f"the unmasked adapter would train: {expected.unmasked_adapter:,}" in out
-    if uses_rank_allocation(cfg.method):
+    if method_of(cfg).needs_total_steps:
         assert "adalora is counted at its initial rank 12" in out and "this dry run assumed 3 steps" in out
 
 

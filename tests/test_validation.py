@@ -81,6 +81,10 @@ def test_an_unknown_group_option_lists_the_choices(tmp_path: Path):
     (["ratios.max_examples=0"], "ratios.max_examples must be an integer >= 1 or null"),
     (["data_dir=/no/such/folder"], "data_dir '/no/such/folder' is not a directory"),
     (["method=vera", "+method.mask.mode=partial", "importance=svd"], "which only LoRA and AdaLoRA adapters have"),
+    (["+method.mask.mode=balanced", "+method.mask.sparsity=0.5"],
+     "method lora sets method.mask, which its plugin partial_lora.methods.lora.PeftLora does not read"),
+    (["method.plugin=partial_lora.methods.none.Nothing"], "method.plugin must name a method class"),
+    (["method.peft_config=null"], "method lora trains the PEFT adapter of method.peft_config, which is null"),
     (["method=targeted_lora", "importance=none"], "method=targeted_lora derives its masks from importance scores, "
                                                   "which importance=none does not give: set importance=svd"),
     (["backbone=clip_tiny"], "dataset sst2 holds text but backbone clip_tiny reads images: pick a matching pair."),

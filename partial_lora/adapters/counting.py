@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from peft.tuners.adalora import AdaLoraLayer
 
 from partial_lora.adapters.compact import COL_MASK, ROW_MASK
 from partial_lora.adapters.masked import factor, lora_layers
@@ -32,7 +33,7 @@ def _alive_rank(model: torch.nn.Module, layer: torch.nn.Module) -> int:
     triplets are those whose singular value it zeroed: counting non-zero ``lora_E`` entries describes the
     weights at hand, e.g. a checkpoint from before the final allocation, not just the last step."""
     config = getattr(model, "peft_config", {}).get(ADAPTER)
-    if hasattr(layer, "lora_E") and getattr(config, "rank_pattern", None):
+    if isinstance(layer, AdaLoraLayer) and getattr(config, "rank_pattern", None):
         return int(torch.count_nonzero(layer.lora_E[ADAPTER]))
     return layer.r[ADAPTER]
 
@@ -56,11 +57,11 @@ def count_parameters(model: torch.nn.Module, head_modules: list[str],
             mask = LayerMask(getattr(layer, ROW_MASK), getattr(layer, COL_MASK))
         rows = layer.out_features if mask is None else int(mask.row.sum())
         cols = layer.in_features if mask is None else int(mask.col.sum())
-        singular_values = rank if hasattr(layer, "lora_E") else 0
+        singular_values = rank if isinstance(layer, AdaLoraLayer) else 0
         adapter += rank * (rows + cols) + singular_values
         unmasked += rank * (layer.out_features + layer.in_features) + singular_values
         counted_by_formula |= {id(factor(layer, "lora_A")), id(factor(layer, "lora_B"))}
-        if hasattr(layer, "lora_E"):
+        if isinstance(layer, AdaLoraLayer):
             counted_by_formula.add(id(layer.lora_E[ADAPTER]))
     head = 0
     for name, parameter in model.named_parameters():

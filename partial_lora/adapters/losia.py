@@ -7,7 +7,7 @@ selected input columns, ``y = W x + b; y[rows] += D x[cols]``, so backward compu
 and the optimiser holds state for ``D`` alone.
 
 Subnet localisation: while a layer is recording (its time slot, see
-:class:`partial_lora.training.callbacks.SubnetRelocalization`) the full gradient ``dW`` is formed from the
+:class:`partial_lora.methods.losia.SubnetRelocalization`) the full gradient ``dW`` is formed from the
 layer's input and output gradient, and the sensitivity ``|W * dW - (W * dW)^2 / 2|`` is smoothed as in
 AdaLoRA: an exponential moving average ``I`` of it and one ``U`` of its deviation ``|s - I|``, both with
 ``beta``; the subnet score is ``I * U``. Re-localisation folds ``D`` into ``W``, then picks rows and

