@@ -366,3 +366,37 @@ def test_a_plan_passes_sigterm_on_to_its_multirun_and_stops_with_it():
                                              "resumes it"):
         run_multirun([sys.executable, "-c", child], ROOT)
     assert signal.getsignal(signal.SIGTERM) == before  # this process's own handling is back
+
+
+@pytest.mark.parametrize("exit_status, goes_on", [(0, True), (2, True), ("failed", True), (1, False), (137, False)])
+def test_table_and_claims_plans_share_one_failure_rule(monkeypatch, exit_status, goes_on):
+    """Failed or refused runs are counted and the plan goes on; any other non-zero exit (a crash) stops a table's
+    plan and the claims' alike."""
+    import subprocess
+    import sys
+
+    from partial_lora.errors import RUNS_FAILED_EXIT
+    from partial_lora.protocol import sweep
+    from partial_lora.protocol.claims_plan import run_claims
+
+    status = RUNS_FAILED_EXIT if exit_status == "failed" else exit_status
+    argv = [sys.executable, "-c", f"raise SystemExit({status})"]
+
+    class OneCommandPlan:  # the claims plan's interface as run_claims uses it: one pending multirun
+        checkout = sweep.Checkout(ROOT)
+
+        def reload(self):
+            pass
+
+        def commands(self, launcher):
+            return [argv]
+
+    monkeypatch.setattr(sweep, "command", lambda *args, **kwargs: argv)
+    plans = {"table": lambda: sweep.launch(sweep.Checkout(ROOT), "table6", "cpu", [{"seed": [0]}]),
+             "claims": lambda: run_claims(OneCommandPlan())}
+    for name, plan in plans.items():
+        if goes_on:
+            assert plan() == (status != 0), name
+        else:
+            with pytest.raises(subprocess.CalledProcessError):
+                plan()

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from partial_lora.errors import ConfigError
 from partial_lora.protocol.claims_statistics import TESTS
-from partial_lora.protocol.sweep import Checkout, command, compose, launched_run_id, run_multirun
+from partial_lora.protocol.sweep import Checkout, command, compose, launch_multirun, launched_run_id
 from partial_lora.results.aggregate import fill_majority_rates, load_records
 
 
@@ -232,7 +232,8 @@ class ClaimPlan:
 def run_claims(plan: ClaimPlan, launcher: str = "local") -> int:
     """Launch what the claims need, one multirun at a time in claim order (finished runs skip themselves),
     planning again after each: a pilot's records decide the learning rate of the runs after it. Returns how
-    many multiruns exited non-zero (their failed runs are recorded and left out of the comparisons)."""
+    many multiruns had failed or refused runs (recorded, and left out of the comparisons); the tables' failure rule
+    (:func:`launch_multirun`) applies."""
     launched: set[tuple[str, ...]] = set()
     failures = 0
     while True:
@@ -242,5 +243,5 @@ def run_claims(plan: ClaimPlan, launcher: str = "local") -> int:
             return failures
         launched.add(tuple(pending[0]))
         print("+", " ".join(pending[0][1:]), flush=True)
-        failures += run_multirun(pending[0], plan.checkout.root) != 0
+        failures += launch_multirun(pending[0], plan.checkout.root)
 

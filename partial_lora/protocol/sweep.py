@@ -145,26 +145,31 @@ def run_multirun(argv: list[str], cwd: Path) -> int:
     return status
 
 
+def launch_multirun(argv: list[str], cwd: Path) -> bool:
+    """Run one multirun of a plan (tables, figures or claims alike) under the plans' one failure rule; returns
+    whether it had failed (NaN loss) or refused (bad setting, exit status 2) runs. Those leave failed records or
+    errors, and the rest of the plan still runs. SIGTERM (:class:`RunInterrupted`) or any other non-zero exit, a
+    crash the records cannot explain, stops the plan."""
+    status = run_multirun(argv, cwd)
+    if status and status not in (2, RUNS_FAILED_EXIT):
+        raise subprocess.CalledProcessError(status, argv)
+    return bool(status)
+
+
 def launch(checkout: Checkout, target: str, scale: str, planned: list[dict[str, list[Any]]], launcher: str = "local",
            extra: list[str] = (), dry_run: bool = False) -> int:
     """Run every multirun of the plan; finished runs skip themselves, so this fills in what is missing.
     ``dry_run`` prints each command and its number of runs, and runs nothing.
 
-    Returns how many multiruns had failed (NaN loss) or refused (bad setting, exit status 2) runs: those leave
-    failed records or errors and the rest of the plan still runs; SIGTERM or any other non-zero exit stops it.
+    Returns how many multiruns had failed or refused runs (:func:`launch_multirun`).
     """
     with_failures = 0
     for settings in planned:
         argv = command(checkout, target, scale, settings, launcher, extra)
         runs = math.prod(len(values) for values in settings.values())
         print("+", " ".join(argv[1:]), f"  # {runs} runs", flush=True)
-        if dry_run:
-            continue
-        status = run_multirun(argv, checkout.root)
-        if status in (2, RUNS_FAILED_EXIT):
-            with_failures += 1
-        elif status:
-            raise subprocess.CalledProcessError(status, argv)
+        if not dry_run:
+            with_failures += launch_multirun(argv, checkout.root)
     return with_failures
 
 
