@@ -28,7 +28,7 @@ from partial_lora.errors import (INTERRUPTED_EXIT, RUNS_FAILED_EXIT, PartialLora
                                  RunInterrupted)
 from partial_lora.protocol import Checkout, compose_target, launch, planned_multiruns  # noqa: E402
 from partial_lora.protocol.claims import ClaimPlan, compose_claims, evaluate_claims, render_report, run_claims  # noqa: E402
-from partial_lora.protocol.targets import render_index, render_target  # noqa: E402
+from partial_lora.protocol.targets import budget_overrides, render_index, render_target, settle_budgets  # noqa: E402
 from partial_lora.results.leaderboard import render_leaderboard  # noqa: E402
 
 CHECKOUT = Checkout(ROOT)  # the configs and run.py of this checkout
@@ -79,8 +79,11 @@ def main() -> None:
                 continue
             cfg = compose_target(CHECKOUT, target, arguments.scale, extra)
             if not arguments.render_only:
-                with_failures += launch(CHECKOUT, target, arguments.scale, planned_multiruns(cfg, arguments.domains),
-                                        arguments.launcher, extra, dry_run=arguments.dry_run)
+                # Each task's training budget first (the scale's rule), then the target's runs at those budgets.
+                failures, budgets = settle_budgets(CHECKOUT, cfg, arguments.launcher, extra, arguments.dry_run)
+                with_failures += failures + launch(CHECKOUT, target, arguments.scale,
+                                                   planned_multiruns(cfg, arguments.domains, budget_overrides(budgets)),
+                                                   arguments.launcher, extra, dry_run=arguments.dry_run)
             if arguments.dry_run:
                 continue
             for path in render_target(CHECKOUT, cfg, extra=extra):  # from the finished runs: failed ones are left out

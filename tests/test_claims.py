@@ -76,7 +76,8 @@ def test_seeds_to_decide_are_the_fewest_at_which_the_measured_spread_decides(tes
     assert seeds_to_decide("superior", Interval(0.0, -1.0, 1.0, 5, 1.0), 1.0) is None
 
 
-SMALL = ["claims.seeds=[0,1]", "claims.headline_seeds=[0,1]", "claims.pilot.lrs=[0.001,0.003]"]
+# Two rates for the pilots and the budget rule alike (the claims follow protocol.lrs); six models keep the protocol valid.
+SMALL = ["claims.seeds=[0,1]", "claims.headline_seeds=[0,1]", "protocol.lrs=[0.001,0.003]", "protocol.models=6"]
 MAJORITY = {"val": 50.0, "test": 50.0}
 
 
@@ -124,7 +125,13 @@ def test_one_datasets_unfinished_pilot_does_not_hold_back_another_datasets_claim
     extra = [*SMALL, f"results_dir={store}"]
     plan = ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", extra), "cpu", extra)
     c6 = next(claim for claim in plan.claims if claim.id == "C6")
-    assert plan.claim_runs(c6) == []
+    assert plan.claim_runs(c6) == [] and plan.pilot_runs("adalora", "sst2") == []  # no budget decided yet
+    budget_pilot = "seed=100 lr=0.001,0.003 method=lora dataset.train_size=2000 train.epochs=2"
+    assert [" ".join(argv[6:12]) for argv in plan.commands()[:2]] == [f"dataset={name} {budget_pilot}"
+                                                                      for name in ("sst2", "mrpc")]
+    for index, run in enumerate(plan.budget_pilot_runs("sst2")):
+        fake_record(plan, store, run, 80.0, index)  # LoRA clears chance (50) by 30 points at the first budget
+    plan.reload()
     for index, run in enumerate(plan.pilot_runs("adalora", "sst2") + plan.pilot_runs("partial_adalora", "sst2")):
         fake_record(plan, store, run, 80.0 + index, index)  # 3e-3 wins both pilots
     plan.reload()
@@ -133,8 +140,10 @@ def test_one_datasets_unfinished_pilot_does_not_hold_back_another_datasets_claim
                                                                            0.003, 0.003)}
     assert [t.seed for t, _, _ in runs] == [0, 1]
     pending = [" ".join(argv) for argv in plan.commands()]
-    assert any("dataset=sst2 seed=0,1 lr=0.003 method=adalora" in argv for argv in pending)
-    assert any("dataset=mrpc seed=100 lr=0.001,0.003 method=adalora" in argv for argv in pending)
+    assert any("dataset=sst2 seed=0,1 lr=0.003 dataset.train_size=2000 train.epochs=2 method=adalora" in argv
+               for argv in pending)
+    assert any(f"dataset=mrpc {budget_pilot}" in argv for argv in pending)  # MRPC's budget first, then its pilots
+    assert not any("dataset=mrpc" in argv and "method=adalora" in argv for argv in pending)
 
 
 def test_report_renders_verdicts_from_records_alone(tmp_path: Path):
@@ -199,8 +208,9 @@ def test_planned_run_ids_are_the_ids_run_py_gives(tmp_path: Path, glue_dir: Path
     extra = ["backbone=tiny_bert", f"data_dir={glue_dir}", f"results_dir={tmp_path / 'runs'}",
              f"checkpoint.dir={tmp_path / 'ckpt'}", f"ratios.cache_dir={tmp_path / 'ratios'}", "dataset.val_size=8",
              "dataset.max_length=16", "dataset.train_size=16", "train.batch_size=8", "train.epochs=1", "logger=none",
-             "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
+             "trainer.enable_progress_bar=false", f"hydra.sweep.dir={tmp_path / 'multirun'}", "protocol.lrs=[0.001,0.003]"]
     plan = ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", extra), "cpu", extra)
+    assert plan.budget_rule is None  # the command line's budget wins over the scale's rule
     pilot = plan.commands()[0]
     assert "seed=100" in pilot and "lr=0.001,0.003" in pilot
     subprocess.run(pilot, cwd=ROOT, check=True, capture_output=True, timeout=600)
@@ -248,6 +258,12 @@ def test_a_task_lora_did_not_learn_gets_no_verdict(tmp_path: Path):
               "validation split (60.00) |")
     assert report_row(text, "C1", "mrpc").endswith(reason) and report_row(text, "C2", "mrpc").endswith(reason)
     assert "| mrpc | accuracy | 63.80 | 60.00 | 5 | **no** |" in text and "| sst2 | accuracy | 80.00 | 60.00 | 5 | yes |" in text
+    # The budget rule: MRPC's pilot stays under chance + 10 on both budgets, so it trains on the last; SST-2 the first.
+    assert "| mrpc | 2,000 examples x 2 epochs | 2 of 2 | 63.30 | 60.00 | no |  |" in text
+    assert "| mrpc | the whole train split x 3 epochs | 2 of 2 | 63.30 | 60.00 | no | **this budget** |" in text
+    assert "| sst2 | 2,000 examples x 2 epochs | 2 of 2 | 80.00 | 60.00 | yes | **this budget** |" in text
+    assert all("dataset.train_size=null" in run.overrides for run in plan.planned_runs(swept=False)
+               if run.dataset == "mrpc")
     # partial keeps 200 of LoRA's 1,000 parameters; the paper's Partial-LoRA keeps 0.18M of 1.33M on SST-2
     assert "| 20.0% (13.5%) | +8.00 (large) / +0.00 | **supported** |" in report_row(text, "C1", "sst2")
     needed = seeds_to_decide("equivalent", paired_interval([1.0, 0.0]), 1.0)
@@ -316,6 +332,7 @@ def test_a_glue_task_added_to_the_data_folder_and_the_scale_joins_the_claims_and
     assert "| sst2 | accuracy | 80.00 | 50.00 | 5 | yes |" in text  # from its records
 
     # the claim runs serve Table 6 (same settings, same ids)
+    task += SMALL[2:]  # the table's protocol at the claims' two rates
     table_cfg = compose_target(CHECKOUT, "table6", "cpu", task)
     markdown, _ = render_target(CHECKOUT, table_cfg, tmp_path / "tables", tmp_path / "figures", extra=task)
     table = markdown.read_text()

@@ -14,7 +14,7 @@ from scipy import stats
 from partial_lora.protocol.targets import render_index
 from partial_lora.results.leaderboard import pareto_front, render_leaderboard
 from tests.conftest import CHECKOUT
-from tests.test_protocol import PARTIAL, fake_record
+from tests.test_protocol import PARTIAL, TWO_RATES, fake_record
 
 LRS = (1e-3, 3e-3)
 SEEDS = (0, 1, 2, 100)  # Table 6's seeds and the claims' pilot seed
@@ -54,7 +54,7 @@ def store(tmp_path: Path) -> tuple[Path, list[str]]:
                "other_learning_rate": ["dataset=sst2", "seed=0", "lr=0.002", "method=lora"]}
     for name, overrides in foreign.items():
         fake_record(store, name, overrides, 99, 99, 1_000)
-    return tmp_path, [f"results_dir={store}", f"data_dir={tmp_path / 'no data'}"]
+    return tmp_path, [f"results_dir={store}", f"data_dir={tmp_path / 'no data'}", *TWO_RATES]
 
 
 def rows_of(markdown: str) -> dict[tuple[str, str], list[str]]:

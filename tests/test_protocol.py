@@ -14,6 +14,7 @@ from omegaconf import OmegaConf, open_dict
 
 from partial_lora.errors import ConfigError
 from partial_lora.protocol import Protocol, compose_target, launched_run_id, planned_multiruns
+from partial_lora.protocol.budget import Budget, BudgetRule
 from partial_lora.protocol.sweep import command
 from partial_lora.protocol.targets import TargetPlan, render_index, render_target, target_state
 from partial_lora.results import config_hash
@@ -73,7 +74,7 @@ def test_cpu_scale_runs_minilm_on_local_glue_with_a_reduced_protocol():
     cfg = compose_target(CHECKOUT, "table6", "cpu")
     first, second, *related = planned_multiruns(cfg)
     assert first["backbone"] == ["minilm"] and first["dataset"] == ["sst2", "mrpc"]
-    assert len(first["seed"]) == 3 and first["lr"] == [1e-3, 3e-3]
+    assert len(first["seed"]) == 3 and first["lr"] == [1e-4, 3e-4, 1e-3, 3e-3]  # the paper's range, 12 models
     assert second["importance"] == ["svd"] and "partial_lora" in second["method"]
     assert [group["method"] for group in related] == [["losia"], ["partial_lora"]] and related[1]["strategy"] == ["coto"]
     assert cfg.dataset.train_size == 2000 and cfg.protocol.top_k == 3 and cfg.ratios.rule == "paper"
@@ -81,14 +82,53 @@ def test_cpu_scale_runs_minilm_on_local_glue_with_a_reduced_protocol():
     assert cfg.backbone.pooling == "mean"  # all-MiniLM-L6-v2 was trained with mean pooling
 
 
-def test_cpu_scale_budgets_mrpc_apart_and_a_command_line_size_still_wins():
-    """On the default 2,000 examples x 2 epochs LoRA beats MRPC's majority class by only 4-7 points: the preset gives
-    MRPC its whole train split for 3 epochs, and SST-2 keeps the default; C7's command-line sizes override both."""
-    budget = {name: (cfg.dataset.train_size, cfg.train.epochs) for name in ("sst2", "mrpc", "cifar10_fewshot")
+def test_cpu_scale_has_one_budget_rule_and_no_per_task_entry():
+    """Issue 32: every task composes to the ladder's first budget (what a single run.py command trains on); the
+    protocol moves a task up the ladder from its LoRA pilot; a command-line size wins, and sets the rule aside."""
+    budget = {name: (cfg.dataset.train_size, cfg.train.epochs) for name in ("sst2", "mrpc", "qnli_dev")
               for cfg in [compose_target(CHECKOUT, "table6", "cpu", [f"dataset={name}"])]}
-    assert budget == {"sst2": (2000, 2), "mrpc": (None, 3), "cifar10_fewshot": (2000, 2)}
-    larger = compose_target(CHECKOUT, "table6", "cpu", ["dataset=mrpc", "dataset.train_size=500"])
-    assert (larger.dataset.train_size, larger.train.epochs) == (500, 3)
+    assert budget == {"sst2": (2000, 2), "mrpc": (2000, 2), "qnli_dev": (2000, 2)}
+    cfg = compose_target(CHECKOUT, "table6", "cpu")
+    rule = BudgetRule.from_config(cfg)
+    assert rule.ladder == (Budget(2000, 2), Budget(None, 3)) and rule.lrs == (1e-4, 3e-4, 1e-3, 3e-3)
+    assert "scale.budgets" not in OmegaConf.to_yaml(cfg) and "budgets" not in cfg.scale
+    assert BudgetRule.from_config(cfg, ["dataset.train_size=500"]) is None
+    assert BudgetRule.from_config(compose_target(CHECKOUT, "table6", "paper")) is None  # the configs' own budgets
+    with pytest.raises(ConfigError, match="scale.budget.ladder"):
+        BudgetRule.from_config(compose_target(CHECKOUT, "table6", "cpu", ["scale.budget.ladder=[]"]))
+
+
+def pilot(budget: Budget, lr: float, val: float, metric: str = "accuracy", majority: float = 65.0) -> dict:
+    return {"dataset": "task", "method": "lora", "metric": metric, "val": val, "val_majority": majority, "lr": lr,
+            "budget": budget}
+
+
+@pytest.mark.parametrize("scores, chosen, pending", [
+    ({(0, 0.001): 76.0}, 0, None),                       # one pilot clears 65 + 10: settled, the others not needed
+    ({(0, 0.001): 74.0}, None, 0),                       # below the margin, two pilots unfinished: keep trying
+    ({(0, lr): 74.0 for lr in (1e-3, 3e-3)}, None, 1),   # every pilot below: the next budget's pilot
+    ({**{(0, lr): 74.0 for lr in (1e-3, 3e-3)}, (1, 0.003): 80.0}, 1, None),
+    ({(step, lr): 66.0 for step in (0, 1) for lr in (1e-3, 3e-3)}, 1, None),  # never learned: the last budget
+])
+def test_the_budget_rule_climbs_the_ladder_until_lora_clears_chance(scores, chosen, pending):
+    rule = BudgetRule((Budget(2000, 2), Budget(None, 3)), {"accuracy": 10.0, "matthews": 20.0}, 100, (1e-3, 3e-3),
+                      ("language",))
+    records = {overrides: pilot(step, lr, val) for (step, lr), val in scores.items()
+               for overrides in [rule.pilot_overrides(rule.ladder[step])[rule.lrs.index(lr)]]}
+    decision = rule.decide("task", records.get, None)
+    assert decision.chosen == (None if chosen is None else rule.ladder[chosen])
+    assert decision.pending == (None if pending is None else rule.ladder[pending])
+    mcc = rule.decide("task", lambda overrides: pilot(Budget(2000, 2), 1e-3, 19.0, "matthews", math.nan), None)
+    assert mcc.chosen == rule.ladder[1] and not any(trial.cleared for trial in mcc.trials)  # MCC 19 < 0 + 20
+
+
+def test_tasks_on_different_budgets_get_their_own_multiruns():
+    cfg = compose_target(CHECKOUT, "table6", "cpu")
+    budgets = {"sst2": Budget(2000, 2).overrides(), "mrpc": Budget(None, 3).overrides()}
+    first, second, *_ = planned_multiruns(cfg, budgets=budgets)
+    assert (first["dataset"], first["dataset.train_size"], first["train.epochs"]) == (["sst2"], ["2000"], ["2"])
+    assert (second["dataset"], second["dataset.train_size"], second["train.epochs"]) == (["mrpc"], ["null"], ["3"])
+    assert first["method"] == second["method"]
 
 
 def test_unknown_target_and_domain_are_refused():
@@ -118,12 +158,27 @@ def fake_record(store: Path, name: str, overrides: list[str], val: float, test: 
 PARTIAL = ["method=partial_lora", "importance=svd"]
 
 
+# The table's protocol at two rates (6 models), as the fixture's records were written.
+TWO_RATES = ["protocol.lrs=[0.001,0.003]", "protocol.models=6"]
+
+
+def budget_pilots(store: Path, rates: dict[str, float] = {"val": 65.0, "test": 68.0}) -> None:
+    """The budget rule's LoRA pilots: SST-2 clears chance at the first budget, MRPC only on its whole train split."""
+    for lr in (1e-3, 3e-3):
+        for dataset, budget, val in (("sst2", Budget(2000, 2), 84.0), ("mrpc", Budget(2000, 2), 71.5),
+                                     ("mrpc", Budget(None, 3), 80.5)):
+            fake_record(store, f"budget_{dataset}_{budget.epochs}_{lr}",
+                        [f"dataset={dataset}", "seed=100", f"lr={lr}", "method=lora", *budget.overrides()], val, val,
+                        331_776, majority_rates=rates)
+
+
 @pytest.fixture
 def table6(tmp_path: Path):
-    """Table 6's LoRA and Partial-LoRA SST-2 cells complete (6 runs each), one MRPC LoRA run, and records of other
-    settings beside them that no cell may take."""
+    """Table 6's LoRA and Partial-LoRA SST-2 cells complete (6 runs each), one MRPC LoRA run on the budget the rule
+    gives MRPC, and records of other settings beside them that no cell may take."""
     store = tmp_path / "runs"
-    cfg = compose_target(CHECKOUT, "table6", "cpu", [f"results_dir={store}"])
+    budget_pilots(store)
+    cfg = compose_target(CHECKOUT, "table6", "cpu", [f"results_dir={store}", *TWO_RATES])
     with open_dict(cfg):
         cfg.output_dir = str(tmp_path / "out")
     for seed in range(3):
@@ -131,7 +186,8 @@ def table6(tmp_path: Path):
             val, run = 80 + seed + 10 * lr, ["dataset=sst2", f"seed={seed}", f"lr={lr}"]
             fake_record(store, f"lora_{seed}_{lr}", [*run, "method=lora"], val, val - 5, 331_776)
             fake_record(store, f"partial_{seed}_{lr}", [*run, *PARTIAL], val, val - 6, 30_000)
-    fake_record(store, "lora_mrpc", ["dataset=mrpc", "seed=0", "lr=0.001", "method=lora"], 80, 79, 331_776)
+    fake_record(store, "lora_mrpc", ["dataset=mrpc", "seed=0", "lr=0.001", "method=lora", *Budget(None, 3).overrides()],
+                80, 79, 331_776)
     # The same settings at another derivation (claim C9's 512 examples), budget (C7's larger training sets, MRPC on
     # SST-2's budget), strategy, scale or a method outside the plan: each scores above every planned run.
     foreign = {"partial_512": ["dataset=sst2", "seed=0", "lr=0.001", *PARTIAL, "ratios.max_examples=512"],
@@ -208,7 +264,7 @@ def test_index_states_each_target_from_its_plan_and_the_store(table6):
     """results/README.md: complete, partial with counts, not run, or cannot run here and why, per target and scale,
     with a link to the rendered file."""
     cfg, tmp_path = table6
-    extra = [f"results_dir={cfg.results_dir}", f"ratios.cache_dir={tmp_path / 'ratios'}"]
+    extra = [f"results_dir={cfg.results_dir}", f"ratios.cache_dir={tmp_path / 'ratios'}", *TWO_RATES]
     assert target_state(CHECKOUT, cfg, extra) == {"state": "partial", "found": 13, "planned": 108, "unit": "runs",
                                                   "cells": 18, "cells_complete": 2, "reason": ""}
     only_sst2_lora = compose_target(CHECKOUT, "table6", "cpu", [*extra, "scale.domains.language.datasets=[sst2]"])

@@ -10,9 +10,10 @@ import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
 from partial_lora.errors import ConfigError
+from partial_lora.protocol.budget import BudgetDecision, BudgetRule, merged
 from partial_lora.protocol.claims_statistics import TESTS
 from partial_lora.protocol.sweep import Checkout, command, compose, launch_multirun, launched_run_id
-from partial_lora.results.aggregate import fill_majority_rates, load_records
+from partial_lora.results.aggregate import REFERENCE_METHOD, fill_majority_rates, load_records
 
 
 @dataclass(frozen=True)
@@ -74,6 +75,9 @@ class ClaimPlan:
         self.pilot = OmegaConf.to_container(cfg.claims.pilot, resolve=True)
         self.seeds = list(cfg.claims.seeds)
         self.datasets = list(cfg.scale.domains[cfg.claims.domain].datasets)
+        rule = BudgetRule.from_config(cfg, self.extra)
+        self.budget_rule = rule if rule is not None and cfg.claims.domain in rule.domains else None
+        self._budgets: dict[str, BudgetDecision] = {}
         self._ids: dict[tuple[str, ...], str] = {}
         self.records: dict[str, dict[str, Any]] = {}
         self.reload()
@@ -82,19 +86,51 @@ class ClaimPlan:
         """Index the finished records of the store by run id (failed runs have no metric to compare)."""
         frame = load_records(self.cfg.results_dir)
         self.records = {} if frame.empty else {row["run_id"]: row for row in frame.to_dict("records")}
+        self._budgets = {}
+
+    # budget -----------------------------------------------------------------------------------------------
+    def budget(self, dataset: str) -> BudgetDecision | None:
+        """``dataset``'s training budget under the scale's rule (``None``: the scale has no rule for the domain)."""
+        if self.budget_rule is None:
+            return None
+        if dataset not in self._budgets:
+            self._budgets[dataset] = self.budget_rule.decide(
+                dataset, lambda overrides: self.records.get(self._launched_id((f"dataset={dataset}", *overrides))),
+                self.cfg.data_dir)
+        return self._budgets[dataset]
+
+    def budget_overrides(self, dataset: str) -> tuple[str, ...] | None:
+        """The overrides of ``dataset``'s budget for every run of it (``None`` until the budget is decided)."""
+        decision = self.budget(dataset)
+        if decision is None:
+            return ()
+        return None if decision.chosen is None else decision.chosen.overrides()
+
+    def budget_pilot_runs(self, dataset: str) -> list[PlannedRun]:
+        """The budget rule's pilot runs of ``dataset`` so far: every budget tried, the one under trial included."""
+        decision = self.budget(dataset)
+        if decision is None:
+            return []
+        return [PlannedRun(REFERENCE_METHOD, dataset, self.budget_rule.seed, lr, (f"method={REFERENCE_METHOD}",
+                                                                                  *trial.budget.overrides()))
+                for trial in decision.trials for lr in self.budget_rule.lrs]
 
     # settings ---------------------------------------------------------------------------------------------
-    def arm_overrides(self, arm: str, dataset: str) -> list[str]:
-        """The Hydra overrides of ``arm``, with a matched sparsity filled in (needs the reference's records)."""
+    def arm_overrides(self, arm: str, dataset: str) -> list[str] | None:
+        """The Hydra overrides of ``arm`` on ``dataset``: the dataset's budget, the arm's settings and a matched
+        sparsity (``None`` until the budget and the matched sparsity are decided by the records present)."""
+        budget = self.budget_overrides(dataset)
+        if budget is None:
+            return None
         settings = {key: value for key, value in self.arms[arm].items() if key not in ("lr_from", "match_sparsity")}
         overrides = [f"{key}={value}" for key, value in settings.items()]
         reference = self.arms[arm].get("match_sparsity")
         if reference:
             sparsity = self.matched_sparsity(reference, dataset)
             if sparsity is None:
-                return []
+                return None
             overrides.append(f"method.mask.sparsity={sparsity}")
-        return overrides
+        return list(merged(budget, overrides))
 
     def seeds_of(self, claim: Claim) -> list[int]:
         return list(claim.seeds or self.seeds)
@@ -111,19 +147,23 @@ class ClaimPlan:
 
     def run_id(self, dataset: str, seed: int, lr: float, overrides: tuple[str, ...] | list[str]) -> str:
         """The id ``run.py`` gives this run: the hash of its resolved config (see ``RunSlot``)."""
-        key = (dataset, str(seed), repr(lr), *overrides)
-        if key not in self._ids:
-            self._ids[key] = launched_run_id(self.checkout, "claims", self.scale,
-                                             [f"dataset={dataset}", f"seed={seed}", f"lr={lr}", *overrides, *self.extra])
-        return self._ids[key]
+        return self._launched_id((f"dataset={dataset}", f"seed={seed}", f"lr={lr}", *overrides))
+
+    def _launched_id(self, overrides: tuple[str, ...]) -> str:
+        if overrides not in self._ids:
+            self._ids[overrides] = launched_run_id(self.checkout, "claims", self.scale, [*overrides, *self.extra])
+        return self._ids[overrides]
 
     def record(self, run: PlannedRun) -> dict[str, Any] | None:
         return self.records.get(self.run_id(run.dataset, run.seed, run.lr, run.overrides))
 
     # pilot ------------------------------------------------------------------------------------------------
     def pilot_runs(self, arm: str, dataset: str) -> list[PlannedRun]:
-        overrides = tuple(self.arm_overrides(arm, dataset))
-        return [PlannedRun(arm, dataset, self.pilot["seed"], float(lr), overrides) for lr in self.pilot["lrs"]]
+        """``arm``'s pilot on ``dataset``, one run per rate (none until the dataset's budget is decided)."""
+        overrides = self.arm_overrides(arm, dataset)
+        if overrides is None:
+            return []
+        return [PlannedRun(arm, dataset, self.pilot["seed"], float(lr), tuple(overrides)) for lr in self.pilot["lrs"]]
 
     def lr_source(self, arm: str) -> str:
         """The arm whose pilot sets ``arm``'s learning rate: its ``lr_from`` or ``match_sparsity`` arm, or itself."""
@@ -135,11 +175,14 @@ class ClaimPlan:
         if self.lr_source(source) != source:
             raise ConfigError(f"claims.arms.{arm}: its lr_from arm {source} must run its own pilot.")
         scores = {}
-        for run in self.pilot_runs(source, dataset):
+        runs = self.pilot_runs(source, dataset)
+        for run in runs:
             record = self.record(run)
             if record is None:
                 return None
             scores[run.lr] = record["val"]
+        if not runs:
+            return None
         return max(scores, key=lambda lr: (scores[lr], -lr))  # ties: the smaller learning rate
 
     def matched_sparsity(self, reference: str, dataset: str) -> float | None:
@@ -148,7 +191,7 @@ class ClaimPlan:
         lr = self.chosen_lr(reference, dataset)
         if lr is None:
             return None
-        overrides = tuple(self.arm_overrides(reference, dataset))
+        overrides = tuple(self.arm_overrides(reference, dataset))  # decided: its pilot chose a rate
         for seed in self.seeds:
             record = self.record(PlannedRun(reference, dataset, seed, lr, overrides))
             if record is not None:
@@ -162,20 +205,24 @@ class ClaimPlan:
         for dataset in self.datasets_of(claim):
             lrs = {arm: self.chosen_lr(arm, dataset) for arm in (claim.treatment, claim.control)}
             overrides = {arm: self.arm_overrides(arm, dataset) for arm in lrs}
-            if any(lr is None for lr in lrs.values()) or any(
-                    self.arms[arm].get("match_sparsity") and not overrides[arm] for arm in lrs):
+            if any(lr is None for lr in lrs.values()) or any(overrides[arm] is None for arm in lrs):
                 continue
             for variant in self.variants(claim):
                 for seed in self.seeds_of(claim):
-                    treatment, control = (PlannedRun(arm, dataset, seed, lrs[arm], tuple(overrides[arm]) + variant)
+                    treatment, control = (PlannedRun(arm, dataset, seed, lrs[arm], merged(overrides[arm], variant))
                                           for arm in (claim.treatment, claim.control))
                     pairs.append((treatment, control, variant))
         return pairs
 
     def planned_runs(self, swept: bool = True) -> list[PlannedRun]:
-        """Every run the records present let the plan name: each arm's pilots, then each claim's runs (with
-        ``swept=False``, not those at the values a claim sweeps, such as C7's larger training sets)."""
+        """Every run the records present let the plan name: the budget rule's pilots, each arm's pilots, then each
+        claim's runs (with ``swept=False``, only the runs at each task's budget: not the pilots of budgets the rule
+        passed over, nor those at the values a claim sweeps, such as C7's larger training sets)."""
         runs = []
+        for dataset in self.datasets:
+            decision = self.budget(dataset)
+            at_budget = None if decision is None else (decision.chosen or decision.pending).overrides()
+            runs += [run for run in self.budget_pilot_runs(dataset) if swept or run.overrides[1:] == at_budget]
         for claim in self.claims:
             for arm in (claim.treatment, claim.control):
                 for dataset in self.datasets_of(claim):
@@ -206,12 +253,18 @@ class ClaimPlan:
         Run the first, reload, and ask again until nothing is pending (:func:`run_claims`)."""
         commands: dict[tuple, list[str]] = {}
         missing: dict[tuple, list[int]] = {}  # per multirun of claim runs, its seeds (claims differ in theirs)
+        for dataset in self.datasets:
+            decision = self.budget(dataset)
+            if decision is not None and decision.pending is not None:
+                commands[("budget", dataset)] = self._multirun(
+                    dataset, [self.budget_rule.seed], list(self.budget_rule.lrs),
+                    (f"method={REFERENCE_METHOD}", *decision.pending.overrides()), "local")
         for claim in self.claims:
             for arm in (claim.treatment, claim.control):
                 source = self.lr_source(arm)
                 for dataset in self.datasets_of(claim):
                     if any(self.record(run) is None for run in self.pilot_runs(source, dataset)):
-                        overrides = tuple(self.arm_overrides(source, dataset))
+                        overrides = tuple(self.arm_overrides(source, dataset))  # the budget is decided
                         # In turn, not in parallel: the first run derives the ratios, the next reads the cache.
                         commands.setdefault(("pilot", source, dataset), self._multirun(
                             dataset, [self.pilot["seed"]], list(self.pilot["lrs"]), overrides, "local"))

@@ -58,7 +58,7 @@ def _shrinking_lines(row: pd.Series) -> list[str]:
 
 def _learning_lines(learning: dict[str, Learning]) -> list[str]:
     """Per task, the learning rule's numbers: a task LoRA did not learn gets no verdict."""
-    lines = ["", "## Learned at this budget", "", f"{describe_rule()} Over the plan's runs at the preset's budget "
+    lines = ["", "## Learned at this budget", "", f"{describe_rule()} Over the plan's runs at each task's budget "
              f"(pilots included); chance is unknown where neither the records nor the local data give the validation "
              f"split's majority rate; such a task is not judged.", "",
              f"| dataset | metric | {REFERENCE_METHOD}'s best validation | chance on validation | margin | learned |",
@@ -67,6 +67,27 @@ def _learning_lines(learning: dict[str, Learning]) -> list[str]:
         learned = "unknown" if not status.known else "yes" if status.learned else "**no**"
         lines.append(f"| {dataset} | {status.metric} | {status.best_val:.2f} | {status.chance:.2f} | "
                      f"{status.margin:g} | {learned} |")
+    return lines
+
+
+def _budget_lines(plan: ClaimPlan) -> list[str]:
+    """Per task, the budget the rule chose (or the one under trial) and each budget's pilot result."""
+    if plan.budget_rule is None:
+        return []
+    lines = ["", "## Training budget", "", f"{plan.budget_rule.describe()} Pilot runs finished of planned, and the "
+             f"best validation score among them against chance on the validation split.", "",
+             f"| dataset | budget | pilot runs | {REFERENCE_METHOD}'s best validation | chance on validation | "
+             f"clears the margin | trains at |", "|---|---|---|---|---|---|---|"]
+    for dataset in plan.datasets:
+        decision = plan.budget(dataset)
+        for trial in decision.trials:
+            best, chance = (("-", "-") if trial.learning is None else
+                            (f"{trial.learning.best_val:.2f}", f"{trial.learning.chance:.2f}"))
+            clears = "yes" if trial.cleared else "no" if trial.finished == trial.planned else "not yet"
+            state = ("**this budget**" if trial.budget == decision.chosen else
+                     "pilot pending" if trial.budget == decision.pending else "")
+            lines.append(f"| {dataset} | {trial.budget.describe()} | {trial.finished} of {trial.planned} | {best} | "
+                         f"{chance} | {clears} | {state} |")
     return lines
 
 
@@ -178,7 +199,9 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
                 record = plan.record(run)
                 cell = "-" if record is None else f"{record['val']:.2f}"
                 cells.append(f"**{cell}**" if run.lr == chosen else cell)
+            cells = cells or ["-"] * len(plan.pilot["lrs"])  # the task's budget is not decided yet
             lines.append(f"| {arm} | {dataset} | " + " | ".join(cells) + " |")
+    lines += _budget_lines(plan)
     lines += _learning_lines(learning_status(plan.budget_records()))
     lines += _derivation_lines(plan)
     lines += _compute_lines(plan)

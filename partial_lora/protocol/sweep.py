@@ -101,8 +101,11 @@ def _override_value(value: Any) -> str:
     return json.dumps(value) if value is None or isinstance(value, bool) else str(value)
 
 
-def planned_multiruns(cfg: DictConfig, domains: list[str] | None = None) -> list[dict[str, list[Any]]]:
-    """One dict of swept settings (key -> values) per (domain, group) of the target's sweep."""
+def planned_multiruns(cfg: DictConfig, domains: list[str] | None = None,
+                      budgets: dict[str, tuple[str, ...]] | None = None) -> list[dict[str, list[Any]]]:
+    """One dict of swept settings (key -> values) per (domain, group) of the target's sweep, and per training budget
+    where ``budgets`` (dataset -> the budget rule's overrides, ``protocol/budget.py``) gives its datasets different
+    ones; a group's own value of a budget key wins."""
     sweep, planned = cfg.sweep, []
     unknown = set(domains or ()) - set(sweep.domains)
     if unknown:
@@ -113,13 +116,18 @@ def planned_multiruns(cfg: DictConfig, domains: list[str] | None = None) -> list
             continue
         where = cfg.scale.domains[domain]
         datasets = [name for name in where.datasets if name in sweep.get("datasets", where.datasets)]
+        by_budget: dict[tuple[str, ...], list[str]] = {}
+        for dataset in datasets or list(where.datasets):
+            by_budget.setdefault((budgets or {}).get(dataset, ()), []).append(dataset)
         for group in sweep.groups:
-            settings: dict[str, list[Any]] = {"backbone": [where.backbone], "dataset": datasets or list(where.datasets)}
-            if protocol is not None:
-                settings |= {"seed": protocol.seeds, "lr": list(protocol.lrs)}
-            settings |= {key: list(values) for key, values in OmegaConf.to_container(group).items()}
-            settings |= {key: [value] for key, value in (sweep.get("fixed") or {}).items()}
-            planned.append(settings)
+            for budget, budgeted in by_budget.items():
+                settings: dict[str, list[Any]] = {"backbone": [where.backbone], "dataset": budgeted}
+                settings |= {key: [value] for key, value in (override.split("=", 1) for override in budget)}
+                if protocol is not None:
+                    settings |= {"seed": protocol.seeds, "lr": list(protocol.lrs)}
+                settings |= {key: list(values) for key, values in OmegaConf.to_container(group).items()}
+                settings |= {key: [value] for key, value in (sweep.get("fixed") or {}).items()}
+                planned.append(settings)
     return planned
 
 

@@ -17,11 +17,13 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
-from partial_lora.protocol.sweep import (GROUPS, Checkout, Protocol, compose_target, launched_config, launched_run_id,
-                                         planned_multiruns, run_overrides)
+from partial_lora.protocol.budget import BUDGET_KEYS, BudgetDecision, BudgetRule
+from partial_lora.protocol.sweep import (GROUPS, Checkout, Protocol, compose_target, launch, launched_config,
+                                         launched_run_id, planned_multiruns, run_overrides)
 from partial_lora.ratios.cache import load_entries
 from partial_lora.results import figures
-from partial_lora.results.aggregate import fill_majority_rates, learning_status, load_records, protocol_summary
+from partial_lora.results.aggregate import (REFERENCE_METHOD, fill_majority_rates, learning_status, load_records,
+                                            protocol_summary)
 from partial_lora.results.tables import load_paper, render, table_rows
 
 SELECTED_OVER = ("seed", "lr")  # what the protocol chooses among, never a setting of its own
@@ -45,9 +47,9 @@ class Cell:
     runs: tuple[tuple[str, ...], ...]
 
 
-def planned_cells(cfg: DictConfig) -> list[Cell]:
+def planned_cells(cfg: DictConfig, budgets: dict[str, tuple[str, ...]] | None = None) -> list[Cell]:
     cells = []
-    for settings in planned_multiruns(cfg):
+    for settings in planned_multiruns(cfg, budgets=budgets):
         fixed = {key: values for key, values in settings.items() if key not in SELECTED_OVER}
         selected = {key: values for key, values in settings.items() if key in SELECTED_OVER}
         for setting in run_overrides(fixed):
@@ -56,10 +58,11 @@ def planned_cells(cfg: DictConfig) -> list[Cell]:
 
 
 def _setting_keys(planned: list[dict]) -> list[str]:
-    """Swept keys other than seed and learning rate, in first-seen order."""
+    """Swept keys other than seed, learning rate and the training budget (the rule's, one per task), in first-seen
+    order."""
     keys = ["backbone", "dataset", "method", "importance"]
     for settings in planned:
-        keys += [key for key in settings if key not in keys and key not in SELECTED_OVER]
+        keys += [key for key in settings if key not in keys and key not in SELECTED_OVER and key not in BUDGET_KEYS]
     return keys
 
 
@@ -71,6 +74,68 @@ def setting_value(config: dict[str, Any], key: str) -> Any:
     return node
 
 
+# --- training budgets (protocol/budget.py) ----------------------------------------------------------------------
+
+def _budget_datasets(cfg: DictConfig, rule: BudgetRule) -> dict[str, str]:
+    """The target's datasets the rule covers, each with its domain's backbone."""
+    covered = {}
+    for domain in cfg.sweep.domains:
+        if domain in rule.domains:
+            where = cfg.scale.domains[domain]
+            for dataset in where.datasets:
+                if dataset in cfg.sweep.get("datasets", where.datasets):
+                    covered.setdefault(dataset, where.backbone)
+    return covered
+
+
+def target_budgets(checkout: Checkout, cfg: DictConfig, records: pd.DataFrame,
+                   extra: list[str] | tuple[str, ...] = ()) -> dict[str, BudgetDecision]:
+    """Each covered dataset's budget decision from ``records`` (indexed by run id); none where the scale has no rule."""
+    rule = BudgetRule.from_config(cfg, extra)
+    if rule is None:
+        return {}
+
+    def record_of(backbone: str, dataset: str, overrides: tuple[str, ...]) -> dict[str, Any] | None:
+        run_id = launched_run_id(checkout, cfg.sweep.name, cfg.scale.name,
+                                 [f"backbone={backbone}", f"dataset={dataset}", *overrides, *extra])
+        return records.loc[run_id].to_dict() if run_id in records.index else None
+
+    return {dataset: rule.decide(dataset, lambda overrides: record_of(backbone, dataset, overrides), cfg.data_dir)
+            for dataset, backbone in _budget_datasets(cfg, rule).items()}
+
+
+def budget_overrides(decisions: dict[str, BudgetDecision]) -> dict[str, tuple[str, ...]]:
+    """Per dataset, the overrides of its chosen budget, or of the budget under trial until one is chosen."""
+    return {dataset: (decision.chosen or decision.pending).overrides() for dataset, decision in decisions.items()}
+
+
+def settle_budgets(checkout: Checkout, cfg: DictConfig, launcher: str = "local", extra: list[str] | tuple[str, ...] = (),
+                   dry_run: bool = False) -> tuple[int, dict[str, BudgetDecision]]:
+    """Run the budget rule's pilots of the target's datasets until each budget is decided (``dry_run``: print the
+    pending ones); returns how many multiruns had failed runs, and the decisions. A pilot that failed leaves its
+    budget pending: it is launched once, not again."""
+    rule, failures, launched = BudgetRule.from_config(cfg, extra), 0, set()
+    while True:
+        decisions = target_budgets(checkout, cfg, _indexed(load_records(cfg.results_dir)), extra)
+        backbones = _budget_datasets(cfg, rule) if rule is not None else {}
+        pending = [{"backbone": [backbones[dataset]], "dataset": [dataset], "seed": [rule.seed], "lr": list(rule.lrs),
+                    "method": [REFERENCE_METHOD], **{key: [value] for key, value in
+                                                     (override.split("=", 1) for override in decision.pending.overrides())}}
+                   for dataset, decision in decisions.items() if decision.pending is not None]
+        pending = [settings for settings in pending if repr(settings) not in launched]
+        if not pending:
+            return failures, decisions
+        launched.update(repr(settings) for settings in pending)
+        failures += launch(checkout, cfg.sweep.name, cfg.scale.name, pending, launcher, extra, dry_run)
+        if dry_run:
+            return failures, decisions
+
+
+def _indexed(records: pd.DataFrame) -> pd.DataFrame:
+    # A run id names one experiment: a second record of it (a copied store) must not count twice.
+    return records if records.empty else records.drop_duplicates("run_id", keep="last").set_index("run_id", drop=False)
+
+
 class TargetPlan:
     """A target's cells at its scale, the run ids of their runs, and the finished records the store holds under
     them; ``extra`` are the overrides every run of the target is launched with (``reproduce.py ... -- <extra>``)."""
@@ -79,11 +144,10 @@ class TargetPlan:
                  records: pd.DataFrame | None = None) -> None:
         self.checkout, self.cfg, self.extra = checkout, cfg, list(extra)
         self.name, self.scale = cfg.sweep.name, cfg.scale.name
-        self.cells = planned_cells(cfg)
         records = load_records(cfg.results_dir) if records is None else records
-        # A run id names one experiment: a second record of it (a copied store) must not count twice.
-        self.records = records if records.empty else records.drop_duplicates("run_id", keep="last").set_index(
-            "run_id", drop=False)
+        self.records = _indexed(records)
+        self.budgets = target_budgets(checkout, cfg, self.records, extra)
+        self.cells = planned_cells(cfg, budget_overrides(self.budgets))
         self._ids: dict[Cell, list[str]] = {}
         self._stored = set() if records.empty else set(
             records[["scale", *STORED_GROUPS]].itertuples(index=False, name=None))
@@ -150,6 +214,16 @@ def provenance(cfg: DictConfig) -> str:
     return text
 
 
+def budget_note(cfg: DictConfig, decisions: dict[str, BudgetDecision]) -> str:
+    """The caption's account of each task's training budget under the scale's rule (empty without a rule)."""
+    if not decisions:
+        return ""
+    chosen = "; ".join(f"{dataset} {decision.chosen.describe()}" if decision.chosen else
+                       f"{dataset} not decided (its pilot at {decision.pending.describe()} is unfinished: planned there)"
+                       for dataset, decision in decisions.items())
+    return f" Training budgets: {chosen}. {BudgetRule.from_config(cfg).describe()}"
+
+
 def _caches(cfg: DictConfig) -> tuple[int, pd.DataFrame]:
     """How many ratio caches the plan asks for, one per (backbone, dataset, importance, data seed), and the newest
     entry of each present at the configured threshold and, where counts depend on the seed (a probed head), the
@@ -197,7 +271,7 @@ def render_target(checkout: Checkout, cfg: DictConfig, tables_dir: str | Path = 
     keys = _setting_keys(planned_multiruns(cfg))
     summary = protocol_summary(records, top_k=Protocol.from_config(cfg.protocol).top_k, keys=["cell"])
     cells = cells.join(summary.set_index("cell"))
-    note = f"{provenance(cfg)} {plan_note(cells, cell_labels(cells, keys))}"
+    note = f"{provenance(cfg)}{budget_note(cfg, plan.budgets)} {plan_note(cells, cell_labels(cells, keys))}"
     if spec["kind"] == "table":
         variant = spec.get("variant")
         shown = [key for key in keys if key not in ("backbone", "dataset", "method", "importance", variant)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -146,19 +147,19 @@ class Learning:
                 f"points of {chance} on the validation split ({self.chance:.2f})")
 
 
-def learning_status(records: pd.DataFrame) -> dict[str, Learning]:
+def learning_status(records: pd.DataFrame, margins: Mapping[str, float] = CHANCE_MARGINS) -> dict[str, Learning]:
     """Per dataset with :data:`REFERENCE_METHOD` runs among ``records``: its best run by validation score
-    against chance on the validation split (see the module docstring)."""
+    against chance on the validation split by ``margins`` (points per metric; see the module docstring)."""
     status = {}
     if records.empty:
         return status
     for dataset, runs in records[records["method"] == REFERENCE_METHOD].groupby("dataset"):
         best = runs.loc[runs["val"].idxmax()]
-        if best["metric"] not in CHANCE_MARGINS:
+        if best["metric"] not in margins:
             continue  # no chance level stated for this metric: the rule says nothing
         chance = best["val_majority"] if best["metric"] == "accuracy" else 0.0
         status[dataset] = Learning(dataset, best["metric"], float(best["val"]), float(chance),
-                                   CHANCE_MARGINS[best["metric"]])
+                                   margins[best["metric"]])
     return status
 
 

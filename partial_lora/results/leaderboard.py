@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from partial_lora.protocol.budget import BUDGET_KEYS
 from partial_lora.protocol.claims import ClaimPlan, compose_claims, paired_interval
 from partial_lora.protocol.sweep import Checkout, compose_target, launched_run_id
 from partial_lora.protocol.targets import TargetPlan
@@ -63,7 +64,7 @@ def planned_settings(checkout: Checkout, scale: str, extra: list[str] | tuple[st
     table = TargetPlan(checkout, compose_target(checkout, TABLE, scale, extra), extra, records)
     for cell in table.cells:
         named = dict(override.split("=", 1) for override in cell.setting)
-        label = " / ".join(value for key, value in named.items() if key not in ("backbone", "dataset"))
+        label = " / ".join(value for key, value in named.items() if key not in ("backbone", "dataset", *BUDGET_KEYS))
         add(launched_run_id(checkout, TABLE, scale, [*cell.setting, *SETTING_AT, *extra]), named["dataset"],
             f"{TABLE}: {label}", table.run_ids(cell))
     claims = ClaimPlan(checkout, compose_claims(checkout, scale, extra), scale, extra)
