@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 from partial_lora.adapters import count_parameters
 from partial_lora.backbones import build_backbone
 from partial_lora.config import validate, validate_max_length
-from partial_lora.settings import method_of
+from partial_lora.settings import method_of, yaml_terms
 
 
 def dry_run(cfg: DictConfig) -> None:
@@ -22,15 +22,17 @@ def dry_run(cfg: DictConfig) -> None:
     validate(cfg)
     backbone = build_backbone(cfg.backbone, cfg.dataset.num_labels, shapes_only=True)
     method = method_of(cfg)
-    method.validate_model(backbone.model)  # what a run refuses, a dry run refuses too
-    validate_max_length(cfg, backbone.model)
-    total_steps = None
-    if method.needs_total_steps:
-        # Steps per epoch follow from the training split's size; no count at the start depends on them.
-        total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else cfg.train.epochs
-    model = method.adapt_shapes(backbone.model, total_steps)
-    counts = count_parameters(model, backbone.head_modules)
-    for line in method.dry_run_lines(model, counts, backbone.head_modules):
+    with yaml_terms():  # the core's checks of what it is given, about the keys this run set
+        method.validate_model(backbone.model)  # what a run refuses, a dry run refuses too
+        validate_max_length(cfg, backbone.model)
+        total_steps = None
+        if method.needs_total_steps:
+            # Steps per epoch follow from the training split's size; no count at the start depends on them.
+            total_steps = cfg.trainer.max_steps if cfg.trainer.max_steps > 0 else cfg.train.epochs
+        model = method.adapt_shapes(backbone.model, total_steps)
+        counts = count_parameters(model, backbone.head_modules)
+        lines = method.dry_run_lines(model, counts, backbone.head_modules)
+    for line in lines:
         print(line)
     print(f"classifier head parameters: {counts.head:,}")
     if total_steps is not None:

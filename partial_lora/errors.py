@@ -16,6 +16,30 @@ class ConfigError(PartialLoraError):
     """A configuration value is invalid."""
 
 
+class SettingError(ConfigError):
+    """A setting given to the core is invalid, named as the caller wrote it: ``owner`` is the settings class or
+    function called (``DerivationSettings``, ``apply_losia``), ``setting`` its field or argument.
+
+    The core is a library and its callers never see a YAML key; the harness, whose users set YAML keys, renames
+    the setting with :meth:`naming` (``partial_lora.settings.yaml_terms``). A ``ConfigError``, so that code
+    catching those needs no change.
+    """
+
+    def __init__(self, owner: str, setting: str, requirement: str, value: object) -> None:
+        self.owner, self.setting, self.requirement, self.value = owner, setting, requirement, value
+        super().__init__(self.naming(f"{owner}.{setting}"))
+
+    def naming(self, name: str) -> str:
+        """The message with the setting called ``name``: "<name> <requirement>, got <value>."."""
+        return f"{name} {self.requirement}, got {self.value!r}."
+
+
+def check_choice(owner: str, setting: str, value: object, choices: tuple[str, ...]) -> None:
+    """Raise :class:`SettingError` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise SettingError(owner, setting, f"must be one of {', '.join(choices)}", value)
+
+
 class DataError(PartialLoraError):
     """Data is missing or malformed."""
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from partial_lora.errors import ConfigError
+from partial_lora.errors import ConfigError, SettingError
 from partial_lora.layers import block_of
 
 if TYPE_CHECKING:  # the derivation package builds on the adapters, which build on this module
@@ -66,7 +66,10 @@ def make_mask(mode: str, layer: str, seed: int, shape: tuple[int, int], *, k_row
               k_col: int | None = None, row_scores: torch.Tensor | None = None,
               col_scores: torch.Tensor | None = None, temperature: float = 1.0,
               sparsity: float | None = None) -> LayerMask:
-    """Draw one layer's row and column masks for ``mode`` (see the table in SPEC 2)."""
+    """Draw one layer's row and column masks for ``mode`` (see the table in SPEC 2).
+
+    Bad settings are named as fields of ``MaskSettings``, where library users set them (``PartialLoraConfig``).
+    """
     m, n = shape
     generator = layer_generator(seed, layer)
     if mode == "partial":
@@ -76,15 +79,15 @@ def make_mask(mode: str, layer: str, seed: int, shape: tuple[int, int], *, k_row
         return mask if mode == "targeted" else LayerMask(~mask.row, ~mask.col)
     if mode == "stochastic":
         if temperature <= 0:
-            raise ConfigError(f"method.mask.temperature must be > 0, got {temperature!r}.")
+            raise SettingError("MaskSettings", "temperature", "must be > 0", temperature)
         return LayerMask(_softmax_draw(row_scores, k_row, temperature, generator),
                          _softmax_draw(col_scores, k_col, temperature, generator))
     if mode in ("balanced", "pyramidal"):
         if sparsity is None or not 0 <= sparsity <= 1:
-            raise ConfigError(f"method.mask.sparsity must lie in [0, 1] for {mode} masks, got {sparsity!r}.")
+            raise SettingError("MaskSettings", "sparsity", f"must lie in [0, 1] for {mode} masks", sparsity)
         keep = 1 - sparsity if mode == "balanced" else 1 - sparsity ** block_depth(layer)
         return LayerMask(_bernoulli(m, keep, generator), _bernoulli(n, keep, generator))
-    raise ConfigError(f"method.mask.mode must be one of {', '.join(MODES)}, got {mode!r}.")
+    raise SettingError("MaskSettings", "mode", f"must be one of {', '.join(MODES)}", mode)
 
 
 def make_masks(mode: str, shapes: dict[str, tuple[int, int]], seed: int, *, counts: DerivedCounts | None = None,

@@ -20,13 +20,13 @@ from partial_lora.backbones import Backbone, build_backbone
 from partial_lora.config import validate, validate_max_length
 from partial_lora.data import GlueDataModule, SplitDataModule, VisionDataModule
 from partial_lora.dry_run import dry_run
-from partial_lora.errors import RunInterrupted, TrainingDiverged
+from partial_lora.errors import DataError, RunInterrupted, TrainingDiverged
 from partial_lora.ratios import DerivedCounts, derive_counts
 from partial_lora.results import (LAST_CHECKPOINT, RunSlot, config_hash, environment, portable_config, portable_path,
                                   write_record)
 from partial_lora.files import no_space_reported
 from partial_lora.methods.base import Method
-from partial_lora.settings import derivation_settings, method_of
+from partial_lora.settings import derivation_settings, method_of, yaml_terms
 from partial_lora.training import ClassificationModule, FiniteLoss, RngState, RunClock, SigtermCheckpoint, TrainingCost
 
 
@@ -45,6 +45,8 @@ def derive_for_run(cfg: DictConfig, backbone: Backbone, datamodule: SplitDataMod
     ``ratios.cache_dir``."""
     ratios = cfg.ratios
     batches = datamodule.derivation_batches(ratios.fraction, ratios.max_examples, ratios.batch_size)
+    if not batches:
+        raise DataError("the derivation set is empty: raise ratios.max_examples or dataset.derivation_fraction.")
     settings, source = derivation_settings(cfg)
     probe_batches = None
     if settings.probes_held_out:
@@ -118,15 +120,16 @@ def _build(cfg: DictConfig) -> Build:
     """Backbone and data, the derived counts where the method reads them, the adapted model."""
     backbone, datamodule = backbone_and_data(cfg)
     method = method_of(cfg)
-    method.validate_model(backbone.model)  # needs the built model: before any training data, derivation or step
-    validate_max_length(cfg, backbone.model)
-    total_steps = None
-    if method.needs_total_steps:
-        total_steps = datamodule.steps_per_epoch() * cfg.train.epochs
-        if cfg.trainer.max_steps > 0:
-            total_steps = min(total_steps, cfg.trainer.max_steps)
-    derived = derive_for_run(cfg, backbone, datamodule) if method.derives_counts else None
-    model = method.adapt(backbone.model, total_steps, derived)
+    with yaml_terms():  # the core's checks of what it is given, about the keys this run set
+        method.validate_model(backbone.model)  # needs the built model: before any training data, derivation or step
+        validate_max_length(cfg, backbone.model)
+        total_steps = None
+        if method.needs_total_steps:
+            total_steps = datamodule.steps_per_epoch() * cfg.train.epochs
+            if cfg.trainer.max_steps > 0:
+                total_steps = min(total_steps, cfg.trainer.max_steps)
+        derived = derive_for_run(cfg, backbone, datamodule) if method.derives_counts else None
+        model = method.adapt(backbone.model, total_steps, derived)
     module = ClassificationModule(model, num_labels=cfg.dataset.num_labels, metric=cfg.dataset.metric,
                                   optimizer=method.optimizer())
     return Build(backbone, datamodule, method, module, count_parameters(model, backbone.head_modules),

@@ -20,8 +20,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from partial_lora import (DerivationSettings, DerivedCounts, PartialLoraConfig, derive_counts, get_partial_lora_model,
                           load_partial_lora)
 from partial_lora.adapters.compact import COL_MASK, ROW_MASK
+from partial_lora.adapters.losia import apply_losia
+from partial_lora.adapters.sparse_delta import apply_random_masking
 from partial_lora.adapters.masked import factor, is_compact, lora_layers
 from partial_lora.config import _minilm_path
+from partial_lora.errors import SettingError
 from tests.conftest import NEGATIVE, POSITIVE, ROOT, compose_config
 
 TARGETS = compose_config("backbone=minilm").backbone.target_modules
@@ -37,6 +40,30 @@ def sentences(count: int = 10) -> dict[str, torch.Tensor]:
     texts = [(POSITIVE + NEGATIVE)[index % 10] for index in range(count)]
     batch = tokenizer(texts, padding=True, return_tensors="pt")
     return {**batch, "labels": torch.tensor([int(text in POSITIVE) for text in texts])}
+
+
+class Dense(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.dense = torch.nn.Linear(4, 4)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: DerivationSettings(target_modules=["dense"], search="foo"),
+     "DerivationSettings.search must be one of linear, binary, whole_first, got 'foo'."),
+    (lambda: get_partial_lora_model(Dense(), PartialLoraConfig(r=2, target_modules=["dense"], mode="balanced",
+                                                               sparsity=1.5)),
+     "MaskSettings.sparsity must lie in [0, 1] for balanced masks, got 1.5."),
+    (lambda: apply_losia(Dense(), "dense", rank_factor=0, beta=0.9, seed=0),
+     "apply_losia.rank_factor must lie in (0, 1], got 0."),
+    (lambda: apply_random_masking(Dense(), "nothing", trainable_fraction=0.5, seed=0),
+     "targeted_linears.target_modules must match a linear layer of the model, got 'nothing'."),
+])
+def test_a_bad_setting_is_named_as_the_library_caller_wrote_it(call, message):
+    """By the settings class or function called and its field or argument, never a run config's YAML key."""
+    with pytest.raises(SettingError) as error:
+        call()
+    assert str(error.value) == message
 
 
 @pytest.fixture(scope="module")

@@ -63,6 +63,13 @@ def test_dry_run_refuses_a_rank_larger_than_a_layer():
         run(cfg)
 
 
+def test_dry_run_names_what_the_core_refuses_by_its_key():
+    cfg = compose_config("backbone=tiny_bert", "backbone.target_modules=nothing", "dry_run=true", "data_dir=null")
+    with pytest.raises(ConfigError) as error:
+        run(cfg)
+    assert str(error.value) == "backbone.target_modules must match a linear layer of the model, got 'nothing'."
+
+
 def test_masked_dry_run_takes_its_masks_from_a_matching_ratio_cache(tiny_cfg, tmp_path: Path, capsys):
     with open_dict(tiny_cfg):
         tiny_cfg.method = compose_config("method=targeted_lora").method

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from partial_lora.errors import ConfigError
+from partial_lora.errors import SettingError
 from partial_lora.masks import block_depth, make_mask
 
 SHAPE = (400, 300)
@@ -57,11 +57,11 @@ def test_balanced_and_pyramidal_rates():
 
 
 def test_bad_mask_settings_are_refused():
-    with pytest.raises(ConfigError, match="mask.mode"):
+    with pytest.raises(SettingError, match="^MaskSettings.mode must be one of partial, .*, got 'diagonal'"):
         draw("diagonal")
-    with pytest.raises(ConfigError, match="temperature"):
+    with pytest.raises(SettingError, match=r"^MaskSettings.temperature must be > 0, got 0\.0\.$"):
         draw("stochastic", temperature=0.0)
-    with pytest.raises(ConfigError, match="sparsity"):
+    with pytest.raises(SettingError, match=r"^MaskSettings.sparsity must lie in \[0, 1\] for balanced masks, got 1\.5"):
         make_mask("balanced", "layer.0.x", 0, SHAPE, sparsity=1.5)
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from partial_lora.backbones import build_backbone
-from partial_lora.errors import ConfigError, DataError
+from partial_lora.errors import ConfigError, DataError, SettingError
 from partial_lora.importance import LayerScores, svd_scores
 from partial_lora.ratios import (AcceptanceRule, DerivationSettings, DerivedCounts, LayerCounts, PrefixReplay,
                                  RatioCache, DerivationMetric, derivation_inputs, derivation_warnings, derive_counts,
@@ -48,17 +48,40 @@ def test_searches_differ_only_where_accuracy_is_not_monotone():
     assert largest_removable(10, passes, "whole_first") == (10, 1)
 
 
-def test_bad_search_settings_are_refused():
-    with pytest.raises(ConfigError, match="ratios.search"):
-        largest_removable(4, lambda c: True, "random")
-    with pytest.raises(ConfigError, match="ratios.step"):
-        largest_removable(4, lambda c: True, "linear", step=0)
-    with pytest.raises(ConfigError, match="threshold"):
-        AcceptanceRule("paper", 1.5)
-    with pytest.raises(ConfigError, match="ratios.rule must be one of paper, above_chance, loss"):
-        AcceptanceRule("majority", 0.9)
-    with pytest.raises(ConfigError, match="max_loss_increase"):
-        AcceptanceRule("loss", 0.9, max_loss_increase=0)
+@pytest.mark.parametrize("call, message", [  # named as the caller wrote them: no run config key
+    (lambda: largest_removable(4, lambda c: True, "random"),
+     "largest_removable.search must be one of linear, binary, whole_first, got 'random'."),
+    (lambda: largest_removable(4, lambda c: True, "linear", step=0), "largest_removable.step must be an integer >= 1, "
+                                                                      "got 0."),
+    (lambda: AcceptanceRule("paper", 1.5), "AcceptanceRule.tau must lie in (0, 1], got 1.5."),
+    (lambda: AcceptanceRule("majority", 0.9),
+     "AcceptanceRule.name must be one of paper, above_chance, loss, got 'majority'."),
+    (lambda: AcceptanceRule("loss", 0.9, max_loss_increase=0),
+     "AcceptanceRule.max_loss_increase must be a number > 0, got 0."),
+])
+def test_bad_search_settings_are_refused(call, message):
+    with pytest.raises(SettingError) as error:
+        call()
+    assert str(error.value) == message
+
+
+@pytest.mark.parametrize("setting, value, requirement", [
+    ("importance", "none", "must be one of svd, snip, imp"),
+    ("search", "foo", "must be one of linear, binary, whole_first"),
+    ("step", 0, "must be an integer >= 1"),
+    ("flow", "both", "must be one of isolated, continuous"),
+    ("probe", "train", "must be one of in_sample, heldout"),
+    ("scope", "global", "must be one of isolated, cumulative"),
+    ("rule", "strict", "must be one of paper, above_chance, loss"),
+    ("threshold", 1.5, "must lie in (0, 1]"),  # AcceptanceRule's tau, named as the field the caller set
+    ("max_loss_increase", 0, "must be a number > 0"),
+])
+def test_derivation_settings_refuse_a_bad_field_by_its_name(setting, value, requirement):
+    """Before any model is scored, and in the caller's terms: ``DerivationSettings.<field>``."""
+    with pytest.raises(SettingError) as error:
+        DerivationSettings(target_modules=["hidden"], **{setting: value})
+    assert str(error.value) == f"DerivationSettings.{setting} {requirement}, got {value!r}."
+    assert (error.value.owner, error.value.setting) == ("DerivationSettings", setting)
 
 
 def test_counts_on_a_small_model_agree_between_searches_and_restore_weights():
@@ -403,12 +426,10 @@ def test_the_held_out_probe_is_fitted_on_its_own_sample_and_never_on_the_derivat
     assert held_out.baseline_accuracy < 0.2
     assert held_out.inputs["probe_data"] != held_out.inputs["data"] and "probe_data" not in in_sample.inputs
     assert held_out.inputs["settings"]["probe"] == "heldout" and "probe" not in in_sample.inputs["settings"]
-    with pytest.raises(ConfigError, match="ratios.probe=heldout"):
+    with pytest.raises(ConfigError, match=re.escape("settings.probe='heldout' fits the head on its own labelled")):
         derive_counts(model, derivation, replace(settings, probe="heldout"))
     with pytest.raises(ConfigError, match="probe_batches were given"):
         derive_counts(model, derivation, settings, probe_batches=probe)
-    with pytest.raises(ConfigError, match="ratios.probe must be one of in_sample, heldout"):
-        replace(settings, probe="train")
 
 
 def test_the_probe_sample_shares_no_row_with_the_derivation_set_or_validation(tmp_path):
@@ -469,7 +490,7 @@ def test_cumulative_scope_keeps_the_whole_ticket_within_the_bound_where_isolated
     assert ticket_metric(weights, scores, cumulative, accuracy) >= PAPER.target(1.0)
     assert all(torch.equal(weights[name], before[name]) for name in weights)
     assert changed[0] == "first" and changed[-1] == "first"  # told of each applied removal, and of the restore
-    with pytest.raises(ConfigError, match="ratios.scope must be one of isolated, cumulative"):
+    with pytest.raises(SettingError, match="^search_counts.scope must be one of isolated, cumulative, got 'global'"):
         search_counts(weights, scores, accuracy, PAPER, scope="global", progress=False)
 
 

@@ -3,30 +3,32 @@ folders, data files, ratio caches and adapter files."""
 
 from __future__ import annotations
 
+import ast
 import ctypes
 import json
 import logging
 import os
 import re
 import subprocess
+from importlib import import_module
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from partial_lora.adapters import load_adapter
 from partial_lora.backbones import build_backbone
 from partial_lora.config import validate
 from partial_lora.data import VisionDataModule
-from partial_lora.errors import ConfigError, DataError, PartialLoraError
+from partial_lora.errors import ConfigError, DataError, PartialLoraError, SettingError
 from partial_lora.importance import LayerScores
 from partial_lora.pipeline import run
 from partial_lora.ratios import DerivedCounts, LayerCounts, RatioCache
 from partial_lora.ratios.cache import load_entries
-from partial_lora.settings import adapt
-from tests.conftest import TINY_ANY_LR, compose_config, run_py
+from partial_lora.settings import YAML_KEYS, adapt, derivation_settings
+from tests.conftest import ROOT, TINY_ANY_LR, compose_config, run_py
 from tests.test_masked_adapter import write_legacy_adapter
 
 
@@ -100,6 +102,74 @@ def one_sentence(message: str) -> bool:
     return re.search(r"\.\s+[A-Z]", message) is None
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["ratios.search=fast"], "ratios.search must be one of linear, binary, whole_first, got 'fast'."),
+    (["ratios.threshold=1.5"], "ratios.threshold must lie in (0, 1], got 1.5."),
+    (["importance.flow=both"], "importance.flow must be one of isolated, continuous, got 'both'."),
+])
+def test_the_settings_door_names_what_the_core_refuses_by_its_key(overrides, message):
+    """``DerivationSettings`` refuses in its own terms (``DerivationSettings.search ...``); built from a run config,
+    the same sentence names the key the run set."""
+    with pytest.raises(ConfigError) as error:
+        derivation_settings(compose_config("method=partial_lora", *overrides))
+    assert str(error.value) == message and not isinstance(error.value, SettingError)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["method=losia", "method.losia.rank_factor=0"], "method.losia.rank_factor must lie in (0, 1], got 0."),
+    (["method=random_masking", "method.sparse_delta.trainable_fraction=2"],
+     "method.sparse_delta.trainable_fraction must lie in (0, 1], got 2."),
+    (["method=balanced", "method.mask.sparsity=1.5"],
+     "method.mask.sparsity must lie in [0, 1] for balanced masks, got 1.5."),
+    (["method=losia", "backbone.target_modules=nothing"],
+     "backbone.target_modules must match a linear layer of the model, got 'nothing'."),
+])
+def test_adapting_names_what_the_core_refuses_by_its_key(overrides, message):
+    """Past config validation (called as a library would be), the method's adapters refuse with the run's key."""
+    cfg = compose_config("backbone=tiny_bert", *overrides)
+    with pytest.raises(ConfigError) as error:
+        adapt(build_backbone(cfg.backbone, num_labels=2).model, cfg)
+    assert str(error.value) == message and not isinstance(error.value, SettingError)
+
+
+def core_setting_errors() -> set[tuple[str, str]]:
+    """Every (owner, setting) that the core's ``SettingError`` can name, read from its source: the literal owner and
+    setting of each ``SettingError(...)`` and ``check_choice(...)`` call, where a setting looked up in a module's
+    table (``RULE_FIELDS[...]``) stands for each of the table's values."""
+    core = ROOT / "partial_lora"
+    found = set()
+    for path in [core / "masks.py", *(path for folder in ("ratios", "importance", "adapters")
+                                      for path in sorted((core / folder).rglob("*.py")))]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and getattr(node.func, "id", None) in ("SettingError", "check_choice")):
+                continue
+            owner, setting = node.args[:2]
+            where = f"{path.relative_to(ROOT)}:{node.lineno}"
+            assert isinstance(owner, ast.Constant), f"{where}: name the owner literally"
+            if isinstance(setting, ast.Subscript):
+                module = import_module(".".join(path.relative_to(ROOT).with_suffix("").parts))
+                names = list(getattr(module, setting.value.id).values())
+            else:
+                assert isinstance(setting, ast.Constant), f"{where}: name the setting literally"
+                names = [setting.value]
+            found |= {(owner.value, name) for name in names}
+    return found
+
+
+def test_every_setting_the_core_refuses_has_a_run_config_key():
+    """A new core check without a key in ``partial_lora.settings.YAML_KEYS`` would crash a run's error instead of
+    naming its key; a key left for a check that is gone, or one no run config holds, is a stale entry."""
+    found = core_setting_errors()
+    assert {("DerivationSettings", "search"), ("DerivationSettings", "threshold"), ("MaskSettings", "temperature"),
+            ("targeted_linears", "target_modules")} <= found  # the walk reads the core, RULE_FIELDS included
+    assert found == set(YAML_KEYS)
+    configs = [compose_config(f"method={method}") for method in ("partial_lora", "stochastic_lora", "balanced", "losia",
+                                                                    "random_masking")]
+    absent = object()
+    for key in YAML_KEYS.values():
+        assert any(OmegaConf.select(cfg, key, default=absent) is not absent for cfg in configs), key
+
+
 def test_a_folder_that_cannot_be_created_is_refused(tmp_path: Path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
@@ -130,6 +200,9 @@ def assert_refused(result: subprocess.CompletedProcess, message: str, root: Path
     # Checked once the backbone is built (its shapes are not in the config), before data, derivation or training.
     (["rank=64"], "rank=64 is larger than the smallest layer it adapts, bert.encoder.layer.0.attention.self.query "
                   "(32 x 32): choose rank <= 32."),
+    # The core's own check (targeted_linears), named by the run's key.
+    (["backbone.target_modules=nothing"], "backbone.target_modules must match a linear layer of the model, got "
+                                          "'nothing'."),
 ])
 def test_a_bad_setting_as_typed_exits_2_before_any_record_or_cache(glue_dir: Path, tmp_path: Path, overrides, message):
     result = run_py(*TINY_ANY_LR, f"data_dir={glue_dir}", *store_overrides(tmp_path), *overrides, cwd=tmp_path)

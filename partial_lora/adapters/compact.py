@@ -34,7 +34,7 @@ import torch
 from peft.tuners.lora import LoraLayer
 from peft.tuners.lora.layer import LoraVariant
 
-from partial_lora.errors import PartialLoraError
+from partial_lora.errors import PartialLoraError, SettingError
 
 ROWS, COLS = "partial_rows", "partial_cols"  # kept indices (compact layers)
 ROW_MASK, COL_MASK = "partial_row_mask", "partial_col_mask"  # the masks (every masked layer; saved with the adapter)
@@ -124,8 +124,8 @@ def make_compact(layer: LoraLayer, adapter: str, row: torch.Tensor, col: torch.T
     what the adapter computes.
     """
     if getattr(layer, "fan_in_fan_out", False) or adapter in layer.lora_variant:
-        raise PartialLoraError("compact masked LoRA supports plain LoRA on nn.Linear targets only: "
-                               "set adapter.compact=false.")
+        raise SettingError("MaskSettings", "compact", "must be False for layers other than plain LoRA on nn.Linear "
+                           "targets (DoRA, fan_in_fan_out)", True)
     lora_a, lora_b = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     if outside_masks(lora_a, lora_b, row, col):
         raise PartialLoraError("the LoRA factors have non-zero entries outside the masks; a compact layer "

@@ -30,7 +30,7 @@ import torch
 from torch.nn.functional import linear
 
 from partial_lora.adapters.targets import ADAPTER, WeightDelta, targeted_linears, wrap_linears
-from partial_lora.errors import ConfigError
+from partial_lora.errors import SettingError
 from partial_lora.masks import layer_generator
 
 
@@ -132,9 +132,9 @@ def apply_losia(model: torch.nn.Module, target_modules: str, rank_factor: float,
                 seed: int) -> dict[str, SubnetLinear]:
     """Freeze ``model`` and give each targeted linear layer a random initial subnet; returns the new layers."""
     if not 0 < rank_factor <= 1:
-        raise ConfigError(f"method.losia.rank_factor must lie in (0, 1], got {rank_factor!r}.")
+        raise SettingError("apply_losia", "rank_factor", "must lie in (0, 1]", rank_factor)
     if not 0 <= beta < 1:
-        raise ConfigError(f"method.losia.beta must lie in [0, 1), got {beta!r}.")
+        raise SettingError("apply_losia", "beta", "must lie in [0, 1)", beta)
 
     def wrap(name: str, module: torch.nn.Linear) -> SubnetLinear:
         generator = layer_generator(seed, name)

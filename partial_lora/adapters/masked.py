@@ -65,7 +65,7 @@ def apply_mask(layer: LoraLayer, mask: LayerMask, compact: bool = True) -> None:
         lora_a.mul_(col[None, :].to(lora_a.dtype))
     if compact and isinstance(layer, AdaLoraLayer):
         warnings.warn("AdaLoRA's masked layers run dense: its rank allocator prunes the full factors, so "
-                      "adapter.compact applies to LoRA layers only.", stacklevel=3)
+                      "compact=True applies to LoRA layers only.", stacklevel=3)
     elif compact:
         make_compact(layer, ADAPTER, row, col)
         return
@@ -75,7 +75,7 @@ def apply_mask(layer: LoraLayer, mask: LayerMask, compact: bool = True) -> None:
 
 
 def apply_masks(model: torch.nn.Module, masks: dict[str, LayerMask], compact: bool = True) -> None:
-    """Mask every LoRA layer of ``model``; ``compact`` per :func:`apply_mask` (``adapter.compact``)."""
+    """Mask every LoRA layer of ``model``; ``compact`` per :func:`apply_mask`."""
     layers = lora_layers(model)
     missing = set(layers) ^ set(masks)
     if missing:

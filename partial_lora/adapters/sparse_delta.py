@@ -14,7 +14,7 @@ import torch
 from torch.nn.functional import linear
 
 from partial_lora.adapters.targets import WeightDelta, targeted_linears, wrap_linears
-from partial_lora.errors import ConfigError
+from partial_lora.errors import SettingError
 from partial_lora.masks import layer_generator
 
 
@@ -44,7 +44,7 @@ def apply_random_masking(model: torch.nn.Module, target_modules: str, trainable_
     the number of trainable entries per layer.
     """
     if not 0 < trainable_fraction <= 1:
-        raise ConfigError(f"method.sparse_delta.trainable_fraction must lie in (0, 1], got {trainable_fraction!r}.")
+        raise SettingError("apply_random_masking", "trainable_fraction", "must lie in (0, 1]", trainable_fraction)
     targets = targeted_linears(model, target_modules)
     budget = trainable_fraction * sum(parameter.numel() for parameter in model.parameters())
     targeted = sum(module.weight.numel() for module in targets.values())

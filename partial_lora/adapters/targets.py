@@ -9,7 +9,7 @@ import torch
 from peft import LoraConfig
 from peft.tuners.tuners_utils import check_target_module_exists
 
-from partial_lora.errors import ConfigError
+from partial_lora.errors import SettingError
 
 ADAPTER = "default"  # PEFT's default adapter name; layers written here hold one adapter under it
 
@@ -21,7 +21,8 @@ def targeted_linears(model: torch.nn.Module, target_modules: str | Sequence[str]
     targets = {name: module for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and check_target_module_exists(config, name)}
     if not targets:
-        raise ConfigError(f"no linear layer matches target_modules {target_modules!r}.")
+        raise SettingError("targeted_linears", "target_modules", "must match a linear layer of the model",
+                           target_modules)
     return targets
 
 

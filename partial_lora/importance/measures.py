@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from partial_lora.errors import ConfigError
+from partial_lora.errors import ConfigError, check_choice
 
 MEASURES = ("svd", "snip", "imp")
 FLOWS = ("isolated", "continuous")
@@ -62,8 +62,7 @@ def gradient_scores(weights: dict[str, torch.Tensor], loss_batches: Iterable[Cal
 
 def preserve_flow(scores: dict[str, LayerScores], flow: str) -> dict[str, LayerScores]:
     """Apply the flow-preservation variant; layers are taken in the model's module order."""
-    if flow not in FLOWS:
-        raise ConfigError(f"importance.flow must be one of {', '.join(FLOWS)}, got {flow!r}.")
+    check_choice("preserve_flow", "flow", flow, FLOWS)
     if flow == "isolated":
         return scores
     names = list(scores)
@@ -80,12 +79,11 @@ def compute_importance(weights: dict[str, torch.Tensor], measure: str, *, top_k:
                        flow: str = "isolated",
                        loss_batches: Iterable[Callable[[], torch.Tensor]] | None = None) -> dict[str, LayerScores]:
     """Scores for every adapted weight under ``measure`` (``svd``, ``snip`` or ``imp``)."""
+    check_choice("compute_importance", "measure", measure, MEASURES)
     if measure == "svd":
         scores = {name: svd_scores(weight.detach(), top_k) for name, weight in weights.items()}
-    elif measure in ("snip", "imp"):
-        if loss_batches is None:
-            raise ConfigError(f"importance={measure} needs derivation data (gradients of the loss).")
-        scores = gradient_scores(weights, loss_batches, measure)
     else:
-        raise ConfigError(f"importance must be one of {', '.join(MEASURES)} for masked methods, got {measure!r}.")
+        if loss_batches is None:
+            raise ConfigError(f"measure={measure!r} needs loss_batches (gradients of the loss on labelled data).")
+        scores = gradient_scores(weights, loss_batches, measure)
     return preserve_flow(scores, flow)

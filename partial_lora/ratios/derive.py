@@ -22,13 +22,15 @@ import torch
 from torch.nn.functional import cross_entropy
 
 from partial_lora.adapters.targets import targeted_linears
-from partial_lora.errors import ConfigError, DataError
+from partial_lora.errors import ConfigError, DataError, SettingError, check_choice
 from partial_lora.importance import compute_importance
+from partial_lora.importance.measures import FLOWS, MEASURES
 from partial_lora.ratios.cache import RatioCache
 from partial_lora.ratios.counts import DerivedCounts
 from partial_lora.ratios.probe import head_linear, probed_head
 from partial_lora.ratios.replay import PrefixReplay
-from partial_lora.ratios.search import SCOPES, AcceptanceRule, LayerCounts, search_counts, ticket_metric
+from partial_lora.ratios.search import (SCOPES, SEARCHES, AcceptanceRule, LayerCounts, search_counts,
+                                       ticket_metric)
 
 Batch = dict[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -42,6 +44,8 @@ SAME_COUNTS = {"same_counts": True}
 # how every earlier derivation ran, so those cache entries (and the runs that used them) still match.
 SINCE_ADDED = {"omitted_at_default": True}
 PROBES = ("in_sample", "heldout")
+# The fields of DerivationSettings that AcceptanceRule's own checks are about, by AcceptanceRule's name for each.
+RULE_FIELDS = {"name": "rule", "tau": "threshold", "max_loss_increase": "max_loss_increase"}
 
 
 @dataclass(frozen=True)
@@ -70,10 +74,19 @@ class DerivationSettings:
         for name in ("target_modules", "head_modules"):
             if isinstance(getattr(self, name), list):
                 object.__setattr__(self, name, tuple(getattr(self, name)))
-        for name, choices in (("probe", PROBES), ("scope", SCOPES)):
-            if getattr(self, name) not in choices:
-                raise ConfigError(f"ratios.{name} must be one of {', '.join(choices)}, got {getattr(self, name)!r}.")
-        AcceptanceRule(self.rule, self.threshold, max_loss_increase=self.max_loss_increase)  # checks all three
+        # Checked here, not where each is first used: a bad value fails before any model is scored.
+        check_choice("DerivationSettings", "importance", self.importance, MEASURES)
+        check_choice("DerivationSettings", "search", self.search, SEARCHES)
+        check_choice("DerivationSettings", "flow", self.flow, FLOWS)
+        check_choice("DerivationSettings", "probe", self.probe, PROBES)
+        check_choice("DerivationSettings", "scope", self.scope, SCOPES)
+        if not (isinstance(self.step, int) and self.step >= 1):
+            raise SettingError("DerivationSettings", "step", "must be an integer >= 1", self.step)
+        try:
+            AcceptanceRule(self.rule, self.threshold, max_loss_increase=self.max_loss_increase)  # checks all three
+        except SettingError as error:  # named as the caller set it
+            raise SettingError("DerivationSettings", RULE_FIELDS[error.setting], error.requirement,
+                               error.value) from None
 
     @property
     def probes_held_out(self) -> bool:
@@ -250,7 +263,7 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
     of the batches. The model's weights, head, mode and ``requires_grad`` flags are as they were afterwards.
     """
     if not batches:
-        raise DataError("the derivation set is empty: raise ratios.max_examples or dataset.derivation_fraction.")
+        raise DataError("the derivation set is empty: pass at least one batch.")
     try:
         classes = head_linear(model, list(settings.head_modules)).out_features
     except ValueError:  # no linear head to read the classes from: labels are checked by the loss
@@ -267,13 +280,13 @@ def derive_counts(model: torch.nn.Module, batches: list[Batch], settings: Deriva
             raise DataError(f"derivation batch {number} has label {outside[0].item()}, outside the head's classes "
                             f"0..{classes - 1}: fix the labels or build the head with more classes.")
     if cache_dir is not None and source is None:
-        raise ConfigError("a ratio cache needs `source`, a description of the model that the counts belong to.")
+        raise ConfigError("a cache_dir needs `source`, a description of the model that the counts belong to.")
     if settings.probes_held_out and not probe_batches:
-        raise ConfigError("ratios.probe=heldout fits the head on its own labelled sample, and none was given: pass "
-                          "probe_batches, or set ratios.probe=in_sample.")
+        raise ConfigError("settings.probe='heldout' fits the head on its own labelled sample, and none was given: "
+                          "pass probe_batches, or set probe='in_sample'.")
     if probe_batches is not None and not settings.probes_held_out:
-        raise ConfigError("probe_batches were given but the head is not probed on them: set ratios.probe=heldout "
-                          "(and ratios.probe_head_steps > 0), or leave probe_batches out.")
+        raise ConfigError("probe_batches were given but the head is not probed on them: set probe='heldout' (and "
+                          "probe_head_steps > 0) in the settings, or leave probe_batches out.")
     weights = {name: layer.weight for name, layer in targeted_linears(model, settings.target_modules).items()}
     inputs = derivation_inputs(settings, source, batches, probe_batches)
     if cache_dir is None:

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from partial_lora.errors import ConfigError
+from partial_lora.errors import SettingError, check_choice
 from partial_lora.importance import LayerScores
 
 SEARCHES = ("linear", "binary", "whole_first")
@@ -67,10 +67,9 @@ def largest_removable(size: int, passes: Callable[[int], bool], search: str, ste
     ``passes(0)`` is taken as true: removing nothing is the baseline itself. ``whole_first`` asks
     about ``size`` first (see the module docstring).
     """
-    if search not in SEARCHES:
-        raise ConfigError(f"ratios.search must be one of {', '.join(SEARCHES)}, got {search!r}.")
+    check_choice("largest_removable", "search", search, SEARCHES)
     if step < 1:
-        raise ConfigError(f"ratios.step must be an integer >= 1, got {step!r}.")
+        raise SettingError("largest_removable", "step", "must be an integer >= 1", step)
     candidates = _candidates(size, step)
     calls = 0
     if search == "linear":
@@ -119,12 +118,11 @@ class AcceptanceRule:
     max_loss_increase: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.name not in RULES:
-            raise ConfigError(f"ratios.rule must be one of {', '.join(RULES)}, got {self.name!r}.")
+        check_choice("AcceptanceRule", "name", self.name, RULES)
         if not 0 < self.tau <= 1:
-            raise ConfigError(f"ratios.threshold must lie in (0, 1], got {self.tau!r}.")
+            raise SettingError("AcceptanceRule", "tau", "must lie in (0, 1]", self.tau)
         if not self.max_loss_increase > 0:
-            raise ConfigError(f"ratios.max_loss_increase must be a number > 0, got {self.max_loss_increase!r}.")
+            raise SettingError("AcceptanceRule", "max_loss_increase", "must be a number > 0", self.max_loss_increase)
 
     @property
     def metric(self) -> str:
@@ -163,8 +161,7 @@ def search_counts(weights: dict[str, torch.Tensor], scores: dict[str, LayerScore
     ends, and ``weights_changed(name)`` is told each time one does (an evaluator caching what earlier layers
     compute must recompute it); every weight is restored at the end either way.
     """
-    if scope not in SCOPES:
-        raise ConfigError(f"ratios.scope must be one of {', '.join(SCOPES)}, got {scope!r}.")
+    check_choice("search_counts", "scope", scope, SCOPES)
     baseline = evaluate(None, None)
     target = rule.target(baseline)
     counts: dict[str, LayerCounts] = {}
