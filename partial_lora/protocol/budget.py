@@ -123,9 +123,9 @@ class BudgetRule:
         """The rule in one sentence, for captions and reports."""
         margins = " / ".join(f"{points:g} points ({metric})" for metric, points in self.margins.items())
         ladder = ", then ".join(budget.describe() for budget in self.ladder)
-        return (f"Each task trains at the first budget of {ladder} where {REFERENCE_METHOD}'s pilot (seed {self.seed}, "
+        return (f"Each task trains at the first of these budgets where {REFERENCE_METHOD}'s pilot (seed {self.seed}, "
                 f"learning rates {', '.join(f'{lr:g}' for lr in self.lrs)}) clears chance on the validation split by "
-                f"{margins}; else at the last.")
+                f"{margins}: {ladder}; where none does, at the last.")
 
 
 def merged(*groups: tuple[str, ...] | list[str]) -> tuple[str, ...]:
