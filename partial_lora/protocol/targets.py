@@ -115,9 +115,9 @@ def settle_budgets(checkout: Checkout, cfg: DictConfig, launcher: str = "local",
     pending ones); returns how many multiruns had failed runs, and the decisions. A pilot that failed leaves its
     budget pending: it is launched once, not again."""
     rule, failures, launched = BudgetRule.from_config(cfg, extra), 0, set()
+    backbones = _budget_datasets(cfg, rule) if rule is not None else {}
     while True:
         decisions = target_budgets(checkout, cfg, _indexed(load_records(cfg.results_dir)), extra)
-        backbones = _budget_datasets(cfg, rule) if rule is not None else {}
         pending = [{"backbone": [backbones[dataset]], "dataset": [dataset], "seed": [rule.seed], "lr": list(rule.lrs),
                     "method": [REFERENCE_METHOD], **{key: [value] for key, value in
                                                      (override.split("=", 1) for override in decision.pending.overrides())}}
