@@ -20,6 +20,7 @@ layout, PEFT's layout and for dense LoRA, at the same shares (``--only file-size
     python scripts/bench.py --backbone tiny_bert --steps 3     # a quick check
     python scripts/bench.py --only file-sizes                  # the file-size table alone (seconds, no timing)
     python scripts/bench.py --only shares --reuse-ratios       # the table across kept shares alone
+    python scripts/bench.py --only sizes --sizes 64 512 3367   # the derivation's cost curve alone
     python scripts/bench.py --backbone clip_vit_b16 --device cuda --override backbone.pretrained=null
 """
 
@@ -182,9 +183,9 @@ def with_ratios(cfg: DictConfig, **settings) -> DictConfig:
     return cfg
 
 
-def derive(cfg: DictConfig, reuse: bool) -> tuple[DerivedCounts, float, int]:
+def derive(cfg: DictConfig, reuse: bool, time_evaluation: bool = True) -> tuple[DerivedCounts, float | None, int]:
     """The counts of ``cfg`` (derived afresh, into a fresh cache, unless ``reuse``), the time of one literal
-    evaluation and the derivation set's size."""
+    evaluation (None unless ``time_evaluation``) and the derivation set's size."""
     torch.manual_seed(cfg.seed)  # the head the probe starts from, as a run with this seed draws it
     backbone, datamodule = backbone_and_data(cfg)
     if not reuse:
@@ -192,7 +193,8 @@ def derive(cfg: DictConfig, reuse: bool) -> tuple[DerivedCounts, float, int]:
     derived = derive_for_run(cfg, backbone, datamodule)
     batches = datamodule.derivation_batches(cfg.ratios.fraction, cfg.ratios.max_examples, cfg.ratios.batch_size)
     examples = sum(len(batch["labels"]) for batch in batches)
-    return derived, full_evaluation_seconds(backbone.model, cfg.backbone.target_modules, batches), examples
+    full = full_evaluation_seconds(backbone.model, cfg.backbone.target_modules, batches) if time_evaluation else None
+    return derived, full, examples
 
 
 def count_differences(derived: DerivedCounts, reference: DerivedCounts) -> list[str]:
@@ -319,22 +321,27 @@ def rank_curve(cfg: DictConfig, derived: DerivedCounts, batch: Batch, ranks: lis
         gc.collect()
 
 
-def size_curve(cfg: DictConfig, sizes: list[int], measured: DerivedCounts, measured_examples: int) -> None:
+def size_curve(cfg: DictConfig, sizes: list[int], measured: DerivedCounts | None = None,
+               measured_examples: int | None = None) -> None:
     """Derivation time and evaluations against the derivation set's size: the first ``size`` rows of the derivation
     pool (``ratios.fraction`` lifted to 1 so that sizes past the paper's 5% exist; below it, the same rows). ``measured``
-    is the run at the configured size, reused rather than derived twice."""
-    print(f"\nratio derivation against derivation-set size ({cfg.ratios.search} search, fresh cache each; read: the "
-          "share of the set's examples the evaluations ran, the rest skipped by the early decision):")
-    print(f"  {'examples':>8} {'evaluations':>12} {'seconds':>8} {'s / evaluation':>15} {'read':>7} "
-          f"{'kept rows+cols':>15}")
+    is the run at the configured size, reused rather than derived twice. ``seconds`` is the whole derivation (the
+    probe's fit, importance scores, the search and the whole ticket's check); ``search s`` the search alone."""
+    ratios = cfg.ratios
+    print(f"\nratio derivation against derivation-set size ({cfg.importance.name}, rule {ratios.rule}, probe "
+          f"{ratios.probe}, {ratios.search} search, scope {ratios.scope}; fresh cache each; read: the share of the "
+          "set's examples the evaluations ran, the rest skipped by the early decision):")
+    print(f"  {'examples':>8} {'evaluations':>12} {'seconds':>8} {'search s':>9} {'search s / evaluation':>22} "
+          f"{'read':>7} {'kept rows+cols':>15}")
     for size in sizes:
-        if size == cfg.ratios.max_examples:
+        if measured is not None and size == cfg.ratios.max_examples:
             derived, examples = measured, measured_examples
         else:
-            derived, _, examples = derive(with_ratios(cfg, max_examples=size, fraction=1.0), reuse=False)
+            derived, _, examples = derive(with_ratios(cfg, max_examples=size, fraction=1.0), reuse=False,
+                                          time_evaluation=False)
         read = derived.examples_evaluated / (derived.evaluations * examples)
-        print(f"  {examples:>8} {derived.evaluations:>12,} {derived.wall_time_s:>8.1f} "
-              f"{derived.wall_time_s / derived.evaluations:>15.3f} {read:>7.1%} {derived.kept_fraction:>15.2%}",
+        print(f"  {examples:>8} {derived.evaluations:>12,} {derived.wall_time_s:>8.1f} {derived.search_time_s:>9.1f} "
+              f"{derived.search_time_s / derived.evaluations:>22.3f} {read:>7.1%} {derived.kept_fraction:>15.2%}",
               flush=True)
 
 
@@ -391,9 +398,9 @@ def main() -> None:
     parser.add_argument("--ranks", type=int, nargs="*", default=[1, 4, 16, 64],
                         help="ranks of the step-time curve (none: skip)")
     parser.add_argument("--override", nargs="*", default=[], help="Hydra overrides, e.g. backbone.pretrained=null")
-    parser.add_argument("--only", choices=["file-sizes", "shares"],
-                        help="print this table alone: file-sizes (no timing) or shares (its scores from the ratio "
-                             "cache, derived there if absent)")
+    parser.add_argument("--only", choices=["file-sizes", "shares", "sizes"],
+                        help="print this table alone: file-sizes (no timing), shares (its scores from the ratio "
+                             "cache, derived there if absent) or sizes (the derivation's cost curve over --sizes)")
     args = parser.parse_args()
     if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
         # Before the ratio derivation, which would run minutes on the CPU first.
@@ -408,6 +415,9 @@ def main() -> None:
     print(f"backbone {cfg.backbone.name} | dataset {cfg.dataset.name} | device {args.device} | "
           f"torch threads {torch.get_num_threads()} | rank {args.rank} | batch {args.batch_size}"
           + ("" if cfg.dataset.kind == "vision" else f" x {args.length} tokens"), flush=True)
+    if args.only == "sizes":
+        size_curve(cfg, args.sizes)
+        return
     if args.only == "shares":
         derived = derive(cfg, reuse=True)[0]
         batch = training_batch(cfg, backbone_and_data(cfg)[0].tokenizer, args.batch_size, args.length, args.device)

@@ -273,6 +273,8 @@ def test_the_cache_key_follows_every_setting_that_can_change_the_counts(tmp_path
                           cache_dir=tmp_path, source={"model": "tiny"})
     assert again.cache_hit and again.path == first.path  # replay and progress: same counts
     assert again.to_json() == first.to_json()
+    # The search's share of the wall time is measured when derived, and not claimed for a cache read.
+    assert 0 < first.search_time_s <= first.wall_time_s and again.search_time_s is None
     for changed in (replace(settings, threshold=0.8), replace(settings, top_k=2), replace(settings, search="linear"),
                     replace(settings, rule="above_chance")):
         assert not derive_counts(model, batches, changed, cache_dir=tmp_path, source={"model": "tiny"}).cache_hit

@@ -45,6 +45,7 @@ class DerivedCounts:
     wall_time_s: float = 0.0
     cache_hit: bool = False  # how this object was obtained (from a cache), not part of the document
     examples_evaluated: int | None = None  # examples the search ran (None: read from a cache); not in the document
+    search_time_s: float | None = None  # of wall_time_s, Algorithm 1's search alone (None: read from a cache); ditto
     path: Path | None = None  # where it was read or written
 
     @property

@@ -323,9 +323,11 @@ def _derive(model: torch.nn.Module, batches: list[Batch], probe_batches: list[Ba
             scores = compute_importance(weights, settings.importance, top_k=settings.top_k, flow=settings.flow,
                                         loss_batches=loss_batches())
             evaluate = DerivationMetric(model, batches, settings.blocks, rule.metric)
+            search_started = time.perf_counter()
             baseline, counts = search_counts(weights, scores, evaluate, rule, search=settings.search,
                                              step=settings.step, progress=settings.progress, scope=settings.scope,
                                              weights_changed=evaluate.weights_changed)
+            search_time = time.perf_counter() - search_started
             accuracy_on_set = DerivationMetric(model, batches)
             # The baseline's accuracy is what the warnings compare with chance, whatever the rule measured.
             accuracy = baseline if rule.metric == "accuracy" else accuracy_on_set(None, None)
@@ -333,5 +335,6 @@ def _derive(model: torch.nn.Module, batches: list[Batch], probe_batches: list[Ba
     derived = DerivedCounts(counts=counts, scores=scores, inputs=inputs, baseline=baseline,
                             baseline_accuracy=accuracy, ticket_accuracy=ticket_accuracy, majority_rate=rule.chance,
                             warnings=derivation_warnings(accuracy, rule.chance, counts, shapes),
-                            wall_time_s=time.perf_counter() - started, examples_evaluated=evaluate.examples_evaluated)
+                            wall_time_s=time.perf_counter() - started, examples_evaluated=evaluate.examples_evaluated,
+                            search_time_s=search_time)
     return derived
