@@ -84,3 +84,18 @@ def test_every_method_names_its_class_and_the_class_stays_out_of_the_run_id(meth
     resolved = OmegaConf.to_container(cfg, resolve=True)
     without = resolved | {"method": {key: value for key, value in resolved["method"].items() if key != "plugin"}}
     assert config_hash(resolved) == config_hash(without)
+
+
+def test_a_run_has_one_id_on_any_device_but_not_at_another_precision_or_device_count():
+    """A GPU session fills the cells a CPU plan names: the device and its determinism flag leave the id as the
+    CPU's, while bf16 and data parallelism over several devices, which compute another model, change it."""
+    def run_id(*overrides: str) -> str:
+        return config_hash(OmegaConf.to_container(compose_config("scale=cpu", "method=partial_lora", *overrides),
+                                                  resolve=True))
+
+    on_cpu = run_id()
+    assert run_id("trainer=gpu", "trainer.precision=32-true") == on_cpu
+    assert run_id("trainer.deterministic=false") == on_cpu
+    assert run_id("trainer=gpu") != on_cpu  # bf16-mixed
+    assert run_id("trainer=ddp", "trainer.precision=32-true") != on_cpu  # every visible GPU, one batch split
+    assert run_id("trainer=gpu", "trainer.precision=32-true", "seed=1") != on_cpu

@@ -233,6 +233,15 @@ def test_the_plans_run_ids_are_the_ids_run_py_gives():
         assert launched_run_id(CHECKOUT, "table6", "cpu", overrides) == expected
 
 
+def test_a_gpu_session_plans_the_cpu_plans_runs():
+    """The claims and targets find runs by id: launched on a GPU at full precision, a planned run keeps its CPU id,
+    so a GPU session trains what the CPU plan misses; in bf16 it is another run."""
+    overrides = ["dataset=mrpc", "seed=2", "lr=0.003", *PARTIAL]
+    on_cpu = launched_run_id(CHECKOUT, "claims", "cpu", overrides)
+    assert launched_run_id(CHECKOUT, "claims", "cpu", [*overrides, "trainer=gpu", "trainer.precision=32-true"]) == on_cpu
+    assert launched_run_id(CHECKOUT, "claims", "cpu", [*overrides, "trainer=gpu"]) != on_cpu
+
+
 def test_table_shows_top_k_mean_next_to_the_paper(table6):
     cfg, tmp_path = table6
     markdown, latex = render_target(CHECKOUT, cfg, tmp_path / "tables", tmp_path / "figures")

@@ -88,12 +88,16 @@ def recipe_commands(make_args: list[str]) -> list[list[str]]:
 def run_shown(command: str, folder: Path) -> list[tuple[list[str], subprocess.CompletedProcess]]:
     """Run what the test runs for one shown command, each process from a fresh folder under ``folder``."""
     words = shlex.split(command)
+    env = dict(ENV)
+    while words and re.fullmatch(r"\w+=.*", words[0]):  # VAR=value prefixes, set for the command as a shell does
+        name, _, value = words.pop(0).partition("=")
+        env[name] = value
     assert words[0] in ("python", "make"), f"the test does not know how to run {command!r}"
     runs = [dry_form(words[1], words[2:])] if words[0] == "python" else recipe_commands(words[1:])
     outcomes = []
     for index, run in enumerate(runs):
         (folder / str(index)).mkdir()
-        outcomes.append((run, subprocess.run(run, capture_output=True, text=True, cwd=folder / str(index), env=ENV,
+        outcomes.append((run, subprocess.run(run, capture_output=True, text=True, cwd=folder / str(index), env=env,
                                              timeout=300)))
     return outcomes
 

@@ -82,6 +82,26 @@ def _without_settings_at_their_origin(config: dict[str, Any]) -> dict[str, Any]:
     return config
 
 
+# Where a run executes, not what it computes: the same setting trained on a GPU is the same experiment as on the
+# CPU (its numbers differ by float rounding and the device's random streams, as a rerun's may), so it takes the CPU
+# run's id and fills the cells a plan names whichever machine trained it. These keys are hashed at the values of
+# conf/trainer/cpu.yaml, which every earlier record has, so those records keep their ids. What changes the
+# computation stays in the hash: a precision below full (bf16-mixed trains another model) and the number of
+# devices (data parallelism splits each batch across them).
+EXECUTION_KEYS = {"accelerator": "cpu", "deterministic": True}
+FULL_PRECISION = ("32-true", "32", 32)
+
+
+def _as_executed_on_the_cpu(config: dict[str, Any]) -> dict[str, Any]:
+    trainer = config.get("trainer")
+    if not isinstance(trainer, dict):
+        return config
+    trainer = trainer | {key: value for key, value in EXECUTION_KEYS.items() if key in trainer}
+    if trainer.get("precision", FULL_PRECISION[0]) in FULL_PRECISION:
+        trainer = {key: value for key, value in trainer.items() if key != "precision"}
+    return config | {"trainer": trainer}
+
+
 def config_hash(config: dict[str, Any]) -> str:
     """Stable short hash of what a run computes: two runs with the same hash are the same experiment.
 
@@ -90,9 +110,10 @@ def config_hash(config: dict[str, Any]) -> str:
     default training strategy (``strategy=none``) changes nothing, so it leaves the hash as it was before
     strategies existed. The ratio derivation's settings count only for runs that derive counts: LoRA's id does
     not change when the derivation's defaults do; settings added later count only away from their original
-    value (:data:`ADDED_SETTINGS`)."""
+    value (:data:`ADDED_SETTINGS`). The device a run executes on does not count (:data:`EXECUTION_KEYS`)."""
     for dotted in NON_SEMANTIC_KEYS:
         config = _without(config, dotted)
+    config = _as_executed_on_the_cpu(config)
     if not derives_counts(config):
         config = _without(config, "ratios")
     config = _without_settings_at_their_origin(config)
