@@ -69,6 +69,15 @@ def dry_form(script: str, args: list[str]) -> list[str]:
     return [sys.executable, str(ROOT / script), *args]
 
 
+def without_variables(line: str) -> tuple[dict[str, str], list[str]]:
+    """A shell line's leading ``VAR=value`` assignments, and its words after them."""
+    words, variables = shlex.split(line), {}
+    while words and re.fullmatch(r"\w+=.*", words[0]):
+        name, _, value = words.pop(0).partition("=")
+        variables[name] = value
+    return variables, words
+
+
 def recipe_commands(make_args: list[str]) -> list[list[str]]:
     """The run.py and reproduce.py commands of what ``make ARGS`` would run, read from ``make -n`` (which must
     succeed), in their dry forms; the recipe's other lines are left out."""
@@ -77,9 +86,7 @@ def recipe_commands(make_args: list[str]) -> list[list[str]]:
     assert expanded.returncode == 0, expanded.stderr
     commands = []
     for line in expanded.stdout.splitlines():
-        words = shlex.split(line)
-        while words and re.fullmatch(r"\w+=.*", words[0]):  # VAR=value prefixes
-            words.pop(0)
+        words = without_variables(line)[1]
         if len(words) > 1 and Path(words[1]).name in ("run.py", "reproduce.py"):
             commands.append(dry_form(words[1], words[2:]))
     return commands
@@ -87,11 +94,8 @@ def recipe_commands(make_args: list[str]) -> list[list[str]]:
 
 def run_shown(command: str, folder: Path) -> list[tuple[list[str], subprocess.CompletedProcess]]:
     """Run what the test runs for one shown command, each process from a fresh folder under ``folder``."""
-    words = shlex.split(command)
-    env = dict(ENV)
-    while words and re.fullmatch(r"\w+=.*", words[0]):  # VAR=value prefixes, set for the command as a shell does
-        name, _, value = words.pop(0).partition("=")
-        env[name] = value
+    variables, words = without_variables(command)
+    env = ENV | variables  # set for the command, as a shell does
     assert words[0] in ("python", "make"), f"the test does not know how to run {command!r}"
     runs = [dry_form(words[1], words[2:])] if words[0] == "python" else recipe_commands(words[1:])
     outcomes = []
