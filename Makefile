@@ -25,8 +25,10 @@ install: $(PYTHON)
 demo: $(PYTHON)
 	$(PYTHON) run.py experiment=demo
 
+# One test file per worker, one core each: most tests wait on a one-core subprocess, and test_readme's commands
+# are planned per file.
 test: $(PYTHON)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -m "not slow" -q
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 $(PYTHON) -m pytest -m "not slow" -q -n auto --dist loadfile
 
 test-all: $(PYTHON)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PYTHON) -m pytest -q
