@@ -271,6 +271,34 @@ def test_a_task_lora_did_not_learn_gets_no_verdict(tmp_path: Path):
     assert report_row(text, "C2", "sst2").endswith(f"**inconclusive**; {needed} seeds would decide it |")
 
 
+def test_a_run_at_chance_stays_in_its_claim_and_is_named_beside_the_verdict(tmp_path: Path):
+    """LoRA diverges on one seed at C7's largest training set (validation at the majority rate, 50): the pair
+    stays, so C7's interval widens, and the verdict names that run; C1's runs of the same seed learned. On MRPC
+    every Partial-LoRA run stays within 5 points of chance: named once, with the range of their scores."""
+    store = tmp_path / "runs"
+    extra = [*SMALL, f"results_dir={store}"]
+    plan = only_claims(ClaimPlan(CHECKOUT, compose_claims(CHECKOUT, "cpu", extra), "cpu", extra), "C1", "C7")
+
+    def test_of(arm, dataset, seed, lr, overrides):
+        if arm == "lora" and seed == 1 and "dataset.train_size=16000" in overrides:
+            return 50.0
+        if arm == "partial" and dataset == "mrpc":
+            return 52.0 + 0.5 * seed
+        return {"lora": 80.0, "partial": 79.5}[arm] + 0.1 * seed
+
+    fake_records(plan, store, test_of)
+    plan.reload()
+    verdicts = evaluate_claims(plan).set_index(["claim", "dataset"])
+    assert verdicts.loc[("C7", "sst2"), "at_chance"] == ["lora at dataset.train_size=16000: seed 1 (50.00)"]
+    assert verdicts.loc[("C1", "sst2"), "at_chance"] == []
+    assert verdicts.loc[("C1", "mrpc"), "at_chance"] == ["partial: 2 of 2 seeds (52.00-52.50)"]
+    assert verdicts.loc[("C7", "sst2"), "verdict"] == INCONCLUSIVE  # leads +0.5 and +0.5, then +0.5 and -29.6
+    text = render_report(plan, evaluate_claims(plan), tmp_path / "claims")[0].read_text()
+    assert report_row(text, "C7", "sst2").endswith(
+        "; not clear of chance on validation: lora at dataset.train_size=16000: seed 1 (50.00) |")
+    assert "chance" not in report_row(text, "C1", "sst2")
+
+
 def test_comparisons_between_arms_without_adapter_parameters_get_no_verdict(tmp_path: Path):
     """SST-2 under the cpu preset: every derived ticket is empty. C1 (an empty ticket against LoRA) is still judged;
     C2 (two empty tickets) and C8 (an empty ticket against the head alone) read "no contrast", although their

@@ -41,8 +41,11 @@ def _verdict(row: dict[str, Any]) -> str:
         return f"{cell}: {row['reason']}"
     if row["verdict"] == INCONCLUSIVE:
         seeds = row.get("seeds_to_decide")
-        return f"{cell}; " + (f"{seeds:.0f} seeds would decide it" if seeds is not None and np.isfinite(seeds)
-                               else f"no number of seeds up to {MAX_SEEDS} would decide it")
+        cell += "; " + (f"{seeds:.0f} seeds would decide it" if seeds is not None and np.isfinite(seeds)
+                        else f"no number of seeds up to {MAX_SEEDS} would decide it")
+    at_chance = row.get("at_chance")
+    if isinstance(at_chance, list) and at_chance:
+        cell += f"; not clear of chance on validation: {', '.join(at_chance)}"
     return cell
 
 
@@ -157,7 +160,10 @@ def render_report(plan: ClaimPlan, verdicts: pd.DataFrame, directory: str | Path
              f"if the mean and spread of the paired differences stayed as measured), missing runs until every seed has "
              f"both arms, no contrast where neither arm trains an adapter parameter, and not learned on a task "
              f"{REFERENCE_METHOD} did not learn (see "
-             f"`partial_lora/protocol/claims.py` and Learned at this budget below). {describe_rule()} Kept: the "
+             f"`partial_lora/protocol/claims.py` and Learned at this budget below). {describe_rule()} A single run "
+             f"whose validation score does not clear chance by the same margin (a head that does not learn the task "
+             f"alone, a rate that diverged on one seed) stays in its claim, as every planned run does, and is named "
+             f"beside the verdict with that score. Kept: the "
              f"treatment's adapter parameters over {REFERENCE_METHOD}'s on the task, beside the paper's Partial-LoRA "
              f"share ({plan.paper_backbone()}, `results/paper/tables.csv`). val - test: each arm's mean validation "
              f"minus test metric, (large) beyond "

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from partial_lora.protocol.claims_plan import ClaimPlan
+from partial_lora.protocol.claims_plan import Claim, ClaimPlan
 from partial_lora.protocol.claims_statistics import (CONTRADICTED, INCONCLUSIVE, MISSING, NO_CONTRAST, NOT_LEARNED,
                                                      paired_interval, seeds_to_decide, verdict)
 from partial_lora.results.aggregate import REFERENCE_METHOD, learning_status
@@ -68,7 +68,29 @@ def evaluate_claims(plan: ClaimPlan) -> pd.DataFrame:
             if row["verdict"] == INCONCLUSIVE:
                 row["seeds_to_decide"] = seeds_to_decide(claim.test, interval, claim.margin)
             status = learning.get(dataset)
+            if status is not None and status.known:
+                row["at_chance"] = _runs_at_chance(claim, found, status.chance + status.margin)
             if status is not None and not status.learned:
                 row |= {"verdict": NOT_LEARNED, "reason": status.reason()}
             rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _runs_at_chance(claim: Claim, found: list[tuple[dict, dict, tuple[str, ...]]], bound: float) -> list[str]:
+    """Per arm (and swept setting), the claim's runs whose validation score stays under ``bound``: kept in the
+    claim, as every planned run is, but named, since one diverged rate can decide an interval alone."""
+    under: dict[str, list[tuple[int, float]]] = {}
+    totals: dict[str, int] = {}
+    for treatment, control, variant in found:
+        for arm, record in ((claim.treatment, treatment), (claim.control, control)):
+            label = arm + (f" at {' '.join(variant)}" if variant else "")
+            totals[label] = totals.get(label, 0) + 1
+            if record["val"] < bound:
+                under.setdefault(label, []).append((record["seed"], record["val"]))
+    named = []
+    for label, runs in under.items():
+        scores = [val for _, val in runs]
+        named.append(f"{label}: seed {runs[0][0]} ({scores[0]:.2f})" if len(runs) == 1 else
+                     f"{label}: {len(runs)} of {totals[label]} seeds ({min(scores):.2f}-{max(scores):.2f})")
+    return named
+
