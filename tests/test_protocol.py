@@ -184,10 +184,10 @@ def table6(tmp_path: Path):
     for seed in range(3):
         for lr in (1e-3, 3e-3):
             val, run = 80 + seed + 10 * lr, ["dataset=sst2", f"seed={seed}", f"lr={lr}"]
-            fake_record(store, f"lora_{seed}_{lr}", [*run, "method=lora"], val, val - 5, 331_776)
-            fake_record(store, f"partial_{seed}_{lr}", [*run, *PARTIAL], val, val - 6, 30_000)
+            fake_record(store, f"lora_{seed}_{lr}", [*run, "method=lora"], val, val - 5, 331_776, wall_time_s=200.0)
+            fake_record(store, f"partial_{seed}_{lr}", [*run, *PARTIAL], val, val - 6, 30_000, wall_time_s=200.0)
     fake_record(store, "lora_mrpc", ["dataset=mrpc", "seed=0", "lr=0.001", "method=lora", *Budget(None, 3).overrides()],
-                80, 79, 331_776)
+                80, 79, 331_776, wall_time_s=600.0)
     # The same settings at another derivation (claim C9's 512 examples), budget (C7's larger training sets, MRPC on
     # SST-2's budget), strategy, scale or a method outside the plan: each scores above every planned run.
     foreign = {"partial_512": ["dataset=sst2", "seed=0", "lr=0.001", *PARTIAL, "ratios.max_examples=512"],
@@ -267,6 +267,10 @@ def test_table_shows_top_k_mean_next_to_the_paper(table6):
     missing = text.split("Missing runs: ")[1].split(". ")[0].split("; ")
     assert {"lora / mrpc 1 of 6", "partial_lora / svd / coto / sst2 0 of 6", "dora / sst2 0 of 6"} <= set(missing)
     assert not any(item.startswith(("lora / sst2", "partial_lora / svd / sst2")) for item in missing)
+    # their cost, timed by the plan's own runs: 42 SST-2 runs x 200 s and 53 MRPC runs x 600 s
+    assert ("They are not trained yet: at the median recorded wall time of this plan's finished runs (mrpc 600 s, "
+            "sst2 200 s), 11.2 hours of one worker; `make table6 SCALE=cpu` trains them and skips the finished ones."
+            in text)
 
 
 def test_index_states_each_target_from_its_plan_and_the_store(table6):

@@ -193,16 +193,33 @@ def cell_labels(cells: pd.DataFrame, keys: list[str]) -> list[str]:
             for row in cells[varying].itertuples(index=False)]
 
 
-def plan_note(cells: pd.DataFrame, labels: list[str]) -> str:
-    """The caption's account of the plan: runs planned and found, and each cell short of its planned runs."""
+def plan_note(cells: pd.DataFrame, labels: list[str], records: pd.DataFrame, command: str) -> str:
+    """The caption's account of the plan: runs planned and found, each cell short of its planned runs, and what
+    the missing ones would cost, timed by the plan's own finished runs of each task."""
     complete = int((cells["found"] == cells["planned"]).sum())
     text = (f"Runs found by run id: {cells['found'].sum()} of the {cells['planned'].sum()} the plan names "
             f"({complete} of {len(cells)} cells complete).")
     short = [f"{label} {found} of {planned}" for label, found, planned
              in zip(labels, cells["found"], cells["planned"]) if found < planned]
     if short:
-        text += f" Missing runs: {'; '.join(short)}."
+        text += f" Missing runs: {'; '.join(short)}." + _missing_cost(cells, records, command)
     return text
+
+
+def _missing_cost(cells: pd.DataFrame, records: pd.DataFrame, command: str) -> str:
+    missing = (cells["planned"] - cells["found"]).groupby(cells["dataset"]).sum()
+    medians = records.groupby("dataset")["wall_time_s"].median().dropna()
+    timed = [dataset for dataset in missing.index if dataset in medians.index and missing[dataset]]
+    untimed = [dataset for dataset in missing.index if dataset not in medians.index and missing[dataset]]
+    text = " They are not trained yet"
+    if timed:
+        hours = sum(missing[dataset] * medians[dataset] for dataset in timed) / 3600
+        text += (f": at the median recorded wall time of this plan's finished runs ("
+                 f"{', '.join(f'{dataset} {medians[dataset]:.0f} s' for dataset in timed)}), "
+                 f"{'at least ' if untimed else ''}{hours:.1f} hours of one worker")
+    if untimed:
+        text += f" ({', '.join(untimed)}: no finished run to time)"
+    return text + f"; `{command}` trains them and skips the finished ones."
 
 
 def provenance(cfg: DictConfig) -> str:
@@ -271,7 +288,9 @@ def render_target(checkout: Checkout, cfg: DictConfig, tables_dir: str | Path = 
     keys = _setting_keys(planned_multiruns(cfg))
     summary = protocol_summary(records, top_k=Protocol.from_config(cfg.protocol).top_k, keys=["cell"])
     cells = cells.join(summary.set_index("cell"))
-    note = f"{provenance(cfg)}{budget_note(cfg, plan.budgets)} {plan_note(cells, cell_labels(cells, keys))}"
+    command = f"make {sweep.name} SCALE={scale}"
+    note = (f"{provenance(cfg)}{budget_note(cfg, plan.budgets)} "
+            f"{plan_note(cells, cell_labels(cells, keys), records, command)}")
     if spec["kind"] == "table":
         variant = spec.get("variant")
         shown = [key for key in keys if key not in ("backbone", "dataset", "method", "importance", variant)
