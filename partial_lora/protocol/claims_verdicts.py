@@ -93,4 +93,3 @@ def _runs_at_chance(claim: Claim, found: list[tuple[dict, dict, tuple[str, ...]]
         named.append(f"{label}: seed {runs[0][0]} ({scores[0]:.2f})" if len(runs) == 1 else
                      f"{label}: {len(runs)} of {totals[label]} seeds ({min(scores):.2f}-{max(scores):.2f})")
     return named
-
