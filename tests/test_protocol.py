@@ -319,7 +319,10 @@ def test_learning_rule_is_a_margin_over_chance_on_the_validation_split():
 
 
 def test_figures_render_from_records(table6):
+    """Figure 4 draws Table 6's two Partial-LoRA rows (alone and with CoTo) as two points of one method."""
     cfg, tmp_path = table6
+    fake_record(Path(cfg.results_dir), "partial_coto", ["dataset=sst2", "seed=0", "lr=0.001", *PARTIAL, "strategy=coto"],
+                81, 76, 30_000)
     for target in ("fig4", "fig2"):
         figure_cfg = compose_target(CHECKOUT, target, "cpu", [f"results_dir={cfg.results_dir}"])
         image, caption = render_target(CHECKOUT, figure_cfg, tmp_path / "tables", tmp_path / "figures")

@@ -56,24 +56,25 @@ def _label(row: pd.Series, series: Iterable[str]) -> str:
 
 
 def tradeoff(summary: pd.DataFrame, title: str, arrows: list[list[str]] = ()) -> Figure:
-    """Figures 2-4: test metric against trainable adapter parameters, one point per method (top-k mean,
-    std as error bar), arrows from a dense method to its Partial variant."""
+    """Figures 2-4: test metric against trainable adapter parameters, one point per method and training strategy
+    (top-k mean, std as error bar), arrows from a dense method to each of its Partial variants' points (Table 6's
+    Partial-LoRA has two: alone and with CoTo)."""
     datasets = sorted(summary["dataset"].unique())
     figure, axes = _panels(datasets, title)
-    colours = _colours(_label(row, ["method", "importance"]) for _, row in summary.iterrows())
+    series = ["method", "importance", "strategy"]
+    colours = _colours(_label(row, series) for _, row in summary.iterrows())
     for axis, dataset in zip(axes, datasets):
         part = summary[summary["dataset"] == dataset]
         for _, row in part.iterrows():
-            label = _label(row, ["method", "importance"])
+            label = _label(row, series)
             axis.errorbar(row["params"], row["test_mean"], yerr=row["test_std"], fmt="o", capsize=3,
                           label=label, color=colours[label])
-        points = part.set_index("method")
         for start, end in arrows:
-            if start in points.index and end in points.index:
-                source, target = points.loc[start], points.loc[end]
-                axis.annotate("", xy=(target["params"], target["test_mean"]),
-                              xytext=(source["params"], source["test_mean"]),
-                              arrowprops={"arrowstyle": "->", "color": "grey"})
+            for _, source in part[part["method"] == start].iterrows():
+                for _, target in part[part["method"] == end].iterrows():
+                    axis.annotate("", xy=(target["params"], target["test_mean"]),
+                                  xytext=(source["params"], source["test_mean"]),
+                                  arrowprops={"arrowstyle": "->", "color": "grey"})
         _log_parameters(axis)
         axis.set(title=f"{dataset} ({part['backbone'].iloc[0]})", xlabel="trainable adapter parameters",
                  ylabel="test metric (top-k mean)")
