@@ -319,7 +319,7 @@ def test_learning_rule_is_a_margin_over_chance_on_the_validation_split():
 
 
 def test_figures_render_from_records(table6):
-    """Figure 4 draws Table 6's two Partial-LoRA rows (alone and with CoTo) as two points of one method."""
+    """Figure 4 renders beside Table 6's two Partial-LoRA rows (alone and with CoTo)."""
     cfg, tmp_path = table6
     fake_record(Path(cfg.results_dir), "partial_coto", ["dataset=sst2", "seed=0", "lr=0.001", *PARTIAL, "strategy=coto"],
                 81, 76, 30_000)
@@ -328,6 +328,20 @@ def test_figures_render_from_records(table6):
         image, caption = render_target(CHECKOUT, figure_cfg, tmp_path / "tables", tmp_path / "figures")
         assert image.suffix == ".png" and image.stat().st_size > 10_000
         assert "Scale `cpu`" in caption.read_text() and "Missing runs: " in caption.read_text()
+
+
+def test_tradeoff_figure_draws_each_strategy_of_a_method_and_an_arrow_to_each():
+    import pandas as pd
+
+    from partial_lora.results import figures
+
+    summary = pd.DataFrame([("lora", "none", "none", 331_776, 80.0), ("partial_lora", "svd", "none", 30_000, 78.0),
+                            ("partial_lora", "svd", "coto", 30_000, 77.0)],
+                           columns=["method", "importance", "strategy", "params", "test_mean"]).assign(
+        dataset="sst2", backbone="minilm", test_std=1.0)
+    axis = figures.tradeoff(summary, "t", [["lora", "partial_lora"]]).axes[0]
+    assert sorted(axis.get_legend_handles_labels()[1]) == ["lora", "partial_lora / svd", "partial_lora / svd / coto"]
+    assert sorted((arrow.xy[1], arrow.xyann[1]) for arrow in axis.texts) == [(77.0, 80.0), (78.0, 80.0)]
 
 
 def test_residual_norm_figure_reads_the_selected_records(table6, tmp_path: Path):

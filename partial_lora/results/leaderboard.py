@@ -2,7 +2,8 @@
 
 Per method and task: the test metric's mean over seeds with its 95% Student-t interval, the runs found of those
 planned, the trainable adapter parameters, the saved adapter file's size, a training step's time and the peak memory
-(``step_time_s``, ``peak_memory_bytes``, ``adapter_bytes``: records written before they were measured show ``-``),
+(``step_time_s``, ``peak_memory_bytes``, ``adapter_bytes``: ``-`` where records predate them, and no file size for a
+method that saves no PEFT adapter, such as LoSiA, which trains blocks of the base weights),
 and whether the setting is on the task's Pareto front of test metric against trainable parameters.
 
 Its runs are exactly those named by run id in two plans: Table 6's (``conf/experiment/table6.yaml``, every cell of
@@ -161,7 +162,9 @@ def render_leaderboard(checkout: Checkout, scale: str, extra: list[str] | tuple[
             f"safetensors file (`adapter_bytes`); step time: the median training step (forward, backward, optimiser "
             f"step; `step_time_s`); peak memory: CUDA's peak allocated over the fit, or on CPU (RSS) the process's "
             f"peak resident set, which covers all it did before, earlier runs of one multirun process included: an "
-            f"upper bound. Costs are the per-seed runs' median; `-` where their records predate these fields. Pareto: "
+            f"upper bound. Costs are the per-seed runs' median; `-` where their records predate these fields, and no "
+            f"adapter file for a method that saves none (LoSiA trains blocks of the base weights; the head alone has "
+            f"no adapter). Pareto: "
             f"**front** where no other row of the task has at least its test mean with at most its parameters. "
             f"{rule_note(learning)} Rendered by `make leaderboard SCALE={scale}` "
             f"(`partial_lora/results/leaderboard.py`) from the records alone.")
