@@ -159,7 +159,9 @@ def _fit(cfg: DictConfig, slot: RunSlot, build: Build, clock: RunClock) -> Fit |
                                      **({"val_check_interval": cfg.trainer.max_steps} if within_first_epoch else {}))
     if logger:
         logger.log_hyperparams({"params/adapter": build.params.adapter, "params/head": build.params.head})
-    resume = slot.resume_from({name: parameter.shape for name, parameter in build.module.named_parameters()
+    # Shapes as checkpoints hold them: a compact layer's state dict has full-shaped factors (adapters/compact.py).
+    state = build.module.state_dict()
+    resume = slot.resume_from({name: state[name].shape for name, parameter in build.module.named_parameters()
                                if parameter.requires_grad})
     if resume is not None:
         print(f"resuming run {slot.run_id} from {resume}")

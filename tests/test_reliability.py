@@ -41,9 +41,13 @@ def sigterm_at(monkeypatch, step: int) -> None:
     monkeypatch.setattr(FiniteLoss, "on_before_backward", on_before_backward)
 
 
+# Compact Partial-LoRA layers hold the kept rows / columns only, while their checkpoints hold full-shaped factors.
+@pytest.mark.parametrize("method", [[], ["method=partial_lora", "importance=svd", "ratios.progress=false"]],
+                         ids=["lora", "compact_partial_lora"])
 def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_record(longer_glue_dir: Path, tmp_path: Path,
-                                                                               monkeypatch, one_thread):
-    stopped = tiny_run(longer_glue_dir, tmp_path / "stopped", "train.epochs=3")
+                                                                               monkeypatch, one_thread, method, capsys):
+    method = [*method, f"ratios.cache_dir={tmp_path / 'ratios'}"]
+    stopped = tiny_run(longer_glue_dir, tmp_path / "stopped", "train.epochs=3", *method)
     with monkeypatch.context() as patch:
         sigterm_at(patch, 27)  # in the second epoch (steps 20..39)
         with pytest.raises(RunInterrupted, match=r"was stopped by SIGTERM at step 28 \(epoch 1\); its checkpoint "
@@ -54,7 +58,8 @@ def test_a_run_stopped_by_sigterm_mid_epoch_resumes_to_the_uninterrupted_record(
     assert torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"] == 28
 
     resumed = run(stopped)
-    whole = run(tiny_run(longer_glue_dir, tmp_path / "whole", "train.epochs=3"))
+    assert "resuming run" in capsys.readouterr().out
+    whole = run(tiny_run(longer_glue_dir, tmp_path / "whole", "train.epochs=3", *method))
     assert resumed["run_id"] == whole["run_id"] and resumed["steps"] == whole["steps"] == 60
     assert (resumed["best_val"], resumed["test"], resumed["params"]) == (whole["best_val"], whole["test"],
                                                                           whole["params"])
