@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from partial_lora.cli import check_added_keys, check_group_options, expand_ranges, hydra_order, planned_jobs
 from partial_lora.config import register_resolvers, validate
-from partial_lora.errors import INTERRUPTED_EXIT, RUNS_FAILED_EXIT, PartialLoraError, RunInterrupted
+from partial_lora.errors import INTERRUPTED_EXIT, RUNS_FAILED_EXIT, SIGTERM_PENDING, PartialLoraError, RunInterrupted
 
 # (status, record path) of each job this process launched, in launch order: status "finished" or "failed" (the
 # record's), "skipped" (a dry run, or a run another process holds), "refused" (a bad setting or data) or
@@ -48,8 +48,10 @@ def stop_on_sigterm(signum: int, frame: object) -> None:
 
     Inside one, Lightning's handler calls this one after its own, which stops at the next batch boundary
     with a checkpoint (``SigtermCheckpoint``): then SIGTERM's handler is Lightning's, and this one does nothing.
+    ``SIGTERM_PENDING`` keeps the stop where a library swallows the raise.
     """
     if signal.getsignal(signal.SIGTERM) is stop_on_sigterm:
+        SIGTERM_PENDING.set()
         raise RunInterrupted("the run was stopped by SIGTERM before training began or after it ended; launching "
                              "the same command again runs it.")
 

@@ -1,5 +1,7 @@
 """User-facing errors: the entry point prints their message as one sentence, with no stack trace."""
 
+import threading
+
 # Exit status of a command whose runs all ended, some with a failed record (NaN loss): apart from bad input (2)
 # and crashes (1), so that scripts can tell them apart.
 RUNS_FAILED_EXIT = 3
@@ -53,6 +55,12 @@ class RunInterrupted(BaseException):
 
     Not an ``Exception``, as ``KeyboardInterrupt`` is not: raised from a signal handler, it must pass the
     ``except Exception`` of whatever code it interrupts (a data loader's, a checkpoint check's)."""
+
+
+# Set by run.py's SIGTERM handler as it raises RunInterrupted. Code that catches every exception can swallow that
+# raise (datasets' fingerprinting wraps dill in a bare ``except:``), and Lightning's own handler, installed later in
+# the fit, starts from "no SIGTERM"; the fit honours this at its first batch instead (``SigtermCheckpoint``).
+SIGTERM_PENDING = threading.Event()
 
 
 class TrainingDiverged(PartialLoraError):

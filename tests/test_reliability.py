@@ -13,7 +13,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
-from partial_lora.errors import INTERRUPTED_EXIT, RunInterrupted, StorageError
+from partial_lora.errors import INTERRUPTED_EXIT, SIGTERM_PENDING, RunInterrupted, StorageError
 from partial_lora.pipeline import run
 from partial_lora.training import FiniteLoss
 from tests.conftest import ROOT, compose_config, run_py
@@ -355,6 +355,32 @@ def test_sigterm_outside_a_fit_stops_the_run_and_inside_one_leaves_it_to_lightni
         os.kill(os.getpid(), signal.SIGTERM)  # as Lightning's handler calls it: nothing raised
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_sigterm_a_library_swallows_before_the_fit_still_stops_the_run_at_its_first_batch(
+        longer_glue_dir: Path, tmp_path: Path, monkeypatch, one_thread):
+    import run as entry_point
+    from partial_lora.data.glue import GlueDataModule
+
+    original = GlueDataModule.setup
+
+    def setup(self, stage):
+        try:  # as datasets' fingerprinting does around dill, where a sweep's SIGTERM once went unheeded
+            os.kill(os.getpid(), signal.SIGTERM)
+        except:  # noqa: E722
+            pass
+        original(self, stage)
+
+    monkeypatch.setattr(GlueDataModule, "setup", setup)
+    previous = signal.signal(signal.SIGTERM, entry_point.stop_on_sigterm)
+    try:
+        with pytest.raises(RunInterrupted, match=r"was stopped by SIGTERM at step 0 \(epoch 0\); its checkpoint "
+                                                 r".*last.ckpt resumes it"):
+            run(tiny_run(longer_glue_dir, tmp_path, "train.epochs=1"))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        SIGTERM_PENDING.clear()
+    assert not records(tmp_path / "runs")
 
 
 def test_a_plan_passes_sigterm_on_to_its_multirun_and_stops_with_it():

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from partial_lora.errors import TrainingDiverged
+from partial_lora.errors import SIGTERM_PENDING, TrainingDiverged
 # conf/method/losia.yaml names LoSiA's callback by this path, which every LoSiA run id holds; it lives with its method.
 from partial_lora.methods.losia import SubnetRelocalization  # noqa: F401
 
@@ -65,6 +65,10 @@ class SigtermCheckpoint(L.Callback):
 
         self.requeue_signal = getattr(signal, f"SIG{JobEnvironment.USR_SIG}")
         self.submitit_handler = signal.signal(self.requeue_signal, self._stop_at_next_batch)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if SIGTERM_PENDING.is_set():  # a SIGTERM from before Lightning's handler whose stop was swallowed (errors.py)
+            raise SIGTERMException
 
     @staticmethod
     def _stop_at_next_batch(signum: int, frame: Any) -> None:
