@@ -355,6 +355,7 @@ def test_sigterm_outside_a_fit_stops_the_run_and_inside_one_leaves_it_to_lightni
         os.kill(os.getpid(), signal.SIGTERM)  # as Lightning's handler calls it: nothing raised
     finally:
         signal.signal(signal.SIGTERM, previous)
+        SIGTERM_PENDING.clear()  # set by the first stop; a later fit in this process would honour it
 
 
 def test_a_sigterm_a_library_swallows_before_the_fit_still_stops_the_run_at_its_first_batch(
