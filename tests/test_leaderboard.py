@@ -11,8 +11,10 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from partial_lora.protocol.targets import render_index
+from partial_lora.protocol.sweep import compose_target
+from partial_lora.protocol.targets import render_index, render_target
 from partial_lora.results.leaderboard import pareto_front, render_leaderboard
+from partial_lora.results.tables import AT_CHANCE_NOTE
 from tests.conftest import CHECKOUT
 from tests.test_protocol import PARTIAL, TWO_RATES, fake_record
 
@@ -49,6 +51,13 @@ def store(tmp_path: Path) -> tuple[Path, list[str]]:
                 85, 60, 43_700)
     fake_record(store, "lora_mrpc", ["dataset=mrpc", "seed=0", "lr=0.001", "method=lora"], 70, 68, 331_776,
                 majority_rates={"val": 68.0, "test": 68.0})
+    # On SST-2, which LoRA learned: VeRA at chance (its best validation 52, 2 points above the majority rate) and
+    # Partial-AdaLoRA with counts that keep no adapter entry (the head alone).
+    for lr, val in ((1e-3, 51.0), (3e-3, 52.0)):
+        fake_record(store, f"vera_{lr}", ["dataset=sst2", "seed=0", f"lr={lr}", "method=vera"], val, 50.5, 30_000,
+                    majority_rates={"val": 50.0, "test": 50.0})
+    fake_record(store, "partial_adalora", ["dataset=sst2", "seed=0", "lr=0.003", "method=partial_adalora",
+                                           "importance=svd"], 84, 60, 0, majority_rates={"val": 50.0, "test": 50.0})
     foreign = {"rank_4": ["dataset=sst2", "seed=0", "lr=0.003", "method=lora", "rank=4"],
                "larger_training_set": ["dataset=sst2", "seed=0", "lr=0.003", "method=lora", "dataset.train_size=16000"],
                "other_learning_rate": ["dataset=sst2", "seed=0", "lr=0.002", "method=lora"]}
@@ -98,6 +107,28 @@ def test_the_leaderboard_renders_the_plans_runs_with_intervals_costs_and_the_fro
                          targets=["table6"]).read_text()
     assert "[leaderboard_cpu.md](leaderboard_cpu.md)" in index.split("## Scale `cpu`")[1].split("## Scale")[0]
     assert "leaderboard_paper" not in index
+
+
+def test_a_setting_the_learning_rule_finds_at_chance_on_a_learned_task_is_marked_in_the_table_and_the_leaderboard(
+        store):
+    """LoRA learned SST-2, so the task is not marked; VeRA's own runs there do not clear chance by the rule's margin,
+    so its cell and row are, and the captions say what the mark means; a cell with no adapter entry says so."""
+    tmp_path, extra = store
+    board = render_leaderboard(CHECKOUT, "cpu", extra, tmp_path / "results")[0].read_text()
+    rows = rows_of(board)
+    assert rows[("sst2", "table6: vera")][:2] == ["50.50 (at chance)", "1"]
+    assert not any("(at chance)" in row[0] or "(not learned)" in row[0] for (task, setting), row in rows.items()
+                   if task == "sst2" and setting != "table6: vera")
+    assert f"{AT_CHANCE_NOTE} Rendered by" in board
+    markdown = render_target(CHECKOUT, compose_target(CHECKOUT, "table6", "cpu", extra), tmp_path / "tables",
+                             tmp_path / "figures", extra=extra)[0].read_text()
+    sst2 = {(cells[1], cells[3]): cells for line in markdown.splitlines() if "| sst2 " in line
+            for cells in [[cell.strip() for cell in line.split("|")]]}
+    assert sst2[("vera", "none")][5] == "50.50 ± 0.00 (at chance)"
+    assert [sst2[key][5].endswith("(at chance)") for key in (("lora", "none"), ("partial_lora", "none"))] == [
+        False, False]
+    assert sst2[("partial_adalora", "none")][8] == "0"
+    assert AT_CHANCE_NOTE in markdown and "params 0: the derived ratios keep no adapter entry" in markdown
 
 
 def test_the_pareto_front_keeps_exactly_the_undominated_settings():

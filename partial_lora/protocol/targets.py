@@ -22,8 +22,8 @@ from partial_lora.protocol.sweep import (GROUPS, Checkout, Protocol, compose_tar
                                          launched_run_id, planned_multiruns, run_overrides)
 from partial_lora.ratios.cache import load_entries
 from partial_lora.results import figures
-from partial_lora.results.aggregate import (REFERENCE_METHOD, fill_majority_rates, learning_status, load_records,
-                                            protocol_summary)
+from partial_lora.results.aggregate import (REFERENCE_METHOD, at_chance, fill_majority_rates, learning_status,
+                                            load_records, protocol_summary)
 from partial_lora.results.tables import load_paper, render, table_rows
 
 SELECTED_OVER = ("seed", "lr")  # what the protocol chooses among, never a setting of its own
@@ -286,8 +286,10 @@ def render_target(checkout: Checkout, cfg: DictConfig, tables_dir: str | Path = 
               f"{cfg.results_dir}; run the target first.")
         return []
     keys = _setting_keys(planned_multiruns(cfg))
+    records = fill_majority_rates(records, cfg.data_dir)
     summary = protocol_summary(records, top_k=Protocol.from_config(cfg.protocol).top_k, keys=["cell"])
     cells = cells.join(summary.set_index("cell"))
+    cells["at_chance"] = [at_chance(records[records["cell"] == cell]) for cell in cells.index]
     command = f"make {sweep.name} SCALE={scale}"
     note = (f"{provenance(cfg)}{budget_note(cfg, plan.budgets)} "
             f"{plan_note(cells, cell_labels(cells, keys), records, command)}")
@@ -301,7 +303,7 @@ def render_target(checkout: Checkout, cfg: DictConfig, tables_dir: str | Path = 
         rows = table_rows(cells, paper, sweep.name, variant, paper_setting)
         paper_backbones = ", ".join(sorted(paper.query("table == @sweep.name")["backbone"].unique()))
         note += f" The paper column is the paper's {sweep.name} ({paper_backbones}); diff = this run - paper."
-        learning = learning_status(fill_majority_rates(records, cfg.data_dir))
+        learning = learning_status(records)
         markdown, latex = render(rows, sweep.title, note, variant, learning, shown)
         Path(tables_dir).mkdir(parents=True, exist_ok=True)
         written = []

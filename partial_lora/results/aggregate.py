@@ -141,6 +141,16 @@ class Learning:
         """Unknown chance counts as learned: the rule marks a task only on evidence."""
         return not self.known or self.best_val >= self.chance + self.margin
 
+    @classmethod
+    def of_best(cls, label: str, runs: pd.DataFrame, margins: Mapping[str, float] = CHANCE_MARGINS) -> Learning | None:
+        """The rule applied to the best of ``runs`` by validation score (``label`` names them: a task, a cell);
+        ``None`` where their metric states no chance level."""
+        best = runs.loc[runs["val"].idxmax()]
+        if best["metric"] not in margins:
+            return None
+        chance = best["val_majority"] if best["metric"] == "accuracy" else 0.0
+        return cls(label, best["metric"], float(best["val"]), float(chance), margins[best["metric"]])
+
     def reason(self) -> str:
         chance = "the majority rate" if self.metric == "accuracy" else "chance"
         return (f"{REFERENCE_METHOD}'s best validation {self.metric} {self.best_val:.2f} is within {self.margin:g} "
@@ -154,13 +164,18 @@ def learning_status(records: pd.DataFrame, margins: Mapping[str, float] = CHANCE
     if records.empty:
         return status
     for dataset, runs in records[records["method"] == REFERENCE_METHOD].groupby("dataset"):
-        best = runs.loc[runs["val"].idxmax()]
-        if best["metric"] not in margins:
-            continue  # no chance level stated for this metric: the rule says nothing
-        chance = best["val_majority"] if best["metric"] == "accuracy" else 0.0
-        status[dataset] = Learning(dataset, best["metric"], float(best["val"]), float(chance),
-                                   margins[best["metric"]])
+        learning = Learning.of_best(dataset, runs, margins)
+        if learning is not None:  # else no chance level stated for this metric: the rule says nothing
+            status[dataset] = learning
     return status
+
+
+def at_chance(runs: pd.DataFrame, margins: Mapping[str, float] = CHANCE_MARGINS) -> bool:
+    """Whether the learning rule, applied to these runs alone (one cell's, one setting's), finds their best run by
+    validation within the margin of chance: a method that learned nothing at its planned rates on a task its
+    reference method did learn (on MRPC, LoSiA at 1e-4 predicts the majority class)."""
+    learning = Learning.of_best("", runs, margins) if not runs.empty else None
+    return learning is not None and not learning.learned
 
 
 def describe_rule() -> str:

@@ -16,7 +16,8 @@ LoRA cell and the claims' ``lora`` arm) is one row under both labels, and two se
 Per seed a row takes its run with the best validation score among the planned learning rates (ties: the smaller
 rate), as the claims' pilot picks a rate: the test metric never selects. Parameters are those runs' mean; the
 costs their median over the runs that recorded them. A task LoRA did not learn at this budget
-(``aggregate.learning_status``) has its rows marked, as the tables mark theirs.
+(``aggregate.learning_status``) has its rows marked, as the tables mark theirs, and so has a row whose own runs
+the rule finds at chance (``aggregate.at_chance``).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from partial_lora.protocol.claims import ClaimPlan, compose_claims, paired_inter
 from partial_lora.protocol.sweep import Checkout, compose_target, launched_run_id
 from partial_lora.protocol.targets import TargetPlan
 from partial_lora.results import figures
-from partial_lora.results.aggregate import fill_majority_rates, learning_status, load_records
-from partial_lora.results.tables import NOT_LEARNED, parameter_count, rule_note
+from partial_lora.results.aggregate import at_chance, fill_majority_rates, learning_status, load_records
+from partial_lora.results.tables import AT_CHANCE, AT_CHANCE_NOTE, NOT_LEARNED, parameter_count, rule_note
 
 TABLE = "table6"
 # The seed and learning rate a setting's id is computed at: any fixed pair names the setting, not a run.
@@ -100,7 +101,7 @@ def leaderboard_rows(settings: list[Setting], records: pd.DataFrame) -> pd.DataF
         kinds = set(per_seed["peak_memory_kind"].dropna())
         rows.append({"dataset": setting.dataset, "setting": "; ".join(setting.labels), "planned": len(setting.run_ids),
                      "found": len(found), "seeds": interval.n, "mean": interval.mean, "low": interval.low,
-                     "high": interval.high, "params": per_seed["params"].mean(),
+                     "high": interval.high, "at_chance": at_chance(found), "params": per_seed["params"].mean(),
                      **{key: per_seed[key].median() for key in ("adapter_bytes", "step_time_s", "peak_memory_bytes")},
                      "memory_kind": kinds.pop() if len(kinds) == 1 else "mixed" if kinds else None})
     frame = pd.DataFrame(rows)
@@ -121,7 +122,7 @@ def _metric(row: pd.Series, not_learned: frozenset[str]) -> str:
     if row["seeds"] == 0:
         return "-"
     text = f"{row['mean']:.2f} [{row['low']:.2f}, {row['high']:.2f}]" if row["seeds"] > 1 else f"{row['mean']:.2f}"
-    return text + (f" {NOT_LEARNED}" if row["dataset"] in not_learned else "")
+    return text + (f" {NOT_LEARNED}" if row["dataset"] in not_learned else f" {AT_CHANCE}" if row["at_chance"] else "")
 
 
 def formatted(rows: pd.DataFrame, not_learned: frozenset[str] = frozenset()) -> pd.DataFrame:
@@ -143,10 +144,10 @@ def render_leaderboard(checkout: Checkout, scale: str, extra: list[str] | tuple[
     cfg = compose_target(checkout, TABLE, scale, extra)
     records = load_records(cfg.results_dir)
     settings = planned_settings(checkout, scale, extra, records)
-    rows = leaderboard_rows(settings, records)
     planned = set().union(*(setting.run_ids for setting in settings))
-    used = records[records["run_id"].isin(planned)]
-    learning = learning_status(fill_majority_rates(used, cfg.data_dir))
+    used = fill_majority_rates(records[records["run_id"].isin(planned)], cfg.data_dir)
+    rows = leaderboard_rows(settings, used)
+    learning = learning_status(used)
     not_learned = frozenset(dataset for dataset, status in learning.items() if not status.learned)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -166,7 +167,7 @@ def render_leaderboard(checkout: Checkout, scale: str, extra: list[str] | tuple[
             f"adapter file for a method that saves none (LoSiA trains blocks of the base weights; the head alone has "
             f"no adapter). Pareto: "
             f"**front** where no other row of the task has at least its test mean with at most its parameters. "
-            f"{rule_note(learning)} Rendered by `make leaderboard SCALE={scale}` "
+            f"{rule_note(learning)}{AT_CHANCE_NOTE if rows['at_chance'].any() else ''} Rendered by `make leaderboard SCALE={scale}` "
             f"(`partial_lora/results/leaderboard.py`) from the records alone.")
     image, report = directory / f"{stem}.png", directory / f"{stem}.md"
     table = formatted(rows, not_learned).to_markdown(index=False, disable_numparse=True)

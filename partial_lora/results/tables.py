@@ -4,8 +4,9 @@ The paper's numbers live in ``results/paper/tables.csv`` (one row per printed ce
 there). A rendered row is one cell (a setting on one dataset): this run's top-k mean and std, its runs found of
 those planned, the selected runs' mean validation minus test metric, trainable adapter parameters, and the paper's
 value, parameters and the difference; a cell without runs keeps its row. A task the learning rule finds not learned
-(``aggregate.learning_status``) has its cells marked and the caption says why; a validation-test gap beyond
-``aggregate.VAL_TEST_GAP`` is marked.
+(``aggregate.learning_status``) has its cells marked and the caption says why, as has a cell whose own runs the
+same rule finds at chance (``aggregate.at_chance``); a validation-test gap beyond ``aggregate.VAL_TEST_GAP`` is
+marked.
 """
 
 from __future__ import annotations
@@ -68,7 +69,11 @@ def table_rows(cells: pd.DataFrame, paper: pd.DataFrame, table: str, variant: st
 
 
 NOT_LEARNED = "(not learned)"
+AT_CHANCE = "(at chance)"
 LARGE_GAP = "(large)"
+AT_CHANCE_NOTE = (f" {AT_CHANCE}: the same rule applied to one setting's own runs: their best by validation does "
+                  f"not clear chance by that margin (at every planned rate the method learned nothing the validation "
+                  f"split shows, such as a model that predicts one class).")
 
 
 def _unless_missing(value: float, text: str) -> str:
@@ -77,11 +82,14 @@ def _unless_missing(value: float, text: str) -> str:
 
 def formatted(rows: pd.DataFrame, variant: str | None = None, not_learned: frozenset[str] = frozenset(),
               shown: list[str] = ()) -> pd.DataFrame:
-    """Human-readable columns: metric as mean ± std (marked on the ``not_learned`` datasets), runs found of those
-    planned, parameter counts in K / M, differences signed; ``-`` where a cell has no runs or the paper no number."""
+    """Human-readable columns: metric as mean ± std (marked on the ``not_learned`` datasets, else where the cell's
+    own runs are ``at_chance``), runs found of those planned, parameter counts in K / M, differences signed; ``-``
+    where a cell has no runs or the paper no number."""
     out = rows[ROW_KEYS + ([variant] if variant else []) + list(shown) + ["dataset"]].copy()
-    out["this run"] = [_unless_missing(mean, f"{mean:.2f} ± {std:.2f}" + (f" {NOT_LEARNED}" if dataset in not_learned else ""))
-                       for mean, std, dataset in zip(rows["test_mean"], rows["test_std"], rows["dataset"])]
+    marks = [NOT_LEARNED if dataset in not_learned else AT_CHANCE if chance else ""
+             for dataset, chance in zip(rows["dataset"], rows["at_chance"])]
+    out["this run"] = [_unless_missing(mean, f"{mean:.2f} ± {std:.2f}" + (f" {mark}" if mark else ""))
+                       for mean, std, mark in zip(rows["test_mean"], rows["test_std"], marks)]
     out["val - test"] = [_unless_missing(test, f"{val - test:+.2f}" + (f" {LARGE_GAP}" if large_gap(val, test) else ""))
                          for val, test in zip(rows["val_mean"], rows["test_mean"])]
     out["runs of planned (top-k)"] = [f"{found} of {planned}" + ("" if pd.isna(selected) else f" ({selected:.0f})")
@@ -94,10 +102,17 @@ def formatted(rows: pd.DataFrame, variant: str | None = None, not_learned: froze
     return out
 
 
-def learning_note(learning: dict[str, Learning]) -> str:
-    """The caption's account of the validation-test gap, the learning rule and the tasks it finds not learned."""
-    return (f"val - test: the selected runs' mean validation minus test metric, {LARGE_GAP} beyond {VAL_TEST_GAP:g} "
+def learning_note(learning: dict[str, Learning], rows: pd.DataFrame) -> str:
+    """The caption's account of the validation-test gap, the learning rule, the tasks it finds not learned, the
+    cells it finds at chance and the cells whose derivation kept no adapter entry."""
+    note = (f"val - test: the selected runs' mean validation minus test metric, {LARGE_GAP} beyond {VAL_TEST_GAP:g} "
             f"points (the validation split then does not predict the reported one). {rule_note(learning)}")
+    if rows["at_chance"].any():
+        note += AT_CHANCE_NOTE
+    if rows["params"].eq(0).any():
+        note += (" params 0: the derived ratios keep no adapter entry on that task, so the cell trains the "
+                 "classifier head alone.")
+    return note
 
 
 def rule_note(learning: dict[str, Learning]) -> str:
@@ -119,7 +134,7 @@ def render(rows: pd.DataFrame, title: str, provenance: str, variant: str | None 
     learning = learning or {}
     not_learned = frozenset(dataset for dataset, status in learning.items() if not status.learned)
     table = formatted(rows, variant, not_learned, shown)
-    provenance = f"{provenance} {learning_note(learning)}"
+    provenance = f"{provenance} {learning_note(learning, rows)}"
     markdown = f"# {title}\n\n{provenance}\n\n{table.to_markdown(index=False, disable_numparse=True)}\n"
     latex = (f"% {title}\n% {provenance}\n"
              + table.to_latex(index=False, escape=True, caption=title, label=f"tab:{title.split(':')[0]}"))
