@@ -202,7 +202,8 @@ def plan_note(cells: pd.DataFrame, labels: list[str], records: pd.DataFrame, com
     short = [f"{label} {found} of {planned}" for label, found, planned
              in zip(labels, cells["found"], cells["planned"]) if found < planned]
     if short:
-        text += f" Missing runs: {'; '.join(short)}." + _missing_cost(cells, records, command)
+        text += (f" Cells short of their runs (found of planned): {'; '.join(short)}."
+                 + _missing_cost(cells, records, command))
     return text
 
 
