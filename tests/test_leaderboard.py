@@ -129,6 +129,12 @@ def test_a_setting_the_learning_rule_finds_at_chance_on_a_learned_task_is_marked
         False, False]
     assert sst2[("partial_adalora", "none")][8] == "0"
     assert AT_CHANCE_NOTE in markdown and "params 0: the derived ratios keep no adapter entry" in markdown
+    # Rate 3e-3 wins validation at every seed for LoRA and Partial-LoRA on SST-2: their cells sit at the grid's top
+    # rate; VeRA's selected runs span both rates; LoRA's one MRPC run trained at the bottom one (1e-3 of this grid).
+    assert "score them higher): at the top rate 0.003: " in markdown
+    top, bottom = markdown.split("at the top rate 0.003: ")[1].split(". ")[0].split("; at the bottom rate 0.001: ")
+    assert {"lora / sst2", "partial_lora / svd / sst2"} <= set(top.split(", ")) and "vera" not in top
+    assert bottom == "lora / mrpc"
 
 
 def test_the_pareto_front_keeps_exactly_the_undominated_settings():

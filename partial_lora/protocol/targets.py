@@ -207,6 +207,22 @@ def plan_note(cells: pd.DataFrame, labels: list[str], records: pd.DataFrame, com
     return text
 
 
+def grid_edge_note(cells: pd.DataFrame, labels: list[str], lrs: tuple[float, ...]) -> str:
+    """The caption's list of cells whose selected runs all trained at one end of the learning-rate grid: their best
+    rate may lie beyond it, so the grid, not the method, may bound their number (at cpu, Partial-LoRA's and LoSiA's
+    top-3 all sit at the top rate)."""
+    ends = []
+    for end, rate in (("top", max(lrs)), ("bottom", min(lrs))):
+        at_end = [label for label, chosen in zip(labels, cells["lrs"])
+                  if isinstance(chosen, list) and chosen and all(lr == rate for lr in chosen)]
+        if at_end:
+            ends.append(f"at the {end} rate {rate:g}: {', '.join(at_end)}")
+    if not ends:
+        return ""
+    return (f" Cells whose selected runs all trained at an end of the learning-rate grid (their best rate may lie "
+            f"beyond it, so a wider grid could score them higher): {'; '.join(ends)}.")
+
+
 def _missing_cost(cells: pd.DataFrame, records: pd.DataFrame, command: str) -> str:
     missing = (cells["planned"] - cells["found"]).groupby(cells["dataset"]).sum()
     medians = records.groupby("dataset")["wall_time_s"].median().dropna()
@@ -292,8 +308,9 @@ def render_target(checkout: Checkout, cfg: DictConfig, tables_dir: str | Path = 
     cells = cells.join(summary.set_index("cell"))
     cells["at_chance"] = [at_chance(records[records["cell"] == cell]) for cell in cells.index]
     command = f"make {sweep.name} SCALE={scale}"
-    note = (f"{provenance(cfg)}{budget_note(cfg, plan.budgets)} "
-            f"{plan_note(cells, cell_labels(cells, keys), records, command)}")
+    labels = cell_labels(cells, keys)
+    note = (f"{provenance(cfg)}{budget_note(cfg, plan.budgets)} {plan_note(cells, labels, records, command)}"
+            f"{grid_edge_note(cells, labels, Protocol.from_config(cfg.protocol).lrs)}")
     if spec["kind"] == "table":
         variant = spec.get("variant")
         shown = [key for key in keys if key not in ("backbone", "dataset", "method", "importance", variant)

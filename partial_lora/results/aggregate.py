@@ -73,7 +73,7 @@ def load_records(directory: str | Path) -> pd.DataFrame:
 def protocol_summary(records: pd.DataFrame, top_k: int = 5, keys: list[str] | None = None) -> pd.DataFrame:
     """Per setting (``keys``, default backbone, dataset, method, importance, rank): mean and std of the
     test metric over the ``top_k`` runs with the best validation score, min and max of those, the number
-    of runs, and the mean trainable adapter parameters of the selected runs."""
+    of runs, and the selected runs' learning rates and mean trainable adapter parameters."""
     keys = list(keys or GROUP_KEYS)
 
     def best(group: pd.DataFrame) -> pd.Series:
@@ -81,6 +81,7 @@ def protocol_summary(records: pd.DataFrame, top_k: int = 5, keys: list[str] | No
         return pd.Series({"test_mean": chosen["test"].mean(), "test_std": chosen["test"].std(ddof=0),
                           "test_min": chosen["test"].min(), "test_max": chosen["test"].max(),
                           "val_mean": chosen["val"].mean(), "runs": len(group), "selected": len(chosen),
+                          "lrs": list(chosen["lr"]),
                           "params": chosen["params"].mean(), "unmasked_params": chosen["unmasked_params"].mean(),
                           "paths": list(chosen["path"])})
 
