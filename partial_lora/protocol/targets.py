@@ -22,8 +22,8 @@ from partial_lora.protocol.sweep import (GROUPS, Checkout, Protocol, compose_tar
                                          launched_run_id, planned_multiruns, run_overrides)
 from partial_lora.ratios.cache import load_entries
 from partial_lora.results import figures
-from partial_lora.results.aggregate import (REFERENCE_METHOD, at_chance, fill_majority_rates, learning_status,
-                                            load_records, protocol_summary)
+from partial_lora.results.aggregate import (REFERENCE_METHOD, fill_majority_rates, learning_status, load_records,
+                                            protocol_summary)
 from partial_lora.results.tables import load_paper, render, table_rows
 
 SELECTED_OVER = ("seed", "lr")  # what the protocol chooses among, never a setting of its own
@@ -304,13 +304,14 @@ def render_target(checkout: Checkout, cfg: DictConfig, tables_dir: str | Path = 
         return []
     keys = _setting_keys(planned_multiruns(cfg))
     records = fill_majority_rates(records, cfg.data_dir)
-    summary = protocol_summary(records, top_k=Protocol.from_config(cfg.protocol).top_k, keys=["cell"])
+    protocol = Protocol.from_config(cfg.protocol)
+    summary = protocol_summary(records, top_k=protocol.top_k, keys=["cell"])
     cells = cells.join(summary.set_index("cell"))
-    cells["at_chance"] = [at_chance(records[records["cell"] == cell]) for cell in cells.index]
+    cells["at_chance"] = cells["at_chance"].fillna(False).astype(bool)  # a cell without runs is no evidence
     command = f"make {sweep.name} SCALE={scale}"
     labels = cell_labels(cells, keys)
     note = (f"{provenance(cfg)}{budget_note(cfg, plan.budgets)} {plan_note(cells, labels, records, command)}"
-            f"{grid_edge_note(cells, labels, Protocol.from_config(cfg.protocol).lrs)}")
+            f"{grid_edge_note(cells, labels, protocol.lrs)}")
     if spec["kind"] == "table":
         variant = spec.get("variant")
         shown = [key for key in keys if key not in ("backbone", "dataset", "method", "importance", variant)

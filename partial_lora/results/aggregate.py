@@ -73,7 +73,8 @@ def load_records(directory: str | Path) -> pd.DataFrame:
 def protocol_summary(records: pd.DataFrame, top_k: int = 5, keys: list[str] | None = None) -> pd.DataFrame:
     """Per setting (``keys``, default backbone, dataset, method, importance, rank): mean and std of the
     test metric over the ``top_k`` runs with the best validation score, min and max of those, the number
-    of runs, and the selected runs' learning rates and mean trainable adapter parameters."""
+    of runs, whether the rule finds them :func:`at_chance`, and the selected runs' learning rates and mean trainable
+    adapter parameters."""
     keys = list(keys or GROUP_KEYS)
 
     def best(group: pd.DataFrame) -> pd.Series:
@@ -81,7 +82,7 @@ def protocol_summary(records: pd.DataFrame, top_k: int = 5, keys: list[str] | No
         return pd.Series({"test_mean": chosen["test"].mean(), "test_std": chosen["test"].std(ddof=0),
                           "test_min": chosen["test"].min(), "test_max": chosen["test"].max(),
                           "val_mean": chosen["val"].mean(), "runs": len(group), "selected": len(chosen),
-                          "lrs": list(chosen["lr"]),
+                          "lrs": list(chosen["lr"]), "at_chance": at_chance(group),
                           "params": chosen["params"].mean(), "unmasked_params": chosen["unmasked_params"].mean(),
                           "paths": list(chosen["path"])})
 
@@ -174,7 +175,7 @@ def learning_status(records: pd.DataFrame, margins: Mapping[str, float] = CHANCE
 def at_chance(runs: pd.DataFrame, margins: Mapping[str, float] = CHANCE_MARGINS) -> bool:
     """Whether the learning rule, applied to these runs alone (one cell's, one setting's), finds their best run by
     validation within the margin of chance: a method that learned nothing at its planned rates on a task its
-    reference method did learn (on MRPC, LoSiA at 1e-4 predicts the majority class)."""
+    reference method did learn (at cpu, VeRA on MRPC: best validation 69.0 against the majority rate 65.0)."""
     learning = Learning.of_best("", runs, margins) if not runs.empty else None
     return learning is not None and not learning.learned
 

@@ -167,7 +167,8 @@ def render_leaderboard(checkout: Checkout, scale: str, extra: list[str] | tuple[
             f"adapter file for a method that saves none (LoSiA trains blocks of the base weights; the head alone has "
             f"no adapter). Pareto: "
             f"**front** where no other row of the task has at least its test mean with at most its parameters. "
-            f"{rule_note(learning)}{AT_CHANCE_NOTE if rows['at_chance'].any() else ''} Rendered by `make leaderboard SCALE={scale}` "
+            f"{rule_note(learning)}{AT_CHANCE_NOTE if rows['at_chance'].any() else ''} "
+            f"Rendered by `make leaderboard SCALE={scale}` "
             f"(`partial_lora/results/leaderboard.py`) from the records alone.")
     image, report = directory / f"{stem}.png", directory / f"{stem}.md"
     table = formatted(rows, not_learned).to_markdown(index=False, disable_numparse=True)
